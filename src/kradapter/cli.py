@@ -1,0 +1,25 @@
+"""The ``kradapter`` command: ``compare`` (matrix-approximation study) and ``finetune`` (real fine-tuning)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "compare": "kradapter.compare.cli",
+    "finetune": "kradapter.finetune.cli",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kradapter", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module in COMMANDS.items():
+        importlib.import_module(module).add_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

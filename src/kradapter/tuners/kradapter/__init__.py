@@ -1,0 +1,5 @@
+from .config import KRAdapterConfig
+from .layer import KRAdapterLayer, Linear
+from .model import KRAdapterModel
+
+__all__ = ["KRAdapterConfig", "KRAdapterLayer", "KRAdapterModel", "Linear"]

@@ -1,0 +1,77 @@
+"""KRAdapter as a PEFT tuner layer: a thin skin over :mod:`kradapter.khatri_rao`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...khatri_rao import KhatriRaoShape, delta_weight, init_factors, khatri_rao_linear
+from ..base import DeltaLayer, concrete
+from .config import KRAdapterConfig
+
+
+class KRAdapterLayer(DeltaLayer):
+    adapter_layer_names = ("kradapter_u", "kradapter_v")
+    other_param_names = ("kradapter_shape", "kradapter_scaling", "kradapter_execution", "kradapter_dropout")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__(base_layer, **kwargs)
+        self.kradapter_u = nn.ParameterDict({})
+        self.kradapter_v = nn.ParameterDict({})
+        self.kradapter_dropout = nn.ModuleDict({})
+        self.kradapter_shape: dict[str, KhatriRaoShape] = {}
+        self.kradapter_scaling: dict[str, float] = {}
+        self.kradapter_execution: dict[str, str] = {}
+
+    def update_layer(self, adapter_name: str, config: KRAdapterConfig) -> None:
+        shape = KhatriRaoShape(self.out_features, self.in_features, config.factorization)  # type: ignore[arg-type]
+        self.kradapter_shape[adapter_name] = shape
+        self.kradapter_scaling[adapter_name] = float(config.scaling)
+        self.kradapter_execution[adapter_name] = config.execution
+        self.kradapter_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.kradapter_u[adapter_name] = nn.Parameter(torch.empty(shape.u_shape))
+        self.kradapter_v[adapter_name] = nn.Parameter(torch.empty(shape.v_shape))
+        init_factors(self.kradapter_u[adapter_name], self.kradapter_v[adapter_name], config.init_weights)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        shape = self.kradapter_shape[adapter]
+        return self.kradapter_scaling[adapter] * delta_weight(
+            self.kradapter_u[adapter], self.kradapter_v[adapter], shape
+        )
+
+    def fuses(self, adapter: str) -> bool:
+        """The documented rule: fuse into one matmul unless told not to, or dropout makes inputs differ."""
+        execution = self.kradapter_execution[adapter]
+        dropout_active = self.training and not isinstance(self.kradapter_dropout[adapter], nn.Identity)
+        return execution != "separate" and not dropout_active and self.can_fuse()
+
+    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        first = adapters[0]
+        if self.fuses(first):
+            base = self.get_base_layer()
+            result = self._term(x, first, self.base_weight(), base.bias)
+            adapters = adapters[1:]
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+        for adapter in adapters:
+            result = result + self._term(self.kradapter_dropout[adapter](x), adapter).to(result.dtype)
+        return result
+
+    def _term(self, x, adapter, weight=None, bias=None):  # type: ignore[no-untyped-def]
+        return khatri_rao_linear(
+            x,
+            self.kradapter_u[adapter],
+            self.kradapter_v[adapter],
+            self.kradapter_shape[adapter],
+            self.kradapter_scaling[adapter],
+            weight,
+            bias,
+        )
+
+
+Linear = concrete(KRAdapterLayer)
+"""KRAdapter around an ``nn.Linear`` or ``Conv1D``."""

@@ -1,0 +1,12 @@
+"""The SinLoRA PEFT tuner: injects :class:`~.layer.Linear` into the targeted layers."""
+
+from __future__ import annotations
+
+from ..base import DeltaTuner
+from .layer import Linear, SinLoRALayer
+
+
+class SinLoRAModel(DeltaTuner):
+    prefix: str = "sinlora_"
+    tuner_layer_cls = SinLoRALayer
+    layer_cls = Linear
