@@ -6,16 +6,13 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = {
-    "compare": "kradapter.compare.cli",
-    "finetune": "kradapter.finetune.cli",
-}
+COMMAND_MODULES = ("kradapter.compare.cli", "kradapter.finetune.cli")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kradapter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
+    for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)
