@@ -19,8 +19,8 @@ run: setup
 	$(BIN)/kradapter compare
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
 
 test: lint
 	$(BIN)/python -m pytest
