@@ -9,12 +9,21 @@ smaller layer dimension, giving ``dW`` of shape ``(d, k)``.
 Training never keeps ``dW`` alive between forward and backward: :class:`KhatriRaoLinearFunction` saves
 only ``U``, ``V`` and the input and rebuilds the update in backward. With a frozen base weight it runs a
 single matmul against ``W + s * dW`` (the "fused" path) instead of the published layer's two.
+
+Execution choices made here, per shape, dtype and device (measured in ``BENCHMARKS.md``):
+
+- ``W + s * dW`` is written by :func:`write_update` block by block straight into place for layers of at least
+  ``BLOCKWISE_MIN_NUMEL`` weights, and through a padded buffer in two operations for smaller ones.
+- The factor gradient ``G = g^T x`` is one matmul into a zero-padded ``(m, r2, r)`` buffer with the scaling as
+  its ``alpha``, then two batched products give ``dU`` and ``dV``. Half-precision activations are contracted
+  into float32 (``out_dtype`` on CUDA, upcast on the CPU).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -45,38 +54,43 @@ class KhatriRaoShape:
         if self.factorization not in FACTORIZATIONS:
             raise ValueError(f"unknown KRAdapter factorization {self.factorization!r}; choose one of {FACTORIZATIONS}")
 
-    @property
+    @cached_property
     def m(self) -> int:
         return min(self.out_features, self.in_features)
 
-    @property
+    @cached_property
     def M(self) -> int:  # noqa: N802 - the paper's notation
         return max(self.out_features, self.in_features)
 
-    @property
+    @cached_property
     def r(self) -> int:
         return math.isqrt(self.m if self.factorization == "sqrt_min" else self.M)
 
-    @property
+    @cached_property
     def r2(self) -> int:
         return -(-self.M // self.r)
 
-    @property
+    @cached_property
     def transposed(self) -> bool:
         """True when the ``m`` side is the input side, so ``dW = K[:, :M]^T``."""
         return self.out_features > self.in_features
 
-    @property
+    @cached_property
     def num_params(self) -> int:
         return self.m * (self.r + self.r2)
 
-    @property
+    @cached_property
     def u_shape(self) -> tuple[int, int]:
         return (self.m, self.r)
 
-    @property
+    @cached_property
     def v_shape(self) -> tuple[int, int]:
         return (self.m, self.r2)
+
+    @cached_property
+    def blocks(self) -> tuple[int, int]:
+        """``(q, tail)``: ``K``'s first ``M`` columns are ``q`` whole ``r``-wide blocks and ``tail < r`` more."""
+        return divmod(self.M, self.r)
 
 
 def init_factors(u: torch.Tensor, v: torch.Tensor, zero_update: bool = True) -> None:
@@ -101,29 +115,184 @@ def _check_factors(u: torch.Tensor, v: torch.Tensor, shape: KhatriRaoShape) -> N
         )
 
 
-def delta_weight(u: torch.Tensor, v: torch.Tensor, shape: KhatriRaoShape) -> torch.Tensor:
-    """The update ``dW`` of shape ``(out_features, in_features)``; differentiable by plain autograd."""
-    _check_factors(u, v, shape)
-    rows = (v.unsqueeze(2) * u.unsqueeze(1)).reshape(shape.m, shape.r2 * shape.r)[:, : shape.M]
-    return rows.T if shape.transposed else rows
+def _k_view(t: torch.Tensor, shape: KhatriRaoShape) -> torch.Tensor:
+    """An ``(out, in)`` tensor seen in the layout of ``K``: ``(m, M)``, a view, never a copy."""
+    return t.T if shape.transposed else t
+
+
+# Updates of at least this many elements are written block by block straight into place (two passes over the
+# weight); smaller ones, which live in cache and whose cost is the number of operations, by _write_padded.
+BLOCKWISE_MIN_NUMEL = 1 << 20
+# Devices whose elementwise loops want the small factors stored m-fastest for a transposed blockwise write: the
+# CPU then vectorises along the result's rows (1.5x on 11008x4096); CUDA reads the factors from cache anyway.
+FACTOR_COPY_DEVICES = {"cpu"}
+
+
+def _blocks(k: torch.Tensor, shape: KhatriRaoShape) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A ``K``-layout ``(m, M)`` view as its ``q`` whole blocks ``(m, q, r)`` and its cropped tail ``(m, tail)``."""
+    (q, tail), r = shape.blocks, shape.r
+    if not tail:
+        return k.view(shape.m, q, r), None
+    return k[:, : q * r].view(shape.m, q, r), k[:, q * r :]
+
+
+def write_update(
+    u: torch.Tensor,
+    v: torch.Tensor,
+    shape: KhatriRaoShape,
+    scaling: float = 1.0,
+    base: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``base + scaling * dW`` (or ``scaling * dW``) as a new ``(out, in)`` tensor, without autograd.
+
+    This is the one place ``dW`` is computed: block ``b`` of row ``i`` of ``K`` is ``V[i, b] * U[i]``, so the
+    whole blocks are one broadcast product and the cropped last block another, each written straight into its
+    place in the result (``addcmul`` onto the base weight). The result is the only weight-sized tensor made:
+    no uncropped ``m x r*r2`` product, no ``dW`` beside ``W + s * dW``. Products are formed in the inputs'
+    promoted dtype and rounded once to ``dtype`` (default: ``base``'s dtype, else the factors').
+    """
+    if dtype is None:
+        dtype = base.dtype if base is not None else torch.promote_types(u.dtype, v.dtype)
+    if shape.m * shape.M < BLOCKWISE_MIN_NUMEL:
+        return _write_padded(u, v, shape, scaling, base, dtype)
+    out = torch.empty(shape.out_features, shape.in_features, dtype=dtype, device=u.device)
+    q, tail = shape.blocks
+    if shape.transposed:
+        out, base = out.T, (None if base is None else base.T)
+        if u.device.type in FACTOR_COPY_DEVICES:
+            u, v = u.T.contiguous().T, v.T.contiguous().T
+    out_blocks, out_tail = _blocks(out, shape)
+    left = (v[:, :q] if tail else v).unsqueeze(2)
+    if base is None:
+        if scaling != 1:
+            left, v = left * scaling, v * scaling
+        torch.mul(left, u.unsqueeze(1), out=out_blocks)
+        if tail:
+            torch.mul(v[:, q:], u[:, :tail], out=out_tail)
+    else:
+        base_blocks, base_tail = _blocks(base, shape)
+        torch.addcmul(base_blocks, left, u.unsqueeze(1), value=scaling, out=out_blocks)
+        if tail:
+            torch.addcmul(base_tail, v[:, q:], u[:, :tail], value=scaling, out=out_tail)
+    return out.T if shape.transposed else out
+
+
+def _write_padded(u, v, shape, scaling, base, dtype):  # type: ignore[no-untyped-def]
+    """:func:`write_update` in two kernels for small layers: all of ``K`` into a padded buffer, then the crop.
+
+    The result is a view of that ``(m, r2 * r)`` buffer (rows padded, which matmuls take as is). It moves the
+    update through memory twice more than the blockwise path, but small layers stay in cache, and it runs half
+    the operations: on small layers the time goes to launching operations, not to moving bytes. A half-precision
+    result onto a base weight gets its own tensor, so that ``K`` is not rounded before the sum (one rounding).
+    """
+    compute = torch.promote_types(u.dtype, v.dtype)
+    separate = base is not None and dtype != compute
+    buffer = torch.empty(shape.m, shape.r2 * shape.r, dtype=compute if separate else dtype, device=u.device)
+    if base is None and scaling != 1:
+        v = v * scaling
+    torch.mul(v.unsqueeze(2), u.unsqueeze(1), out=buffer.view(shape.m, shape.r2, shape.r))
+    out = buffer[:, : shape.M] if shape.blocks[1] else buffer
+    if separate:
+        target = _k_view(torch.empty(shape.out_features, shape.in_features, dtype=dtype, device=u.device), shape)
+        out = torch.add(_k_view(base, shape), out, alpha=scaling, out=target)
+    elif base is not None:
+        torch.add(_k_view(base, shape), out, alpha=scaling, out=out)
+    return out.T if shape.transposed else out
+
+
+def _contract(grad_blocks: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dU[i] = sum_b V[i, b] G[i, b]`` and ``dV[i, b] = <G[i, b], U[i]>`` for ``G`` as ``(m, r2, r)`` blocks.
+
+    The cropped columns of ``G``'s last block must be zero.
+    """
+    if u.dtype != grad_blocks.dtype:
+        u, v = u.to(grad_blocks.dtype), v.to(grad_blocks.dtype)
+    return torch.bmm(v.unsqueeze(1), grad_blocks).squeeze(1), torch.bmm(grad_blocks, u.unsqueeze(2)).squeeze(2)
+
+
+def _padded(shape: KhatriRaoShape, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """An ``(m, r2, r)`` buffer whose cropped columns are zero, and its ``(m, M)`` part to fill."""
+    buffer = torch.empty(shape.m, shape.r2 * shape.r, dtype=dtype, device=device)
+    if not shape.blocks[1]:
+        return buffer.view(shape.m, shape.r2, shape.r), buffer
+    buffer[:, shape.M :].zero_()
+    return buffer.view(shape.m, shape.r2, shape.r), buffer[:, : shape.M]
 
 
 def factor_grads(
     grad_rows: torch.Tensor, u: torch.Tensor, v: torch.Tensor, shape: KhatriRaoShape
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of ``U`` and ``V`` from the gradient of the cropped update ``K[:, :M]`` (m x M)."""
-    pad = shape.r * shape.r2 - shape.M
-    grad_k = F.pad(grad_rows, (0, pad)) if pad else grad_rows
-    grad_k = grad_k.reshape(shape.m, shape.r2, shape.r)
-    grad_u = torch.bmm(v.unsqueeze(1), grad_k).squeeze(1)
-    grad_v = torch.bmm(grad_k, u.unsqueeze(2)).squeeze(2)
-    return grad_u, grad_v
+    """Gradients of ``U`` and ``V`` from the gradient of the cropped update ``K[:, :M]`` (m x M, any strides)."""
+    if not shape.blocks[1]:
+        return _contract(_blocks(grad_rows, shape)[0], u, v)
+    blocks, view = _padded(shape, grad_rows.dtype, grad_rows.device)
+    view.copy_(grad_rows)
+    return _contract(blocks, u, v)
 
 
-def _effective_weight(dtype, u, v, weight, shape, scaling):  # type: ignore[no-untyped-def]
-    """``W + s * dW`` (or ``s * dW`` without ``W``) in the compute dtype: one weight-sized temporary."""
-    delta = delta_weight(u, v, shape).to(dtype)
-    return delta * scaling if weight is None else torch.add(weight.to(dtype), delta, alpha=scaling)
+class _DeltaWeightFunction(torch.autograd.Function):
+    """``dW`` from :func:`write_update` with the gradients of :func:`factor_grads`."""
+
+    @staticmethod
+    def forward(ctx, u, v, shape: KhatriRaoShape):  # type: ignore[override]
+        ctx.save_for_backward(u, v)
+        ctx.shape = shape
+        return write_update(u, v, shape)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        u, v = ctx.saved_tensors
+        grad_u, grad_v = factor_grads(_k_view(grad, ctx.shape), u, v, ctx.shape)
+        return grad_u, grad_v, None
+
+
+def delta_weight(u: torch.Tensor, v: torch.Tensor, shape: KhatriRaoShape) -> torch.Tensor:
+    """The update ``dW`` of shape ``(out_features, in_features)``; differentiable (saves only ``U`` and ``V``)."""
+    _check_factors(u, v, shape)
+    return _DeltaWeightFunction.apply(u, v, shape)
+
+
+def _scaled_grad_blocks(
+    grad_out2: torch.Tensor, x2: torch.Tensor, shape: KhatriRaoShape, scaling: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """``scaling * G`` as ``(m, r2, r)`` blocks: ``G = g^T x``, the gradient of ``K``, summed over tokens in ``dtype``.
+
+    The matmul writes straight into a buffer whose cropped columns are zero (no padded copy) and applies the
+    scaling as its ``alpha``. Half-precision inputs keep their fast matmul and return float32 on CUDA
+    (``out_dtype``); elsewhere they are upcast first (CPUs without native half matmuls run float32 tens of times
+    faster, and float32 accumulation is what the factors' optimiser needs).
+    """
+    a, b = (x2.T, grad_out2) if shape.transposed else (grad_out2.T, x2)
+    blocks, view = _padded(shape, dtype, a.device)
+    if a.dtype == dtype:
+        torch.addmm(view, a, b, beta=0, alpha=scaling, out=view)
+    elif a.is_cuda and dtype == torch.float32:
+        _half_product_into(view, a, b, scaling)
+    else:
+        torch.addmm(view, a.to(dtype), b.to(dtype), beta=0, alpha=scaling, out=view)
+    return blocks
+
+
+# Whether this torch runs ``addmm(..., out_dtype=float32)`` on half CUDA inputs; learnt on first use.
+CUDA_HALF_ADDMM_OUT_DTYPE: list[bool] = []
+
+
+def _half_product_into(view: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+    """``view = scaling * a @ b`` for half CUDA inputs, accumulated and stored in float32.
+
+    Torch builds without the ``out_dtype`` matmul fall back to a half-precision product stored in float32.
+    """
+    if not CUDA_HALF_ADDMM_OUT_DTYPE or CUDA_HALF_ADDMM_OUT_DTYPE[0]:
+        try:
+            torch.addmm(view, a, b, out_dtype=view.dtype, beta=0, alpha=scaling, out=view)
+            CUDA_HALF_ADDMM_OUT_DTYPE[:] = [True]
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, TypeError, NotImplementedError):
+            CUDA_HALF_ADDMM_OUT_DTYPE[:] = [False]
+    torch.mul(a @ b, scaling, out=view)
 
 
 class KhatriRaoLinearFunction(torch.autograd.Function):
@@ -131,31 +300,32 @@ class KhatriRaoLinearFunction(torch.autograd.Function):
 
     ``W`` is the caller's frozen weight in ``(out, in)`` layout (a view is fine); saving it costs nothing.
     The update is rebuilt in backward, so no weight-sized tensor lives between forward and backward.
+    Cost per step: one matmul forward; in backward one for ``grad_x`` and one for ``G = g^T x`` (``U``, ``V``).
     """
 
     @staticmethod
     def forward(ctx, x, u, v, weight, bias, shape: KhatriRaoShape, scaling: float):  # type: ignore[override]
-        merged = _effective_weight(x.dtype, u, v, weight, shape, scaling)
+        merged = write_update(u, v, shape, scaling, weight, x.dtype)
         ctx.save_for_backward(x, u, v, weight)
         ctx.shape, ctx.scaling, ctx.has_bias = shape, scaling, bias is not None
-        return F.linear(x, merged, None if bias is None else bias.to(x.dtype))
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return F.linear(x, merged, bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         x, u, v, weight = ctx.saved_tensors
         shape: KhatriRaoShape = ctx.shape
-        s = ctx.scaling
         need_x, need_u, need_v, need_w, need_b = ctx.needs_input_grad[:5]
         grad_x = grad_u = grad_v = grad_w = grad_b = None
-        grad_out = grad_out.to(x.dtype)
+        if grad_out.dtype != x.dtype:
+            grad_out = grad_out.to(x.dtype)
         if need_x:
-            grad_x = grad_out @ _effective_weight(x.dtype, u, v, weight, shape, s)
+            grad_x = grad_out @ write_update(u, v, shape, ctx.scaling, weight, x.dtype)
         g2 = grad_out.reshape(-1, shape.out_features)
         x2 = x.reshape(-1, shape.in_features)
         if need_u or need_v:
-            # gradient of the cropped K (m x M) straight from the matmul, no transpose copy
-            grad_rows = (x2.T @ g2) if shape.transposed else (g2.T @ x2)
-            grad_u, grad_v = factor_grads(grad_rows.to(u.dtype).mul_(s), u, v, shape)
+            grad_u, grad_v = _contract(_scaled_grad_blocks(g2, x2, shape, ctx.scaling, u.dtype), u, v)
         if need_w:
             grad_w = (g2.T @ x2).to(weight.dtype)
         if need_b and ctx.has_bias:

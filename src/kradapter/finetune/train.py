@@ -1,0 +1,172 @@
+"""One training or prediction pass through ``transformers.Trainer`` (so torchrun/DDP and GPUs work unchanged),
+with its wall time and peak memory."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import resource
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import PrinterCallback, Trainer, TrainingArguments
+
+from .protocol import EVAL_BATCH_SIZE, WARMUP_FRACTION
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` as torchrun sets them (``(0, 1)`` in a plain process)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def barrier() -> None:
+    """Wait for every process (no-op outside torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+class Examples(Dataset):
+    """Rows of a dict of equal-length sequences, as dicts of tensors (the Trainer's collator pads them)."""
+
+    def __init__(self, columns: dict[str, Any], indices: np.ndarray | None = None) -> None:
+        self.columns = columns
+        n = len(next(iter(columns.values())))
+        self.indices = np.arange(n) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = int(self.indices[i])
+        return {k: torch.as_tensor(v[j]) for k, v in self.columns.items()}
+
+
+def training_args(
+    workdir: Path,
+    *,
+    lr: float = 1e-3,
+    epochs: int = 1,
+    batch_size: int = 8,
+    seed: int = 0,
+    device: str = "auto",
+) -> TrainingArguments:
+    """The one recipe: AdamW, no weight decay, linear decay after 10% warm-up; global batch ``batch_size``."""
+    _, world_size = world()
+    if batch_size % world_size:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by the {world_size} processes")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available to torch")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: no Apple GPU is available to torch")
+    use_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return TrainingArguments(
+        output_dir=str(workdir),
+        learning_rate=lr,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=batch_size // world_size,
+        per_device_eval_batch_size=EVAL_BATCH_SIZE,
+        weight_decay=0.0,
+        lr_scheduler_type="linear",
+        warmup_steps=WARMUP_FRACTION,
+        optim="adamw_torch",
+        seed=seed,
+        data_seed=seed,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=use_cpu,
+        ddp_backend="gloo" if world_size > 1 and use_cpu else None,
+        dataloader_num_workers=0,
+        label_names=["labels"],
+        remove_unused_columns=False,
+    )
+
+
+def make_trainer(model: nn.Module, args: TrainingArguments, collator: Any, train: Dataset | None = None) -> Trainer:
+    trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train)
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back so the next run's high-water is its own
+
+
+@contextlib.contextmanager
+def peak_memory(cuda: bool) -> Iterator[dict[str, Any]]:
+    """Peak memory of the block: CUDA ``max_memory_allocated``, or the process's resident-set high-water mark.
+
+    On Linux the RSS high-water mark (``VmHWM``) is reset first (``/proc/self/clear_refs``), so it is this block's
+    peak of the whole process (model, data and Python included); elsewhere it is ``ru_maxrss`` since start.
+    """
+    out: dict[str, Any] = {}
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _trim_heap()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            out["memory_kind"] = "cpu_rss_peak"
+        except OSError:
+            out["memory_kind"] = "cpu_maxrss_since_start"
+    yield out
+    if cuda:
+        torch.cuda.synchronize()
+        out["memory_kind"] = "cuda_max_allocated"
+        out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    elif out["memory_kind"] == "cpu_rss_peak":
+        status = Path("/proc/self/status").read_text()
+        hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+        out["peak_memory_mb"] = int(hwm.split()[1]) / 1024
+    else:
+        scale = 1 if os.uname().sysname == "Darwin" else 1024  # bytes on macOS, KiB on Linux
+        out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def fit(model: nn.Module, train: Dataset, collator: Any, args: TrainingArguments) -> dict[str, Any]:
+    """Train ``model`` in place; wall time, peak memory and the mean loss of the first and last epochs."""
+    trainer = make_trainer(model, args, collator, train)
+    cuda = trainer.args.device.type == "cuda"
+    with peak_memory(cuda) as memory:
+        start = time.perf_counter()
+        trainer.train()
+        elapsed = time.perf_counter() - start
+    logs = [h for h in trainer.state.log_history if "loss" in h and "epoch" in h]
+    epochs = args.num_train_epochs
+    first = [h["loss"] for h in logs if h["epoch"] <= 1 + 1e-9]
+    last = [h["loss"] for h in logs if h["epoch"] > epochs - 1 + 1e-9]
+    return {
+        "train_time_s": elapsed,
+        **memory,
+        "steps": trainer.state.global_step,
+        "loss_first_epoch": float(np.mean(first)) if first else float("nan"),
+        "loss_last_epoch": float(np.mean(last)) if last else float("nan"),
+    }
+
+
+def predict(model: nn.Module, data: Dataset, collator: Any, args: TrainingArguments) -> np.ndarray:
+    """Logits (or whatever the model returns as ``logits``) of every example, gathered across processes."""
+    output = make_trainer(model, args, collator).predict(data)
+    predictions = output.predictions
+    return predictions[0] if isinstance(predictions, tuple) else predictions
+
+
+@torch.no_grad()
+def local_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of one batch in this process only (no Trainer, no collective ops), in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float().cpu()

@@ -1,0 +1,209 @@
+"""The study: honest training and metrics, equal budgets on odd shapes, resume, errors, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from kradapter.cli import main
+from kradapter.compare import fit, study
+from kradapter.compare.config import StudyConfig, UserMatrix, with_changes
+from kradapter.compare.fit import fit_method, frobenius_loss
+from kradapter.compare.results import SCHEMA_VERSION
+from kradapter.compare.study import plan_method, run_study
+from kradapter.methods import METHOD_NAMES
+
+ODD = [(130, 72), (72, 130), (1000, 768), (97, 389)]
+
+
+def small(tmp_path: Path, **sections) -> StudyConfig:  # type: ignore[no-untyped-def]
+    base = {
+        "matrices": {"size": (48, 40), "types": ["random_noise"]},
+        "training": {"iterations": 5},
+        "output": {"directory": str(tmp_path), "plots": False},
+        "runtime": {"threads": 2},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return with_changes(StudyConfig(), **base)
+
+
+def test_lora_reaches_the_truncated_svd_optimum(tmp_path: Path) -> None:
+    """A correctly trained LoRA converges to the Eckart-Young optimum at its rank (the svd reference)."""
+    config = small(tmp_path, matrices={"size": (120, 80)}, methods={"names": ["lora"]}, training={"iterations": 300})
+    config = with_changes(config, training={"seeds": [int(torch.randint(0, 10_000, ()).item())]})
+    result = run_study(config, progress=False).data["results"]["random_noise"]["methods"]
+    lora, svd = result["lora"], result["svd"]
+    assert lora["settings"]["r"] == svd["rank"]
+    assert lora["relative_frobenius_error"] <= 1.01 * svd["relative_frobenius_error"]
+    assert lora["relative_frobenius_error"] < result["zero"]["relative_frobenius_error"] == 1.0
+
+
+@pytest.mark.parametrize("shape", ODD, ids=[f"{d}x{k}" for d, k in ODD])
+def test_every_method_runs_at_odd_shapes_within_budget(tmp_path: Path, shape) -> None:
+    config = small(tmp_path, matrices={"size": shape}, training={"iterations": 2})
+    entry = run_study(config, progress=False).data["results"]["random_noise"]
+    assert entry["target"]["shape"] == list(shape)
+    budget = entry["methods"]["kradapter"]["params"]
+    for method in METHOD_NAMES:
+        record = entry["methods"][method]
+        assert record["error"] is None, record["error"]
+        assert record["budget"] == budget and math.isfinite(record["relative_frobenius_error"])
+        gap = abs(record["params"] - budget) / budget
+        if gap > 0.05:  # RandLoRA's only count knob cannot reach some budgets: it runs, and says so
+            assert method == "randlora" and "off the budget" in record["notes"][0]
+    # The reported count is the injected model's own.
+    plan = plan_method("kronecker", shape, config)
+    model = get_peft_model(fit._OneLayer(*shape, torch.device("cpu"), torch.float32), _config(plan))
+    assert entry["methods"]["kronecker"]["params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _config(plan):  # type: ignore[no-untyped-def]
+    from kradapter.methods import build_peft_config
+
+    return build_peft_config(plan.method, ["layer"], **plan.settings)
+
+
+def test_metrics_come_from_the_final_parameters(generator: torch.Generator) -> None:
+    """After n steps the reported error is the loss *at* step n (what step n+1 of a longer run starts from)."""
+    target = torch.randn(40, 24, generator=generator)
+    for method in ("lora", "randlora", "kradapter"):
+        config = with_changes(StudyConfig(), early_stopping={"enabled": False}, training={"keep_best": False})
+        plan = plan_method(method, (40, 24), config)
+        short = fit_method(plan, target, with_changes(config, training={"iterations": 4}), seed=7, record=True)
+        longer = fit_method(plan, target, with_changes(config, training={"iterations": 5}), seed=7, record=True)
+        final = float(torch.linalg.vector_norm(short.update - target))
+        assert final == pytest.approx(short.loss, rel=1e-6)
+        assert final == pytest.approx(longer.loss_history[4], rel=1e-5)
+        assert final != pytest.approx(short.loss_history[-1], rel=1e-5)
+
+
+def test_keep_best_and_early_stopping_return_measured_parameters(generator: torch.Generator) -> None:
+    """The adapter ends at the best parameters seen; the reported loss is theirs, and no loss seen was lower."""
+    target = torch.randn(40, 24, generator=generator)
+    config = with_changes(
+        StudyConfig(), training={"iterations": 120, "lr": 0.5}, early_stopping={"patience": 5, "min_iterations": 10}
+    )
+    plan = plan_method("sinlora", (40, 24), config)
+    result = fit_method(plan, target, config, seed=3, record=True)
+    assert result.loss == pytest.approx(float(torch.linalg.vector_norm(result.update - target)), rel=1e-6)
+    assert result.loss <= min(result.loss_history) * (1 + 1e-6)
+    assert result.iterations == len(result.loss_history) - 1 < 120
+
+
+@pytest.mark.parametrize("squared", [False, True])
+def test_frobenius_loss_gradient_matches_autograd(squared: bool, generator: torch.Generator) -> None:
+    update = torch.randn(13, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(13, 7, generator=generator, dtype=torch.float64)
+    torch.autograd.gradcheck(lambda u: frobenius_loss(u, target, squared), (update,))
+    reference = torch.linalg.vector_norm(update - target) ** (2 if squared else 1)
+    assert float(frobenius_loss(update, target, squared).detach()) == pytest.approx(
+        float(reference.detach()), rel=1e-12
+    )
+
+
+def test_cells_do_not_depend_on_order(tmp_path: Path) -> None:
+    a = run_study(small(tmp_path / "a", methods={"names": ["lora", "randlora", "sinlora"]}), progress=False)
+    b = run_study(small(tmp_path / "b", methods={"names": ["sinlora", "randlora", "lora"]}), progress=False)
+    for method in ("lora", "randlora", "sinlora"):
+        ra = a.data["results"]["random_noise"]["methods"][method]["runs"]["42"]
+        rb = b.data["results"]["random_noise"]["methods"][method]["runs"]["42"]
+        assert ra["relative_frobenius_error"] == rb["relative_frobenius_error"]
+        assert ra["singular_values"] == rb["singular_values"]
+
+
+def test_seeds_give_mean_and_std(tmp_path: Path) -> None:
+    config = small(tmp_path, methods={"names": ["kradapter"]}, training={"seeds": [1, 2, 3]})
+    entry = run_study(config, progress=False).data["results"]["random_noise"]["methods"]["kradapter"]
+    values = [entry["runs"][s]["relative_frobenius_error"] for s in ("1", "2", "3")]
+    assert len(set(values)) == 3 and entry["seeds"] == 3
+    assert entry["relative_frobenius_error"] == pytest.approx(sum(values) / 3, rel=1e-6)
+    assert entry["std"]["relative_frobenius_error"] == pytest.approx(torch.tensor(values).std().item(), rel=1e-5)
+
+
+def test_resume_skips_finished_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = fit_method
+
+    def counting(plan, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(plan.method)
+        return real(plan, *args, **kwargs)
+
+    monkeypatch.setattr(study, "fit_method", counting)
+    config = small(tmp_path, methods={"names": ["lora", "kradapter"]}, matrices={"types": ["random_noise", "low_rank"]})
+    first = run_study(config, progress=False)
+    assert sorted(calls) == ["kradapter", "kradapter", "lora", "lora"]
+    calls.clear()
+    run_study(config, resume=True, progress=False)
+    assert calls == []
+    # Drop one finished cell from the file: only it runs again, and the others keep their values.
+    data = json.loads(first.path.read_text())
+    del data["results"]["low_rank"]["methods"]["lora"]["runs"]["42"]
+    first.path.write_text(json.dumps(data))
+    again = run_study(with_changes(config, methods={"names": ["lora", "kradapter", "kronecker"]}), True, False)
+    assert sorted(calls) == ["kronecker", "kronecker", "lora"]
+    kept = again.data["results"]["random_noise"]["methods"]["kradapter"]["runs"]["42"]
+    assert kept == first.data["results"]["random_noise"]["methods"]["kradapter"]["runs"]["42"]
+    with pytest.raises(ValueError, match=r"different configuration \(training\.lr\)"):
+        run_study(with_changes(config, training={"lr": 0.05}), resume=True, progress=False)
+
+
+def test_a_failing_method_is_an_error_in_the_results(tmp_path: Path) -> None:
+    """SinLoRA cannot take a rank above the smaller side: its column carries the reason, the others run."""
+    config = small(
+        tmp_path,
+        methods={"names": ["lora", "sinlora"], "strategy": "custom", "settings": {"sinlora": {"r": 100}}},
+    )
+    entry = run_study(config, progress=False).data["results"]["random_noise"]["methods"]
+    assert "exceeds the smaller side" in entry["sinlora"]["error"]
+    assert entry["sinlora"]["runs"]["42"]["error"] == entry["sinlora"]["error"]
+    assert entry["lora"]["error"] is None
+
+
+def test_an_unreadable_matrix_is_an_error_row(tmp_path: Path) -> None:
+    config = small(
+        tmp_path,
+        matrices={"types": ["random_noise"], "user": [UserMatrix("mine", str(tmp_path / "missing.npy"))]},
+        methods={"names": ["lora"]},
+    )
+    results = run_study(config, progress=False).data["results"]
+    assert "matrix file not found" in results["mine"]["error"]
+    assert results["random_noise"]["methods"]["lora"]["error"] is None
+
+
+def test_cli_default_study_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`kradapter compare` end to end on the default matrices (small synthetic size, few steps)."""
+    out = tmp_path / "results"
+    code = main(["compare", "--size", "40x24", "--iterations", "3", "--out", str(out), "--quiet", "--threads", "2"])
+    assert code == 0
+    data = json.loads((out / "experimental_results.json").read_text())
+    assert data["schema_version"] == SCHEMA_VERSION
+    assert {"config", "environment", "results"} <= set(data)
+    names = ["random_noise", "sparse_noise", "pca_whitened", "low_rank", "high_freq", "low_freq"]
+    assert list(data["results"]) == [*names, "minilm_attention", "whisper_qkv"]
+    assert data["results"]["whisper_qkv"]["target"]["shape"] == [1536, 512]
+    for name, entry in data["results"].items():
+        assert entry["error"] is None, name
+        assert set(entry["target"]) >= {"shape", "effective_rank", "singular_values"}
+        assert set(entry["methods"]) == {*METHOD_NAMES, "svd", "zero"}
+        for method, record in entry["methods"].items():
+            keys = {"params", "nuclear_error", "relative_frobenius_error", "effective_rank", "spectral_energy_ratio"}
+            assert keys | {"seconds", "singular_values", "error", "std"} <= set(record), (name, method)
+            assert record["error"] is None, (name, method, record["error"])
+            assert len(record["singular_values"]) == min(entry["target"]["shape"])
+    for png in ("peft_comparison.png", "spectra.png", "effective_rank.png"):
+        assert (out / png).stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "Relative Frobenius error" in printed and "Whisper q/k/v" in printed
+
+
+def test_cli_reports_bad_config_without_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "s.toml"
+    bad.write_text("[training]\nlr = 'fast'\n")
+    assert main(["compare", "--config", str(bad), "--out", str(tmp_path)]) == 2
+    assert "training.lr: expected a finite number, got 'fast'" in capsys.readouterr().err
