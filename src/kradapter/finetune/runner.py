@@ -251,9 +251,9 @@ class Comparison:
             logits = predict(model, self.dataset(method, indices), collator, args)
             record[name] = classification_metrics(logits, self.corpus.labels[indices], self.num_labels)
         directory = self.adapter_dir(method, seed, lr)
+        record["adapter_dir"] = str(directory.relative_to(self.out))  # every process: test_from_sweep reads it
         if self.rank == 0:
             record["adapter_bytes"] = save_trained(method, model, directory)
-            record["adapter_dir"] = str(directory.relative_to(self.out))
             train = self.train_sets[seed]
             record["reload_max_abs_diff"] = self.reload_difference(method, model, directory, train)
         barrier()

