@@ -198,6 +198,40 @@ def goals(results: dict[str, dict]) -> list[dict]:
     return verdicts
 
 
+def plot(payload: dict, path: Path) -> None:
+    """Step time and peak memory of every contender, relative to LoRA (base for merged inference), per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = payload["workloads"]
+    names = list(dict.fromkeys(n for w in workloads.values() for n in w["contenders"]))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    height = 0.8 / max(len(names), 1)
+    for ax, key, label in ((axes[0], "median_s", "step time"), (axes[1], "peak_bytes", "peak memory")):
+        for i, name in enumerate(names):
+            ys, xs = [], []
+            for j, w in enumerate(workloads.values()):
+                rows = w["contenders"]
+                ref = "lora" if "lora" in rows else "base"
+                if name in rows:
+                    ys.append(j + (i - (len(names) - 1) / 2) * height)
+                    xs.append(rows[name][key] / rows[ref][key])
+            ax.barh(ys, xs, height=height, label=name)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlabel(f"{label} / LoRA's (merged workload: / base's)")
+        ax.set_yticks(range(len(workloads)), list(workloads))
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    axes[1].legend(fontsize=8, loc="lower right")
+    machine = payload["machine"].get("gpu") or payload["machine"]["cpu"]
+    fig.suptitle(f"One training step (inference for minilm-merged): {machine}, {payload['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_json(path: Path, payload: dict) -> None:
     """Write atomically: a finished workload is never lost to an interrupted run."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,11 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         payload["goals"] = goals(payload["workloads"])
         write_json(out, payload)
         tqdm.write(table(payload["workloads"][name]))
+    plot(payload, out.with_suffix(".png"))
     where = payload["machine"].get("gpu", payload["machine"]["cpu"])
     print(f"\nmachine: {where}, {args.dtype}, {args.threads} threads")
     for g in payload.get("goals", []):
         print(f"{'MET ' if g['met'] else 'MISS'} {g['workload']:<18} {g['goal']:<52} measured {g['ratio']:.3f}")
-    print(f"results: {out}")
+    print(f"results: {out} and {out.with_suffix('.png')}")
     return 0
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import kradapter.khatri_rao as kr
 from kradapter.khatri_rao import (
     KhatriRaoShape,
     delta_weight,
@@ -86,9 +87,12 @@ def test_forward_matches_dense_float64(shape, with_weight, generator):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("shape", [(5, 5), (6, 11), (11, 6), (2, 1), (1, 3)])
+@pytest.mark.parametrize("blockwise", [True, False])
+@pytest.mark.parametrize("shape", [(5, 5), (6, 11), (11, 6), (2, 1), (1, 3), (9, 4)])
 @pytest.mark.parametrize("with_weight", [True, False])
-def test_gradcheck_float64(shape, with_weight, generator):
+def test_gradcheck_float64(shape, with_weight, blockwise, generator, monkeypatch):
+    """x, U, V (and W, b) through both ways of writing the update: blockwise in place and padded."""
+    monkeypatch.setattr(kr, "BLOCKWISE_MIN_NUMEL", 0 if blockwise else 1 << 62)
     d, k = shape
     s = KhatriRaoShape(d, k)
     opts = {"dtype": torch.float64, "requires_grad": True}
@@ -103,6 +107,7 @@ def test_gradcheck_float64(shape, with_weight, generator):
         return khatri_rao_linear(*args[:3], s, 0.9, *args[3:])
 
     assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradcheck(lambda b, c: delta_weight(b, c, s), (u, v))
 
 
 @pytest.mark.parametrize("shape", [(130, 72), (72, 130)])

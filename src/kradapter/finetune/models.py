@@ -241,7 +241,8 @@ def save_trained(method: str, model: nn.Module, directory: Path) -> int:
         assert isinstance(model, HeadProbe)
         save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, tmp / "head.safetensors")
     else:
-        model.save_pretrained(tmp)
+        with quiet_transformers():  # no "Writing model shards" bar between the comparison's own progress lines
+            model.save_pretrained(tmp)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory_bytes(directory)
