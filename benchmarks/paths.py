@@ -30,7 +30,7 @@ import kradapter.khatri_rao as kr
 from kradapter.khatri_rao import KhatriRaoShape, init_factors, khatri_rao_linear, write_update
 
 SHAPES = [(384, 384), (1536, 384), (384, 1536), (768, 1024), (1024, 768), (4096, 4096), (11008, 4096)]  # (out, in)
-TOKENS = [1, 16, 256, 2048]
+TOKENS = [1, 16, 64, 256, 2048]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -81,13 +81,13 @@ def write_variants(shape: tuple[int, int], device: torch.device, dtype: torch.dt
 
     def variant(blockwise: bool, copy: bool):  # type: ignore[no-untyped-def]
         def fn() -> torch.Tensor:
-            saved = kr.BLOCKWISE_MIN_NUMEL, kr.FACTOR_COPY_DEVICES
-            kr.BLOCKWISE_MIN_NUMEL = 0 if blockwise else 1 << 62
+            saved = kr.BLOCKWISE_MIN_NUMEL, kr.BLOCKWISE_MIN_NUMEL_TRANSPOSED, kr.FACTOR_COPY_DEVICES
+            kr.BLOCKWISE_MIN_NUMEL = kr.BLOCKWISE_MIN_NUMEL_TRANSPOSED = 0 if blockwise else 1 << 62
             kr.FACTOR_COPY_DEVICES = {device.type} if copy else set()
             try:
                 return write_update(u, v, s, 2.0, weight, dtype)
             finally:
-                kr.BLOCKWISE_MIN_NUMEL, kr.FACTOR_COPY_DEVICES = saved
+                kr.BLOCKWISE_MIN_NUMEL, kr.BLOCKWISE_MIN_NUMEL_TRANSPOSED, kr.FACTOR_COPY_DEVICES = saved
 
         return fn
 
@@ -95,7 +95,7 @@ def write_variants(shape: tuple[int, int], device: torch.device, dtype: torch.dt
     if s.transposed:
         runs["blockwise+copy"] = variant(True, True)
     med = alternate(runs, device)
-    chosen = "blockwise" if s.m * s.M >= kr.BLOCKWISE_MIN_NUMEL else "padded"
+    chosen = "blockwise" if kr.blockwise(s) else "padded"
     if chosen == "blockwise" and s.transposed and device.type in kr.FACTOR_COPY_DEVICES:
         chosen = "blockwise+copy"
     return {"out": d, "in": k, "chosen": chosen, **{f"{n}_ms": t * 1e3 for n, t in med.items()}}

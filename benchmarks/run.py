@@ -224,10 +224,11 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_yticks(range(len(workloads)), list(workloads))
         ax.invert_yaxis()
         ax.grid(axis="x", alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(names))
     machine = payload["machine"].get("gpu") or payload["machine"]["cpu"]
     fig.suptitle(f"One training step (inference for minilm-merged): {machine}, {payload['dtype']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

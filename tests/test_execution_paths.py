@@ -162,7 +162,8 @@ def test_merged_layer_matches_reference(shape, device, generator):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_both_write_strategies_equal_the_reference(shape, blockwise, generator, monkeypatch):
     """The blockwise and the padded writer of ``W + s * dW`` (and of ``s * dW``) agree with the reference."""
-    monkeypatch.setattr(kr, "BLOCKWISE_MIN_NUMEL", 0 if blockwise else 1 << 62)
+    for name in ("BLOCKWISE_MIN_NUMEL", "BLOCKWISE_MIN_NUMEL_TRANSPOSED"):
+        monkeypatch.setattr(kr, name, 0 if blockwise else 1 << 62)
     d, k = shape
     s = KhatriRaoShape(d, k)
     u, v = torch.randn(s.u_shape, generator=generator), torch.randn(s.v_shape, generator=generator)
@@ -216,6 +217,22 @@ def test_auto_rule():
     assert not layer.fuses("default")  # dropout in training: the adapter's input differs from the base's
     model.eval()
     assert layer.fuses("default")
+
+
+def test_auto_rule_per_input():
+    """Half precision on the CPU with few tokens runs the separate path; float32 and many tokens fuse."""
+    small, large = KRAdapterLinear(nn.Linear(96, 40)), KRAdapterLinear(nn.Linear(1024, 1024))
+    for layer, crossover in ((small, 256), (large, 2048)):
+        k = layer.shape.in_features
+        assert layer.execution_path(torch.randn(3, 7, k)) == "fused"
+        for dtype in (torch.bfloat16, torch.float16):
+            assert layer.execution_path(torch.randn(crossover - 1, k, dtype=dtype)) == "separate"
+            assert layer.execution_path(torch.randn(2, crossover // 2, k, dtype=dtype)) == "fused"
+    model = get_peft_model(Wrapped(nn.Linear(96, 40)), KRAdapterConfig(target_modules=["layer"]))
+    layer = next(m for m in model.modules() if isinstance(m, KRAdapterLayer))
+    assert layer.fuses("default", torch.randn(5, 96)) and not layer.fuses("default", torch.randn(5, 96).bfloat16())
+    layer.kradapter_execution["default"] = "fused"  # asked for explicitly: fused whatever the input
+    assert layer.fuses("default", torch.randn(5, 96).bfloat16())
 
 
 def test_peft_paths_agree_on_a_training_step(tiny_bert, generator):

@@ -92,7 +92,8 @@ def test_forward_matches_dense_float64(shape, with_weight, generator):
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_gradcheck_float64(shape, with_weight, blockwise, generator, monkeypatch):
     """x, U, V (and W, b) through both ways of writing the update: blockwise in place and padded."""
-    monkeypatch.setattr(kr, "BLOCKWISE_MIN_NUMEL", 0 if blockwise else 1 << 62)
+    for name in ("BLOCKWISE_MIN_NUMEL", "BLOCKWISE_MIN_NUMEL_TRANSPOSED"):
+        monkeypatch.setattr(kr, name, 0 if blockwise else 1 << 62)
     d, k = shape
     s = KhatriRaoShape(d, k)
     opts = {"dtype": torch.float64, "requires_grad": True}

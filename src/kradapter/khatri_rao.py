@@ -12,8 +12,11 @@ single matmul against ``W + s * dW`` (the "fused" path) instead of the published
 
 Execution choices made here, per shape, dtype and device (measured in ``BENCHMARKS.md``):
 
+- Whether fusing pays for an input (:func:`fusing_pays`): always, except half precision on the CPU with few
+  tokens, where the base matmul plus a separate adapter term is faster.
 - ``W + s * dW`` is written by :func:`write_update` block by block straight into place for layers of at least
-  ``BLOCKWISE_MIN_NUMEL`` weights, and through a padded buffer in two operations for smaller ones.
+  ``BLOCKWISE_MIN_NUMEL`` weights (``BLOCKWISE_MIN_NUMEL_TRANSPOSED`` when in_features < out_features), and
+  through a padded buffer in two operations for smaller ones (:func:`blockwise`).
 - The factor gradient ``G = g^T x`` is one matmul into a zero-padded ``(m, r2, r)`` buffer with the scaling as
   its ``alpha``, then two batched products give ``dU`` and ``dV``. Half-precision activations are contracted
   into float32 (``out_dtype`` on CUDA, upcast on the CPU).
@@ -121,8 +124,11 @@ def _k_view(t: torch.Tensor, shape: KhatriRaoShape) -> torch.Tensor:
 
 
 # Updates of at least this many elements are written block by block straight into place (two passes over the
-# weight); smaller ones, which live in cache and whose cost is the number of operations, by _write_padded.
+# weight); smaller ones, which live in cache and whose cost is the number of operations, by _write_padded. A
+# transposed update (in_features < out_features) pays for the padded path's strided crop much earlier: blockwise
+# is 2-3x faster from a few 100k elements on (1536x384, 1024x768; benchmarks/paths.py).
 BLOCKWISE_MIN_NUMEL = 1 << 20
+BLOCKWISE_MIN_NUMEL_TRANSPOSED = 1 << 18
 # Devices whose elementwise loops want the small factors stored m-fastest for a transposed blockwise write: the
 # CPU then vectorises along the result's rows (1.5x on 11008x4096); CUDA reads the factors from cache anyway.
 FACTOR_COPY_DEVICES = {"cpu"}
@@ -134,6 +140,28 @@ def _blocks(k: torch.Tensor, shape: KhatriRaoShape) -> tuple[torch.Tensor, torch
     if not tail:
         return k.view(shape.m, q, r), None
     return k[:, : q * r].view(shape.m, q, r), k[:, q * r :]
+
+
+# Fusing saves two matmuls with dW per step (2 T d k multiply-adds for T tokens) but writes W + s dW, reading W,
+# where the separate path writes s dW alone. In float32, and on CUDA, the write costs little and fusing is faster
+# from one token on. CPU half precision is the exception: the mixed-precision write is slow there, and the
+# separate path wins below a few hundred tokens on small layers and, by the measured slopes, ~2,000 on 4096-wide
+# ones (benchmarks/paths.py, BENCHMARKS.md). Minimum tokens per step for fusing: (device type, small/large layer).
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+CPU_HALF_FUSE_MIN_TOKENS = (256, 2048)  # layers below / from BLOCKWISE_MIN_NUMEL weights
+
+
+def fusing_pays(shape: KhatriRaoShape, x: torch.Tensor) -> bool:
+    """Whether one matmul against ``W + s dW`` beats the base matmul plus a separate adapter term for input ``x``."""
+    if x.device.type != "cpu" or x.dtype not in HALF_DTYPES:
+        return True
+    tokens = x.numel() // max(x.shape[-1], 1)
+    return tokens >= CPU_HALF_FUSE_MIN_TOKENS[shape.m * shape.M >= BLOCKWISE_MIN_NUMEL]
+
+
+def blockwise(shape: KhatriRaoShape) -> bool:
+    """Whether :func:`write_update` writes ``shape``'s update block by block (else through a padded buffer)."""
+    return shape.m * shape.M >= (BLOCKWISE_MIN_NUMEL_TRANSPOSED if shape.transposed else BLOCKWISE_MIN_NUMEL)
 
 
 def write_update(
@@ -154,7 +182,7 @@ def write_update(
     """
     if dtype is None:
         dtype = base.dtype if base is not None else torch.promote_types(u.dtype, v.dtype)
-    if shape.m * shape.M < BLOCKWISE_MIN_NUMEL:
+    if not blockwise(shape):
         return _write_padded(u, v, shape, scaling, base, dtype)
     out = torch.empty(shape.out_features, shape.in_features, dtype=dtype, device=u.device)
     q, tail = shape.blocks

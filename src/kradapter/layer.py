@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .khatri_rao import Factorization, KhatriRaoShape, delta_weight, init_factors, khatri_rao_linear
+from .khatri_rao import Factorization, KhatriRaoShape, delta_weight, fusing_pays, init_factors, khatri_rao_linear
 
 PATHS = ("auto", "fused", "separate")
 
@@ -62,12 +62,12 @@ class KRAdapterLinear(nn.Module):
         """The unscaled update ``dW``, shape ``(out_features, in_features)``."""
         return delta_weight(self.kr_u, self.kr_v, self.shape)
 
-    def execution_path(self) -> str:
-        """The path ``forward`` takes: ``"fused"`` or ``"separate"``.
+    def execution_path(self, x: torch.Tensor | None = None) -> str:
+        """The path ``forward`` takes (for input ``x``, if given): ``"fused"`` or ``"separate"``.
 
-        ``"auto"`` fuses whenever that computes the same thing as running the base layer: a plain ``nn.Linear``
-        with no hooks. Fused is then the faster at every shape, dtype and device measured (one matmul fewer in
-        forward and in backward; see BENCHMARKS.md), so no other condition enters the rule.
+        ``"auto"`` fuses when that computes the same thing as running the base layer (a plain ``nn.Linear`` with
+        no hooks) and, for ``x``, is the faster path (:func:`kradapter.khatri_rao.fusing_pays`: always, except
+        half precision on the CPU with few tokens). BENCHMARKS.md has the measurements behind the rule.
         """
         if self.path != "auto":
             return self.path
@@ -75,13 +75,15 @@ class KRAdapterLinear(nn.Module):
         module = nn.modules.module
         hooked = base._forward_hooks or base._forward_pre_hooks
         hooked = hooked or module._global_forward_hooks or module._global_forward_pre_hooks
-        return "fused" if type(base) is nn.Linear and not hooked else "separate"
+        if type(base) is not nn.Linear or hooked:
+            return "separate"
+        return "fused" if x is None or fusing_pays(self.shape, x) else "separate"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
         base = self.base_layer
-        if self.execution_path() == "separate":
+        if self.execution_path(x) == "separate":
             return base(x) + khatri_rao_linear(x, self.kr_u, self.kr_v, self.shape, self.scaling)
         return khatri_rao_linear(x, self.kr_u, self.kr_v, self.shape, self.scaling, base.weight, base.bias)
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...khatri_rao import KhatriRaoShape, delta_weight, init_factors, khatri_rao_linear
+from ...khatri_rao import KhatriRaoShape, delta_weight, fusing_pays, init_factors, khatri_rao_linear
 from ..base import DeltaLayer, concrete
 from .config import KRAdapterConfig
 
@@ -43,19 +43,19 @@ class KRAdapterLayer(DeltaLayer):
             self.kradapter_u[adapter], self.kradapter_v[adapter], shape
         )
 
-    def fuses(self, adapter: str) -> bool:
-        """The documented rule: fuse into one matmul unless told not to, or dropout makes inputs differ.
-
-        Whenever fusing is correct it is also the faster path, at every shape, dtype and device measured
-        (``BENCHMARKS.md``): one matmul fewer in forward and one fewer in backward.
-        """
+    def fuses(self, adapter: str, x: torch.Tensor | None = None) -> bool:
+        """The documented rule: fuse into one matmul unless told not to, dropout makes the adapter's input differ
+        from the base's, the base is not a plain dense layer, or (for input ``x``) the separate path is faster
+        (:func:`kradapter.khatri_rao.fusing_pays`; measurements in BENCHMARKS.md)."""
         execution = self.kradapter_execution[adapter]
         dropout_active = self.training and not isinstance(self.kradapter_dropout[adapter], nn.Identity)
-        return execution != "separate" and not dropout_active and self.can_fuse()
+        if execution == "separate" or dropout_active or not self.can_fuse():
+            return False
+        return execution == "fused" or x is None or fusing_pays(self.kradapter_shape[adapter], x)
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         first = adapters[0]
-        if self.fuses(first):
+        if self.fuses(first, x):
             base = self.get_base_layer()
             result = self._term(x, first, self.base_weight(), base.bias)
             adapters = adapters[1:]
