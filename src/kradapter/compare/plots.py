@@ -46,6 +46,14 @@ def _pyplot(config: StudyConfig):  # type: ignore[no-untyped-def]
     return plt
 
 
+def _save(fig, path: Path, config: StudyConfig, rect: tuple[float, ...] = (0, 0, 1, 1)) -> None:  # type: ignore[no-untyped-def]
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=config.output.dpi, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _bars(ax, rows, columns, metric, config, relative_to=None):  # type: ignore[no-untyped-def]
     """Grouped bars of ``metric`` per matrix (optionally in % of ``relative_to``); missing values marked."""
     width = 0.8 / len(columns)
@@ -108,9 +116,7 @@ def comparison_plot(results: dict[str, Any], config: StudyConfig, path: Path) ->
     bottom.set_ylabel("||W_fit - W||_F / ||W||_F\n(1 = predicting zero)")
     bottom.set_title("Relative Frobenius error (lower is better)")
     top.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=config.output.dpi, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path, config)
 
 
 def spectra_plot(results: dict[str, Any], config: StudyConfig, path: Path) -> None:
@@ -137,9 +143,7 @@ def spectra_plot(results: dict[str, Any], config: StudyConfig, path: Path) -> No
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8) or 1, bbox_to_anchor=(0.5, -0.02))
     fig.suptitle("Singular values: target and fits")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=config.output.dpi, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path, config, rect=(0, 0.05, 1, 1))
 
 
 def _positive(values: list[float]) -> list[float]:
@@ -167,9 +171,7 @@ def effective_rank_plot(results: dict[str, Any], config: StudyConfig, path: Path
     ax.set_ylabel("Effective rank (Roy & Vetterli)")
     ax.set_title("Effective rank of the fitted updates")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=config.output.dpi, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path, config)
 
 
 def write_plots(results: dict[str, Any], config: StudyConfig) -> list[Path]:
