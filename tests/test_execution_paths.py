@@ -221,8 +221,8 @@ def test_auto_rule():
 
 def test_auto_rule_per_input():
     """Half precision on the CPU with few tokens runs the separate path; float32 and many tokens fuse."""
-    small, large = KRAdapterLinear(nn.Linear(96, 40)), KRAdapterLinear(nn.Linear(1024, 1024))
-    for layer, crossover in ((small, 256), (large, 2048)):
+    small, tall, large = (KRAdapterLinear(nn.Linear(k, d)) for k, d in ((96, 40), (40, 96), (1024, 1024)))
+    for layer, crossover in ((small, 256), (tall, 1024), (large, 2048)):
         k = layer.shape.in_features
         assert layer.execution_path(torch.randn(3, 7, k)) == "fused"
         for dtype in (torch.bfloat16, torch.float16):

@@ -143,12 +143,12 @@ def _blocks(k: torch.Tensor, shape: KhatriRaoShape) -> tuple[torch.Tensor, torch
 
 
 # Fusing saves two matmuls with dW per step (2 T d k multiply-adds for T tokens) but writes W + s dW, reading W,
-# where the separate path writes s dW alone. In float32, and on CUDA, the write costs little and fusing is faster
-# from one token on. CPU half precision is the exception: the mixed-precision write is slow there, and the
-# separate path wins below a few hundred tokens on small layers and, by the measured slopes, ~2,000 on 4096-wide
-# ones (benchmarks/paths.py, BENCHMARKS.md). Minimum tokens per step for fusing: (device type, small/large layer).
+# where the separate path writes s dW alone. In float32, and on CUDA, the write costs little and fusing is as fast
+# or faster from one token on. CPU half precision is the exception: the mixed-precision write is slow there, and the
+# separate path wins below ~256 tokens on small layers, ~1,000 on small transposed ones (in < out) and, by the
+# measured slopes, ~2,000 on 4096-wide ones (benchmarks/paths.py, BENCHMARKS.md).
 HALF_DTYPES = (torch.float16, torch.bfloat16)
-CPU_HALF_FUSE_MIN_TOKENS = (256, 2048)  # layers below / from BLOCKWISE_MIN_NUMEL weights
+CPU_HALF_FUSE_MIN_TOKENS = {"small": 256, "small_transposed": 1024, "large": 2048}
 
 
 def fusing_pays(shape: KhatriRaoShape, x: torch.Tensor) -> bool:
@@ -156,12 +156,19 @@ def fusing_pays(shape: KhatriRaoShape, x: torch.Tensor) -> bool:
     if x.device.type != "cpu" or x.dtype not in HALF_DTYPES:
         return True
     tokens = x.numel() // max(x.shape[-1], 1)
-    return tokens >= CPU_HALF_FUSE_MIN_TOKENS[shape.m * shape.M >= BLOCKWISE_MIN_NUMEL]
+    if shape.m * shape.M >= BLOCKWISE_MIN_NUMEL:
+        return tokens >= CPU_HALF_FUSE_MIN_TOKENS["large"]
+    return tokens >= CPU_HALF_FUSE_MIN_TOKENS["small_transposed" if shape.transposed else "small"]
 
 
-def blockwise(shape: KhatriRaoShape) -> bool:
-    """Whether :func:`write_update` writes ``shape``'s update block by block (else through a padded buffer)."""
-    return shape.m * shape.M >= (BLOCKWISE_MIN_NUMEL_TRANSPOSED if shape.transposed else BLOCKWISE_MIN_NUMEL)
+def blockwise(shape: KhatriRaoShape, onto_base: bool = True) -> bool:
+    """Whether :func:`write_update` writes ``shape``'s update block by block (else through a padded buffer).
+
+    The earlier switch for transposed layouts applies onto a base weight only: ``dW`` alone comes out of the
+    padded buffer as a transposed view, without the strided write (and its gradient keeps that fast layout).
+    """
+    transposed = shape.transposed and onto_base
+    return shape.m * shape.M >= (BLOCKWISE_MIN_NUMEL_TRANSPOSED if transposed else BLOCKWISE_MIN_NUMEL)
 
 
 def write_update(
@@ -182,7 +189,7 @@ def write_update(
     """
     if dtype is None:
         dtype = base.dtype if base is not None else torch.promote_types(u.dtype, v.dtype)
-    if not blockwise(shape):
+    if not blockwise(shape, base is not None):
         return _write_padded(u, v, shape, scaling, base, dtype)
     out = torch.empty(shape.out_features, shape.in_features, dtype=dtype, device=u.device)
     q, tail = shape.blocks
