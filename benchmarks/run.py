@@ -13,9 +13,7 @@ JSON file is rewritten atomically after every workload, so an interrupted run ke
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +27,8 @@ import torch
 from contenders import LAYER_SHAPES, MERGED_CONTENDERS, TRAIN_CONTENDERS, WORKLOADS, Contender, build
 from measure import resident_bytes, step_peak_bytes, sync, time_steps
 from tqdm import tqdm
+
+from kradapter.records import environment, write_json_atomic
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The issue's goals: (workload, contender, reference, what, limit); "<=" for cost ratios, ">=" for speed-ups.
@@ -70,32 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def machine(device: torch.device, threads: int) -> dict:
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-    }
-    import peft
-    import transformers
-
-    info |= {"peft": peft.__version__, "transformers": transformers.__version__}
-    if device.type == "cuda":
-        info |= {"gpu": torch.cuda.get_device_name(device), "cuda": torch.version.cuda}
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def machine(device: torch.device) -> dict:
+    """The library's environment record, with the GPU only when the benchmark runs on one."""
+    return {**environment(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 def run_workload(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
@@ -233,14 +210,6 @@ def plot(payload: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_json(path: Path, payload: dict) -> None:
-    """Write atomically: a finished workload is never lost to an interrupted run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -255,17 +224,17 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "device": device.type,
         "dtype": args.dtype,
-        "machine": machine(device, args.threads),
+        "machine": machine(device),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "workloads": {},
     }
     for name in tqdm(args.workloads, desc="workloads", unit="workload"):
         payload["workloads"][name] = run_workload(name, args, device, dtype)
         payload["goals"] = goals(payload["workloads"])
-        write_json(out, payload)
+        write_json_atomic(out, payload, indent=1)  # a finished workload survives an interruption
         tqdm.write(table(payload["workloads"][name]))
     plot(payload, out.with_suffix(".png"))
-    where = payload["machine"].get("gpu", payload["machine"]["cpu"])
+    where = payload["machine"].get("gpu") or payload["machine"]["cpu"]
     print(f"\nmachine: {where}, {args.dtype}, {args.threads} threads")
     for g in payload.get("goals", []):
         print(f"{'MET ' if g['met'] else 'MISS'} {g['workload']:<18} {g['goal']:<52} measured {g['ratio']:.3f}")

@@ -3,16 +3,17 @@
 The published layer builds the whole update ``dW`` with a broadcast product of the factors' rows, crops and
 orients it, then runs two dense matmuls, ``x @ dW^T * scaling + base(x)``. Autograd keeps ``dW`` (and the
 uncropped product's graph) alive until backward, and backward runs three matmuls of the base's size. This
-module reproduces exactly that execution so the library's paths can be timed against it; it is not used by the
-library. Its output equals the library's (``tests/test_execution_paths.py`` checks it).
+module reproduces exactly that execution so the library's paths can be timed against it; only the factor sizes
+come from the library's shape rule. It is not used by the library. Its output equals the library's
+(``tests/test_execution_paths.py`` checks it).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+
+from kradapter.khatri_rao import KhatriRaoShape
 
 
 class SeedKRAdapterLinear(nn.Module):
@@ -29,9 +30,8 @@ class SeedKRAdapterLinear(nn.Module):
             raise TypeError(f"SeedKRAdapterLinear wraps an nn.Linear, got {type(base_layer).__name__}")
         self.base_layer = base_layer.requires_grad_(False)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        small, big = min(self.in_features, self.out_features), max(self.in_features, self.out_features)
-        self.r = math.isqrt(small)
-        self.r2 = max(self.r, -(-big // self.r))  # the smallest r2 >= r with r * r2 >= big
+        shape = KhatriRaoShape(self.out_features, self.in_features)  # the published factor sizes ("sqrt_min")
+        small, self.r, self.r2 = shape.m, shape.r, shape.r2
         self.scaling = float(scaling)
         factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
         self.weight = nn.Parameter(torch.zeros(small, self.r, **factory))

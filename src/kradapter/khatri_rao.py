@@ -31,6 +31,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 Factorization = Literal["sqrt_min", "sqrt_max"]
 FACTORIZATIONS: tuple[str, ...] = ("sqrt_min", "sqrt_max")
@@ -159,6 +160,18 @@ def fusing_pays(shape: KhatriRaoShape, x: torch.Tensor) -> bool:
     if shape.m * shape.M >= BLOCKWISE_MIN_NUMEL:
         return tokens >= CPU_HALF_FUSE_MIN_TOKENS["large"]
     return tokens >= CPU_HALF_FUSE_MIN_TOKENS["small_transposed" if shape.transposed else "small"]
+
+
+def runs_as_linear(module: nn.Module, types: tuple[type, ...]) -> bool:
+    """Whether ``module``'s forward is exactly ``F.linear`` of its weight: one of ``types`` itself (no subclass)
+    with no forward hooks of its own or global ones, so the fused path may replace it."""
+    hooks = nn.modules.module
+    return type(module) in types and not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+    )
 
 
 def blockwise(shape: KhatriRaoShape, onto_base: bool = True) -> bool:

@@ -11,7 +11,15 @@ import math
 import torch
 from torch import nn
 
-from .khatri_rao import Factorization, KhatriRaoShape, delta_weight, fusing_pays, init_factors, khatri_rao_linear
+from .khatri_rao import (
+    Factorization,
+    KhatriRaoShape,
+    delta_weight,
+    fusing_pays,
+    init_factors,
+    khatri_rao_linear,
+    runs_as_linear,
+)
 
 PATHS = ("auto", "fused", "separate")
 
@@ -71,11 +79,7 @@ class KRAdapterLinear(nn.Module):
         """
         if self.path != "auto":
             return self.path
-        base = self.base_layer
-        module = nn.modules.module
-        hooked = base._forward_hooks or base._forward_pre_hooks
-        hooked = hooked or module._global_forward_hooks or module._global_forward_pre_hooks
-        if type(base) is not nn.Linear or hooked:
+        if not runs_as_linear(self.base_layer, (nn.Linear,)):
             return "separate"
         return "fused" if x is None or fusing_pays(self.shape, x) else "separate"
 

@@ -64,15 +64,16 @@ def kradapter_budget(shapes: Sequence[tuple[int, int]], factorization: str = "sq
 # -- closed-form counts ------------------------------------------------------------------------------------------
 
 
-def _lokr_layer_count(shape: Shape, r: int, decompose_both: bool, decompose_factor: int) -> int:
-    """LoKr's trainable count on one ``nn.Linear`` (mirrors ``LoKrLayer.update_layer`` for linear layers)."""
+def _lokr_layer_count(shape: Shape, r: Any, decompose_both: bool, decompose_factor: int) -> tuple[Any, Any]:
+    """LoKr's trainable count on one ``nn.Linear`` (mirrors ``LoKrLayer.update_layer`` for linear layers), and
+    whether its ``w2`` is low rank; ``r`` is an integer or an integer array (then both results are arrays)."""
     out_l, out_k = lokr_split(shape[0], decompose_factor)
     in_m, in_n = lokr_split(shape[1], decompose_factor)
-    w1_full = not (decompose_both and r < max(out_l, in_m) / 2)
-    w2_full = not (r < max(out_k, in_n) / 2)
-    w1 = out_l * in_m if w1_full else r * (out_l + in_m)
-    w2 = out_k * in_n if w2_full else r * (out_k + in_n)
-    return w1 + w2
+    w1_low = np.logical_and(decompose_both, np.less(r, max(out_l, in_m) / 2))
+    w2_low = np.less(r, max(out_k, in_n) / 2)
+    w1 = np.where(w1_low, np.multiply(r, out_l + in_m), out_l * in_m)
+    w2 = np.where(w2_low, np.multiply(r, out_k + in_n), out_k * in_n)
+    return w1 + w2, w2_low
 
 
 def _randlora_layer_count(shape: Shape, r: int) -> int:
@@ -97,7 +98,7 @@ def count_trainable(method: str, shapes: Sequence[tuple[int, int]], **settings: 
         return sum(_randlora_layer_count(s, r) for s in layers)
     both = bool(settings.get("decompose_both", False))
     factor = int(settings.get("decompose_factor", -1))
-    return sum(_lokr_layer_count(s, r, both, factor) for s in layers)
+    return int(sum(_lokr_layer_count(s, r, both, factor)[0] for s in layers))
 
 
 def _default_rank(method: str) -> int:
@@ -183,11 +184,9 @@ def _kronecker_groups(layers: list[Shape], fixed: dict[str, Any]) -> list[list[_
                 continue
             seen.add(splits)
             counts, w2_low = np.zeros_like(ranks), np.zeros(ranks.shape, dtype=bool)
-            for (out_l, out_k), (in_m, in_n) in splits:
-                w1_low = both & (ranks < max(out_l, in_m) / 2)
-                w2_low |= ranks < max(out_k, in_n) / 2
-                counts += np.where(w1_low, ranks * (out_l + in_m), out_l * in_m)
-                counts += np.where(ranks < max(out_k, in_n) / 2, ranks * (out_k + in_n), out_k * in_n)
+            for layer in layers:
+                count, low = _lokr_layer_count(layer, ranks, both, factor)
+                counts, w2_low = counts + count, w2_low | low
             keep = w2_low if low_rank_w2 else ~w2_low
             # Ranks giving the same count are the same parameterisation here; keep the smallest of each.
             _, first = np.unique(np.where(keep, counts, -1), return_index=True)

@@ -55,6 +55,15 @@ def _check_choice(where: str, value: Any, choices: tuple[str, ...]) -> None:
         _fail(where, f"unknown value {value!r}; choose one of {choices}")
 
 
+def _check_names(where: str, values: Any, choices: tuple[str, ...], what: str) -> None:
+    if not isinstance(values, list) or not values:
+        _fail(where, f"expected a non-empty list of {what}s, got {values!r}")
+    for value in values:
+        _check_choice(where, value, choices)
+    if len(set(values)) != len(values):
+        _fail(where, f"a {what} is listed twice: {values!r}")
+
+
 def _check_range(where: str, value: Any) -> None:
     if not isinstance(value, list | tuple) or len(value) != 2:
         _fail(where, f"expected [low, high], got {value!r}")
@@ -109,12 +118,7 @@ class MatricesConfig:
             _check_int("matrices.size", v, 1)
         self.size = (int(size[0]), int(size[1]))
         if self.types is not None:
-            if not isinstance(self.types, list) or not self.types:
-                _fail("matrices.types", f"expected a non-empty list of types, got {self.types!r}")
-            for t in self.types:
-                _check_choice("matrices.types", t, BUILTIN_TYPES)
-            if len(set(self.types)) != len(self.types):
-                _fail("matrices.types", f"a type is listed twice: {self.types!r}")
+            _check_names("matrices.types", self.types, BUILTIN_TYPES, "type")
             if any(t in CLIP_TYPES for t in self.types) and not self.clip_checkpoint:
                 _fail("matrices.types", "clip_language/clip_vision need matrices.clip_checkpoint (a local file)")
         _check_int("matrices.minilm_layer", self.minilm_layer, 0)
@@ -143,12 +147,7 @@ class MethodsConfig:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if not isinstance(self.names, list) or not self.names:
-            _fail("methods.names", f"expected a non-empty list of methods, got {self.names!r}")
-        for n in self.names:
-            _check_choice("methods.names", n, METHOD_NAMES)
-        if len(set(self.names)) != len(self.names):
-            _fail("methods.names", f"a method is listed twice: {self.names!r}")
+        _check_names("methods.names", self.names, METHOD_NAMES, "method")
         _check_choice("methods.strategy", self.strategy, STRATEGIES)
         _check_int("methods.rank", self.rank, 0)
         _check_choice("methods.kradapter_factorization", self.kradapter_factorization, FACTORIZATIONS)

@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..records import environment, write_json_atomic
 from .config import StudyConfig
 
 SCHEMA_VERSION = 1
@@ -62,47 +60,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-def environment() -> dict[str, Any]:
-    import numpy
-    import peft
-    import transformers
-
-    from .. import __version__
-
-    env = {
-        "kradapter": __version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "peft": peft.__version__,
-        "transformers": transformers.__version__,
-        "numpy": numpy.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    return env
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary file beside ``path`` and rename it over ``path``: readers never see half a file.
-
-    Compact separators let ``json`` use its C encoder: the file is rewritten after every cell, and the indented
-    (pure-Python) encoder took more time than the fits of small studies. ``python -m json.tool`` pretty-prints it.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"), allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import platform
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import peft
 import torch
-import transformers
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, DataCollatorWithPadding, default_data_collator
 
+from ..records import environment, write_json_atomic
 from .data import (
     SPLIT_SEED,
     TEST_FRACTION,
@@ -56,43 +53,8 @@ FORMAT = 1
 RELOAD_CHECK_EXAMPLES = 8
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON so that readers see the old file or the new one, never a partial one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def lr_key(lr: float) -> str:
     return f"{lr:g}"
-
-
-def environment() -> dict[str, Any]:
-    """The machine and library versions, for the report."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        names = [ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "torch_threads": torch.get_num_threads(),
-        "gpu": gpu,
-        "world_size": world()[1],
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
 
 
 class Comparison:
@@ -157,7 +119,7 @@ class Comparison:
     def _start_results(self, previous: dict[str, Any] | None) -> None:
         s = self.settings
         r = previous or {"format": FORMAT, "protocol": s.protocol(), "sweep": {}, "chosen_lr": {}, "runs": {}}
-        r["environment"] = environment()
+        r["environment"] = {**environment(), "world_size": self.world_size}
         r["data"] = {
             "root": str(self.corpus.root),
             "classes": list(self.corpus.classes),
@@ -193,7 +155,7 @@ class Comparison:
     def save(self) -> None:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.results_path, self.results)
+            write_json_atomic(self.results_path, self.results, indent=1)
 
     # -- data -----------------------------------------------------------------------------------------------------
     def tokenize(self) -> None:
@@ -337,7 +299,8 @@ class Comparison:
 
         self.results["summary"] = summarize(self.results, s.methods, s.seeds)
         self.save()
-        shutil.rmtree(self.out / ".trainer", ignore_errors=True) if self.rank == 0 else None
+        if self.rank == 0:
+            shutil.rmtree(self.out / ".trainer", ignore_errors=True)
         return self.results
 
     def choose(self, method: str) -> float:

@@ -18,6 +18,8 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..khatri_rao import runs_as_linear
+
 SUPPORTED_BASE_LAYERS = (nn.Linear, Conv1D)
 
 
@@ -98,10 +100,7 @@ class DeltaLayer(BaseTunerLayer):
 
     def can_fuse(self) -> bool:
         """True when the base layer is a plain dense layer whose forward can be replaced by ``F.linear``."""
-        base = self.get_base_layer()
-        return type(base) in SUPPORTED_BASE_LAYERS and not (
-            base._forward_hooks or base._forward_pre_hooks or torch.nn.modules.module._global_forward_hooks
-        )
+        return runs_as_linear(self.get_base_layer(), SUPPORTED_BASE_LAYERS)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

@@ -1,0 +1,66 @@
+"""What every results file records about the run, and how it is written: the machine, and atomic JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """The machine, the torch threads, the GPU (if any) and the versions of the libraries the numbers depend on."""
+    import numpy
+    import peft
+    import transformers
+
+    from . import __version__
+
+    return {
+        "kradapter": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
+    }
+
+
+def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
+    """Write to a temporary file beside ``path`` and rename it over ``path``: readers never see half a file.
+
+    Compact by default, so that ``json`` uses its C encoder (files rewritten after every unit of work would
+    otherwise spend more time encoding than small studies spend computing); ``python -m json.tool`` pretty-prints.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=indent, separators=None if indent else (",", ":"), allow_nan=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
