@@ -64,13 +64,20 @@ def _check_names(where: str, values: Any, choices: tuple[str, ...], what: str) -
         _fail(where, f"a {what} is listed twice: {values!r}")
 
 
-def _check_range(where: str, value: Any) -> None:
+def _number_pair(where: str, value: Any, low: float, high: float, what: str) -> tuple[float, float]:
+    """``value`` as two floats in ``[low, high]``; a ConfigError naming ``where`` otherwise."""
     if not isinstance(value, list | tuple) or len(value) != 2:
-        _fail(where, f"expected [low, high], got {value!r}")
+        _fail(where, f"expected {what}, got {value!r}")
     for v in value:
-        _check_number(where, v, 0.0)
-    if value[0] > value[1]:
-        _fail(where, f"low {value[0]!r} is above high {value[1]!r}")
+        _check_number(where, v, low, high)
+    return float(value[0]), float(value[1])
+
+
+def _range(where: str, value: Any) -> tuple[float, float]:
+    low, high = _number_pair(where, value, 0.0, math.inf, "[low, high]")
+    if low > high:
+        _fail(where, f"low {low!r} is above high {high!r}")
+    return low, high
 
 
 @dataclass
@@ -181,11 +188,7 @@ class TrainingConfig:
         _check_choice("training.optimizer", self.optimizer, OPTIMIZERS)
         _check_number("training.lr", self.lr, 0.0, open_low=True)
         _check_number("training.weight_decay", self.weight_decay, 0.0)
-        if not isinstance(self.betas, list | tuple) or len(self.betas) != 2:
-            _fail("training.betas", f"expected [beta1, beta2], got {self.betas!r}")
-        for b in self.betas:
-            _check_number("training.betas", b, 0.0, 1.0)
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        self.betas = _number_pair("training.betas", self.betas, 0.0, 1.0, "[beta1, beta2]")
         _check_number("training.momentum", self.momentum, 0.0, 1.0)
         _check_int("training.iterations", self.iterations, 1)
         _check_choice("training.loss", self.loss, LOSSES)
@@ -237,10 +240,8 @@ class GeneratorsConfig:
         if self.sparse_dropout == 1.0:
             _fail("generators.sparse_dropout", "1.0 drops every entry: the target would be zero")
         _check_number("generators.low_rank_fraction", self.low_rank_fraction, 0.0, 1.0, open_low=True)
-        _check_range("generators.low_freq_range", self.low_freq_range)
-        _check_range("generators.high_freq_range", self.high_freq_range)
-        self.low_freq_range = (float(self.low_freq_range[0]), float(self.low_freq_range[1]))
-        self.high_freq_range = (float(self.high_freq_range[0]), float(self.high_freq_range[1]))
+        self.low_freq_range = _range("generators.low_freq_range", self.low_freq_range)
+        self.high_freq_range = _range("generators.high_freq_range", self.high_freq_range)
         _check_int("generators.max_harmonics", self.max_harmonics, 0)
         _check_number("generators.pca_eps", self.pca_eps, 0.0, open_low=True)
 
@@ -293,11 +294,7 @@ class OutputConfig:
             if Path(getattr(self, name)).name != getattr(self, name):
                 _fail(f"output.{name}", f"expected a file name inside output.directory, got {getattr(self, name)!r}")
         _check_int("output.dpi", self.dpi, 10)
-        if not isinstance(self.figure_size, list | tuple) or len(self.figure_size) != 2:
-            _fail("output.figure_size", f"expected [width, height] in inches, got {self.figure_size!r}")
-        for v in self.figure_size:
-            _check_number("output.figure_size", v, 1.0, 100.0)
-        self.figure_size = (float(self.figure_size[0]), float(self.figure_size[1]))
+        self.figure_size = _number_pair("output.figure_size", self.figure_size, 1.0, 100.0, "[width, height] in inches")
         _check_int("output.font_size", self.font_size, 4)
         if not isinstance(self.colors, list) or not self.colors or not all(isinstance(c, str) for c in self.colors):
             _fail("output.colors", f"expected a non-empty list of colour strings, got {self.colors!r}")
