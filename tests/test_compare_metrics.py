@@ -49,3 +49,15 @@ def test_zero_fit_and_unrelated_fit(generator: torch.Generator) -> None:
     assert other["nuclear_error"] < 0.05 * float(s.mean())
     assert other["relative_frobenius_error"] == pytest.approx(math.sqrt(2), rel=0.02)
     assert nuclear_error(s, s) == 0.0
+
+
+@pytest.mark.parametrize(("shape", "rank"), [((130, 72), 72), ((72, 130), 5), ((389, 97), 11), ((1, 17), 1)])
+def test_singular_values_match_float64_svd(shape, rank, generator: torch.Generator) -> None:
+    """Full-rank and low-rank float32 matrices, tall and wide: within 1e-6 of the largest value, descending."""
+    rows, cols = shape
+    m = torch.randn(rows, rank, generator=generator) @ torch.randn(rank, cols, generator=generator)
+    s = singular_values(m)
+    want = np.linalg.svd(m.double().numpy(), compute_uv=False)
+    assert s.dtype == torch.float32 and s.shape == (min(shape),)
+    assert np.abs(s.double().numpy() - want).max() <= 1e-6 * want[0]
+    assert bool((s[:-1] >= s[1:]).all())

@@ -27,6 +27,20 @@ def test_delta_matches_definition(out_features, in_features, r, generator):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize(("out_features", "in_features", "r"), [(13, 29, 3), (31, 7, 2)])
+def test_gradients_match_autograd_of_the_definition(out_features, in_features, r, generator):
+    a = torch.randn(r, in_features, generator=generator, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(out_features, r, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(out_features, in_features, generator=generator, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: sinlora_delta(a, b, frequency=3.0, alpha=5.0), (a, b))
+    (sinlora_delta(a, b, frequency=20.0, alpha=4.0) * weight).sum().backward()
+    got = a.grad.clone(), b.grad.clone()
+    a.grad = b.grad = None
+    plain = torch.sin(20.0 * (b @ a)) * (4.0 / r / math.sqrt(in_features))
+    (plain * weight).sum().backward()
+    torch.testing.assert_close(got, (a.grad, b.grad))
+
+
 def test_peft_life_cycle(tiny_bert, generator, tmp_path):
     config = SinLoRAConfig(target_modules=["query", "intermediate.dense"], r=4, alpha=8, frequency=50)
     model = get_peft_model(tiny_bert(), config)

@@ -214,9 +214,9 @@ class EarlyStoppingConfig:
     after 50-150 steps with final losses within 0.3% of 300 full steps (docs/compare.md)."""
 
     enabled: bool = True
-    tolerance: float = 1e-4
-    patience: int = 20
-    min_iterations: int = 50
+    tolerance: float = 3e-4
+    patience: int = 15
+    min_iterations: int = 20
 
     def validate(self) -> None:
         _check_number("early_stopping.tolerance", self.tolerance, 0.0)
