@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from peft import get_peft_model
 from kradapter.cli import main
 from kradapter.compare import fit, study
 from kradapter.compare.config import StudyConfig, UserMatrix, with_changes
-from kradapter.compare.fit import fit_method, frobenius_loss
+from kradapter.compare.fit import _stalled, fit_method, frobenius_loss
 from kradapter.compare.results import SCHEMA_VERSION
 from kradapter.compare.study import plan_method, run_study
 from kradapter.methods import METHOD_NAMES
@@ -94,6 +95,36 @@ def test_keep_best_and_early_stopping_return_measured_parameters(generator: torc
     assert result.loss == pytest.approx(float(torch.linalg.vector_norm(result.update - target)), rel=1e-6)
     assert result.loss <= min(result.loss_history) * (1 + 1e-6)
     assert result.iterations == len(result.loss_history) - 1 < 120
+
+
+def first_stall(losses: list[float], window: int, tolerance: float, min_iterations: int) -> int | None:
+    """The step the early-stopping rule should stop at, computed directly from the recorded losses."""
+    for step in range(max(min_iterations, 2 * window - 1), len(losses)):
+        before = sum(losses[step - 2 * window + 1 : step - window + 1]) / window
+        last = sum(losses[step - window + 1 : step + 1]) / window
+        if before - last <= tolerance * before:
+            return step
+    return None
+
+
+@pytest.mark.parametrize(("method", "shape"), [("lora", (97, 389)), ("kradapter", (130, 72)), ("sinlora", (72, 130))])
+def test_early_stopping_stops_where_the_rule_first_holds(method, shape, generator: torch.Generator) -> None:
+    target = torch.randn(shape, generator=generator)
+    stop = {"patience": 6, "min_iterations": 15, "tolerance": 3e-3}
+    config = with_changes(StudyConfig(), training={"iterations": 300}, early_stopping=stop)
+    result = fit_method(plan_method(method, shape, config), target, config, seed=5, record=True)
+    assert result.iterations == first_stall(result.loss_history, 6, 3e-3, 15)
+
+
+def test_a_loss_that_rises_then_falls_steadily_does_not_stop() -> None:
+    """A lucky first step then a bump (SinLoRA at large shapes): the means keep falling, so no stop."""
+    window, recent = 5, deque(maxlen=10)
+    for value in [1.0, 0.99, 1.2, 1.17, 1.14, 1.11, 1.08, 1.05, 1.02, 1.0, 0.99, 0.98]:
+        recent.append(value)
+        assert not _stalled(recent, window, 3e-3)
+    for _ in range(10):  # then a plateau: stops once both windows sit on it
+        recent.append(0.975)
+    assert _stalled(recent, window, 3e-3)
 
 
 @pytest.mark.parametrize("squared", [False, True])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,17 @@ def frobenius_loss(update: torch.Tensor, target: torch.Tensor, squared: bool = F
     return _FrobeniusLoss.apply(update, target, squared)
 
 
+def _stalled(recent: deque[float], window: int, tolerance: float) -> bool:
+    """Whether the mean loss of the last ``window`` steps is less than ``tolerance`` (relative) below the mean of
+    the ``window`` steps before. Means, not minima: a lucky early low (or a loss that first rises and then falls
+    steadily, as SinLoRA's and RandLoRA's do at large shapes) does not stop a fit that is still improving."""
+    if len(recent) < 2 * window:
+        return False
+    values = list(recent)
+    before, last = sum(values[:window]) / window, sum(values[window:]) / window
+    return before - last <= tolerance * before
+
+
 def _schedule(config: StudyConfig) -> Callable[[int], float]:
     t = config.training
     warm, total = t.warmup_steps, t.iterations
@@ -137,7 +149,8 @@ def fit_method(  # type: ignore[no-untyped-def]
     t, stop = config.training, config.early_stopping
     squared = t.loss == "squared_frobenius"
     history: list[float] = []
-    best_loss, best, stale, steps = math.inf, None, 0, 0
+    recent: deque[float] = deque(maxlen=2 * stop.patience)  # the losses the stopping rule compares
+    best_loss, best, steps = math.inf, None, 0
     track = stop.enabled or t.keep_best or log is not None or record
     start = time.perf_counter()
     for step in range(t.iterations):
@@ -148,12 +161,12 @@ def fit_method(  # type: ignore[no-untyped-def]
                 history.append(value)
             if log is not None and t.log_interval and step % t.log_interval == 0:
                 log(f"{plan.method} step {step}: loss {value:.4f}")
-            stale = stale + 1 if value > best_loss * (1 - stop.tolerance) else 0
+            recent.append(value)
             if value < best_loss:
                 best_loss = value
                 if t.keep_best:
                     best = [p.detach().clone() for p in params]
-            if stop.enabled and step >= stop.min_iterations and stale >= stop.patience:
+            if stop.enabled and step >= stop.min_iterations and _stalled(recent, stop.patience, stop.tolerance):
                 break  # the parameters are those the loss was just measured at: no update after it
         loss.backward()
         if t.gradient_clip:
