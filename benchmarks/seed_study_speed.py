@@ -12,8 +12,9 @@ fails at once, as it does offline) is compared by median. Round ``i`` runs both 
 ``||dW - W||_F / ||W||_F`` per method and matrix type, as the mean over the rounds' seeds on each side (the two
 draw their random targets and initialisations from different streams, so one draw differs by noise alone; the
 worst single round is printed beside); the seed's value is its own reported final loss over its target's norm.
-The seed's RandLoRA trains 1.75x the budget that kradapter's equal-budget study gives every method, so RandLoRA
-is also fitted, untimed, at the seed's own size. Results go to ``benchmarks/results/seed_study_speed.json``.
+The seed sizes its methods by its own rules (LoRA and SinLoRA one rank above the budget, RandLoRA 1.75x it),
+so LoRA, SinLoRA and RandLoRA are also fitted, untimed, at the seed's own sizes. Results go to
+``benchmarks/results/seed_study_speed.json``.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ json.dump({"seconds": seconds, "norms": norms, "results": rows_out}, open(out, "
 OURS_CHILD = r"""
 import json, sys, tempfile, time
 rows, cols, iterations, threads, seed = map(int, sys.argv[1:6])
-types, randlora_r, out = sys.argv[6].split(","), int(sys.argv[7]), sys.argv[8]
+types, lora_r, out = sys.argv[6].split(","), int(sys.argv[7]), sys.argv[8]
 import torch
 torch.set_num_threads(threads)
 from kradapter.compare.config import StudyConfig, with_changes
@@ -102,9 +103,10 @@ with tempfile.TemporaryDirectory() as tmp:
     start = time.perf_counter()
     results = study(tmp)  # the default study: what is timed
     seconds = time.perf_counter() - start
-with tempfile.TemporaryDirectory() as tmp:  # untimed: RandLoRA at the seed's own parameter count
-    randlora = study(tmp, names=["randlora"], strategy="custom", settings={"randlora": {"r": randlora_r}})
-json.dump({"seconds": seconds, "results": rows_of(results), "randlora_seed_size": rows_of(randlora)}, open(out, "w"))
+with tempfile.TemporaryDirectory() as tmp:  # untimed: the methods whose size differs, at the seed's own sizes
+    sizes = {"lora": {"r": lora_r}, "sinlora": {"r": lora_r}, "randlora": {"r": lora_r // 4}}
+    seed_sizes = study(tmp, names=list(sizes), strategy="custom", settings=sizes)
+json.dump({"seconds": seconds, "results": rows_of(results), "seed_sizes": rows_of(seed_sizes)}, open(out, "w"))
 """
 
 
@@ -134,10 +136,10 @@ def run_child(code: str, args: list[str], env: dict[str, str], log: Path) -> dic
     return json.loads(out.read_text())
 
 
-def seed_randlora_rank(rows: int, cols: int) -> int:
-    """The rank the authors' script gives its RandLoRA: a quarter of its LoRA rank."""
+def seed_lora_rank(rows: int, cols: int) -> int:
+    """The rank the authors' script gives LoRA and SinLoRA (its RandLoRA gets a quarter of it)."""
     budget = 2 * min(rows, cols) * math.sqrt(max(rows, cols))
-    return (int(budget / (rows + cols)) + 1) // 4
+    return int(budget / (rows + cols)) + 1
 
 
 def relative_losses(seed_run: dict) -> dict[str, dict[str, float]]:
@@ -157,6 +159,20 @@ def mean_over(runs: list[dict[str, dict[str, float]]], name: str, method: str) -
     return statistics.fmean(values) if len(values) == len(runs) else None
 
 
+def worst_ratios(table: dict[str, dict[str, dict]]) -> dict[str, float | None]:
+    """Each method's largest ratio of means over the matrix types (None where no type compared)."""
+    labels = next(iter(table.values())).keys()
+    found = {
+        label: [row[label]["ratio_of_means"] for row in table.values() if "ratio_of_means" in row[label]]
+        for label in labels
+    }
+    return {label: max(values, default=None) for label, values in found.items()}
+
+
+def rounded(ratios: dict[str, float | None]) -> dict[str, float | None]:
+    return {k: None if v is None else round(v, 4) for k, v in ratios.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("seed_repo", type=Path, help="local copy of github.com/PaulAlbert31/KRAdapter")
@@ -170,7 +186,7 @@ def main() -> int:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
     rows, cols = (int(v) for v in args.size.lower().split("x"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads), "CUDA_VISIBLE_DEVICES": ""}
-    randlora_r = seed_randlora_rank(rows, cols)
+    lora_r = seed_lora_rank(rows, cols)
     seed_runs, our_runs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         repo = seed_copy(args.seed_repo.expanduser().resolve(), Path(tmp))
@@ -182,7 +198,7 @@ def main() -> int:
             print(f"  {seed_runs[-1]['seconds']:.1f} s; kradapter compare ...", flush=True)
             types = ",".join(MATRICES.values())
             our_runs.append(
-                run_child(OURS_CHILD, [*shape, str(seed), types, str(randlora_r)], env, Path(tmp) / f"ours{round_}")
+                run_child(OURS_CHILD, [*shape, str(seed), types, str(lora_r)], env, Path(tmp) / f"ours{round_}")
             )
             print(f"  {our_runs[-1]['seconds']:.1f} s", flush=True)
     seed_times = [run["seconds"] for run in seed_runs]
@@ -190,8 +206,7 @@ def main() -> int:
     seed_losses = [relative_losses(run) for run in seed_runs]
     ours = [{m: {k: v["relative"] for k, v in r.items()} for m, r in run["results"].items()} for run in our_runs]
     ours_seed_size = [
-        {m: {"randlora_seed_size": r["randlora"]["relative"]} for m, r in run["randlora_seed_size"].items()}
-        for run in our_runs
+        {m: {k: v["relative"] for k, v in r.items()} for m, r in run["seed_sizes"].items()} for run in our_runs
     ]
 
     def compare(title: str, columns: dict[str, tuple[str, list, str]]) -> dict:
@@ -225,24 +240,21 @@ def main() -> int:
         f"(ratio of means, worst single seed); goal: ratio <= {LOSS_TOLERANCE}",
         {label: (method, ours, method) for label, method in METHODS.items()},
     )
-    our_params = int(our_runs[0]["randlora_seed_size"]["random_noise"]["randlora"]["params"])
-    seed_params = seed_runs[0]["results"]["Random noise"]["RandLoRA"]["params"]
+    sized = {"LoRA": "lora", "SinLoRA": "sinlora", "RandLoRA": "randlora"}
+    counts = ", ".join(
+        f"{label} {int(our_runs[0]['seed_sizes']['random_noise'][m]['params']):,} "
+        f"(seed {seed_runs[0]['results']['Random noise'][label]['params']:,})"
+        for label, m in sized.items()
+    )
     seed_size_table = compare(
-        f"RandLoRA at the seed's own size (r={randlora_r}: {our_params:,} trainable parameters; "
-        f"the seed's RandLoRA {seed_params:,}; untimed)",
-        {"RandLoRA": ("randlora", ours_seed_size, "randlora_seed_size")},
+        f"at the seed's own sizes (LoRA and SinLoRA r={lora_r}, RandLoRA r={lora_r // 4}; untimed): {counts}",
+        {label: (m, ours_seed_size, m) for label, m in sized.items()},
     )
     seed_median, our_median = statistics.median(seed_times), statistics.median(our_times)
     speedup = seed_median / our_median
-    ratios = {
-        label: max(
-            (cell[label]["ratio_of_means"] for cell in main_table.values() if "ratio_of_means" in cell[label]),
-            default=None,
-        )
-        for label in METHODS
-    }
-    worst = {k: None if v is None else round(v, 3) for k, v in ratios.items()}
-    print(f"\nworst ratio of means per method at equal budget: {json.dumps(worst)}")
+    ratios, seed_size_ratios = worst_ratios(main_table), worst_ratios(seed_size_table)
+    print(f"\nworst ratio of means per method at equal budget: {json.dumps(rounded(ratios))}")
+    print(f"worst ratio of means per method at the seed's sizes: {json.dumps(rounded(seed_size_ratios))}")
     print(
         f"wall time (median of {n}, {args.threads} threads): seed {seed_median:.1f} s, kradapter {our_median:.1f} s: "
         f"{speedup:.1f}x faster"
@@ -258,8 +270,9 @@ def main() -> int:
         "kradapter_seconds": our_times,
         "speedup_of_medians": speedup,
         "worst_ratio_of_means": ratios,
+        "worst_ratio_of_means_at_seed_sizes": seed_size_ratios,
         "relative_frobenius_error": main_table,
-        "randlora_at_seed_size": seed_size_table,
+        "at_seed_sizes": seed_size_table,
         "params": {
             "seed": {m: r["params"] for m, r in seed_runs[0]["results"]["Random noise"].items()},
             "kradapter": {m: r["params"] for m, r in our_runs[0]["results"]["random_noise"].items()},
