@@ -211,7 +211,7 @@ class EarlyStoppingConfig:
     """Stop a cell once the mean loss of its last ``patience`` steps is less than ``tolerance`` (relative) below
     the mean of the ``patience`` steps before, after at least ``min_iterations`` steps. The seed config named
     1e-6 / 50 / 100 for a rule its script never ran. At these defaults the seed's study stops cells after 24-80
-    steps, within 0.5% of the best loss of 300 steps (SinLoRA, chaotic at lr 0.1: 1.6%; docs/compare.md)."""
+    steps, within 0.5% of the best loss of 300 steps (SinLoRA, chaotic at lr 0.1: up to 1.6%; docs/compare.md)."""
 
     enabled: bool = True
     tolerance: float = 3e-3
