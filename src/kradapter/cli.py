@@ -1,4 +1,7 @@
-"""The ``kradapter`` command: ``compare`` (matrix-approximation study) and ``finetune`` (real fine-tuning)."""
+"""The ``kradapter`` command: ``compare`` (matrix-approximation study) and ``finetune`` (real fine-tuning).
+
+Parsing and every check load no heavy library, so help and errors answer at once.
+"""
 
 from __future__ import annotations
 

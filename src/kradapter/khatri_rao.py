@@ -26,75 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Factorization = Literal["sqrt_min", "sqrt_max"]
-FACTORIZATIONS: tuple[str, ...] = ("sqrt_min", "sqrt_max")
-
-
-@dataclass(frozen=True)
-class KhatriRaoShape:
-    """Factor sizes of a KRAdapter update for a ``(out_features, in_features)`` weight.
-
-    ``"sqrt_min"`` (the published layer): ``r = floor(sqrt(m))``, ``r2`` the smallest integer with
-    ``r * r2 >= M``. ``"sqrt_max"`` (the paper's matrix study): ``r = floor(sqrt(M))``,
-    ``r2 = ceil(M / r)``; fewest parameters, about ``2 * m * sqrt(M)``.
-    """
-
-    out_features: int
-    in_features: int
-    factorization: Factorization = "sqrt_min"
-
-    def __post_init__(self) -> None:
-        for name in ("out_features", "in_features"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"KRAdapter needs a positive integer {name}, got {value!r}")
-        if self.factorization not in FACTORIZATIONS:
-            raise ValueError(f"unknown KRAdapter factorization {self.factorization!r}; choose one of {FACTORIZATIONS}")
-
-    @cached_property
-    def m(self) -> int:
-        return min(self.out_features, self.in_features)
-
-    @cached_property
-    def M(self) -> int:  # noqa: N802 - the paper's notation
-        return max(self.out_features, self.in_features)
-
-    @cached_property
-    def r(self) -> int:
-        return math.isqrt(self.m if self.factorization == "sqrt_min" else self.M)
-
-    @cached_property
-    def r2(self) -> int:
-        return -(-self.M // self.r)
-
-    @cached_property
-    def transposed(self) -> bool:
-        """True when the ``m`` side is the input side, so ``dW = K[:, :M]^T``."""
-        return self.out_features > self.in_features
-
-    @cached_property
-    def num_params(self) -> int:
-        return self.m * (self.r + self.r2)
-
-    @cached_property
-    def u_shape(self) -> tuple[int, int]:
-        return (self.m, self.r)
-
-    @cached_property
-    def v_shape(self) -> tuple[int, int]:
-        return (self.m, self.r2)
-
-    @cached_property
-    def blocks(self) -> tuple[int, int]:
-        """``(q, tail)``: ``K``'s first ``M`` columns are ``q`` whole ``r``-wide blocks and ``tail < r`` more."""
-        return divmod(self.M, self.r)
+from .shape import FACTORIZATIONS as FACTORIZATIONS
+from .shape import Factorization as Factorization
+from .shape import KhatriRaoShape
 
 
 def init_factors(u: torch.Tensor, v: torch.Tensor, zero_update: bool = True) -> None:
@@ -399,3 +338,133 @@ def khatri_rao_linear(
             f"base weight has shape {tuple(weight.shape)}, expected {(shape.out_features, shape.in_features)}"
         )
     return KhatriRaoLinearFunction.apply(x, u, v, weight, bias, shape, float(scaling))
+
+
+# -- convolutions: the same update, seen as a weight of shape (out_channels, in_channels / groups, *kernel) ---------
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """How a convolution applies its weight, with explicit integer padding (``"same"`` or a non-zero padding mode
+    is applied to the input beforehand by the caller).
+
+    The update of a convolution is the ``(out_channels, in_channels / groups * prod(kernel))`` matrix that the weight
+    is a reshape of, as PEFT's LoHa and LoKr use: a Khatri-Rao update of that matrix shape, viewed as the weight.
+    """
+
+    weight_shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        dims = len(self.weight_shape) - 2
+        if dims not in (1, 2, 3):
+            raise ValueError(f"a convolution weight has 3 to 5 dimensions, got shape {self.weight_shape}")
+        for name in ("stride", "padding", "dilation"):
+            if len(getattr(self, name)) != dims:
+                raise ValueError(f"{name} {getattr(self, name)} does not match a {dims}-d convolution")
+
+    @property
+    def dims(self) -> int:
+        return len(self.weight_shape) - 2
+
+    @property
+    def update_shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)`` of the update matrix."""
+        return self.weight_shape[0], math.prod(self.weight_shape[1:])
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight_shape[1] * self.groups
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The convolution with ``weight`` (either the weight's shape or the update's ``(out, in)`` matrix)."""
+        op = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+        return op(x, weight.reshape(self.weight_shape), bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class KhatriRaoConvFunction(torch.autograd.Function):
+    """``y = conv(x, W + s * dW) + b`` (or ``conv(x, s * dW)`` without ``W``) saving only ``x, U, V`` and ``W``.
+
+    The convolution counterpart of :class:`KhatriRaoLinearFunction`: the update is written by :func:`write_update`
+    as the weight's ``(out, in / groups * prod(kernel))`` matrix, and rebuilt in backward, where one
+    ``convolution_backward`` gives the input's gradient and the gradient of the whole weight, from which
+    :func:`factor_grads` takes those of ``U`` and ``V``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, u, v, weight, bias, shape: KhatriRaoShape, scaling: float, geometry: ConvGeometry):  # type: ignore[override]
+        merged = _conv_weight(u, v, shape, scaling, weight, x.dtype, geometry)
+        ctx.save_for_backward(x, u, v, weight)
+        ctx.shape, ctx.scaling, ctx.geometry, ctx.has_bias = shape, scaling, geometry, bias is not None
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        return geometry.conv(x, merged, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, u, v, weight = ctx.saved_tensors
+        shape: KhatriRaoShape = ctx.shape
+        geometry: ConvGeometry = ctx.geometry
+        need_x, need_u, need_v, need_w, need_b = ctx.needs_input_grad[:5]
+        if grad_out.dtype != x.dtype:
+            grad_out = grad_out.to(x.dtype)
+        merged = _conv_weight(u, v, shape, ctx.scaling, weight, x.dtype, geometry)
+        need_weight_grad = need_u or need_v or need_w
+        grad_x, grad_weight, grad_b = torch.ops.aten.convolution_backward(
+            grad_out,
+            x,
+            merged,
+            [geometry.weight_shape[0]] if ctx.has_bias else None,
+            list(geometry.stride),
+            list(geometry.padding),
+            list(geometry.dilation),
+            False,
+            [0] * geometry.dims,
+            geometry.groups,
+            [need_x, need_weight_grad, need_b and ctx.has_bias],
+        )
+        grad_u = grad_v = grad_w = None
+        if need_u or need_v:
+            rows = grad_weight.reshape(shape.out_features, shape.in_features).to(u.dtype) * ctx.scaling
+            grad_u, grad_v = factor_grads(_k_view(rows, shape), u, v, shape)
+        if need_w:
+            grad_w = grad_weight.to(weight.dtype)
+        if not (need_b and ctx.has_bias):
+            grad_b = None
+        return grad_x if need_x else None, grad_u, grad_v, grad_w, grad_b, None, None, None
+
+
+def _conv_weight(u, v, shape, scaling, weight, dtype, geometry):  # type: ignore[no-untyped-def]
+    """``W + s * dW`` (or ``s * dW``) in the convolution weight's shape."""
+    base = None if weight is None else weight.reshape(shape.out_features, shape.in_features)
+    return write_update(u, v, shape, scaling, base, dtype).reshape(geometry.weight_shape)
+
+
+def khatri_rao_conv(
+    x: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    shape: KhatriRaoShape,
+    scaling: float,
+    geometry: ConvGeometry,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply ``x -> conv(x, W + scaling * dW) + b`` for a convolution of ``geometry``; without ``weight`` only the
+    adapter term. ``shape`` must be the update matrix's shape, ``geometry.update_shape``."""
+    _check_factors(u, v, shape)
+    if (shape.out_features, shape.in_features) != geometry.update_shape:
+        raise ValueError(
+            f"a KRAdapter update of shape {(shape.out_features, shape.in_features)} does not fit a convolution weight "
+            f"of shape {geometry.weight_shape} (needs {geometry.update_shape})"
+        )
+    if x.dim() < geometry.dims + 1 or x.shape[-geometry.dims - 1] != geometry.in_channels:
+        raise ValueError(
+            f"input of shape {tuple(x.shape)} does not have the {geometry.in_channels} channels the convolution expects"
+        )
+    if weight is not None and tuple(weight.shape) != geometry.weight_shape:
+        raise ValueError(f"base weight has shape {tuple(weight.shape)}, expected {geometry.weight_shape}")
+    return KhatriRaoConvFunction.apply(x, u, v, weight, bias, shape, float(scaling), geometry)

@@ -1,6 +1,6 @@
-"""The matrix-approximation study (``kradapter compare``): PEFT updates fitted to target matrices."""
+"""The matrix-approximation study (``kradapter compare``): PEFT updates fitted to target matrices.
 
-from .config import ConfigError, StudyConfig, load_config
-from .study import run_study
-
-__all__ = ["ConfigError", "StudyConfig", "load_config", "run_study"]
+Modules: :mod:`.config` (the study file), :mod:`.inputs` (input files and the run's identity), :mod:`.matrices`
+(targets), :mod:`.fit` (one cell), :mod:`.study` (every cell into the results store), :mod:`.results` (records and
+the summary document), :mod:`.metrics`, :mod:`.plots`, :mod:`.cli`. Importing the package imports none of them.
+"""

@@ -1,4 +1,8 @@
-"""``kradapter compare``: the matrix-approximation study from a TOML file and/or flags."""
+"""``kradapter compare``: the matrix-approximation study from a TOML file and/or flags.
+
+Everything is checked before any heavy library loads: flags, the study file, input files and the output folder
+(:mod:`kradapter.store`); torch, PEFT and matplotlib are imported only to run the study.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..store import Store, StoreError
 from .config import ConfigError, StudyConfig, load_config, with_changes
+from .inputs import MissingInputError, run_spec
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -46,11 +52,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--methods", type=_names, help="comma-separated: lora,sinlora,kradapter,randlora,kronecker")
     parser.add_argument("--matrices", type=_names, help="comma-separated matrix types (see docs/compare.md)")
     parser.add_argument("--seeds", type=_seeds, help="comma-separated seeds; several give mean and std (default 42)")
-    parser.add_argument("--out", type=str, help="output directory (default results/)")
-    parser.add_argument("--device", type=str, help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--out", type=str, help="output folder (default results/)")
+    parser.add_argument("--device", type=str, help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     parser.add_argument("--dtype", type=str, help="float32 (default), float64 or bfloat16")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--resume", action="store_true", help="keep finished cells of --out's results and run the rest")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the study in --out (same settings; may add "
+        "matrices, methods or seeds); starts it if --out holds none",
+    )
+    mode.add_argument("--overwrite", action="store_true", help="delete the results in --out first")
     parser.add_argument("--no-plots", action="store_true", help="write the JSON and the table only")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -81,24 +94,51 @@ def build_config(args: argparse.Namespace) -> StudyConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .plots import summary_table, write_plots
-    from .study import run_study
+    def fail(message: str) -> int:
+        print(f"kradapter compare: error: {message}", file=sys.stderr)
+        return 2
 
     try:
         config = build_config(args)
-    except ConfigError as exc:
-        print(f"kradapter compare: configuration error: {exc}", file=sys.stderr)
-        return 2
+        spec = run_spec(config)
+        mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
+        store = Store.open(config.output.directory, spec, mode, legacy=[config.output.results_file])
+    except (ConfigError, MissingInputError, StoreError) as exc:
+        return fail(str(exc))
+    with store:
+        return _run(config, store, not args.quiet, fail)
+
+
+def _run(config: StudyConfig, store: Store, progress: bool, fail: Any) -> int:
+    from ..records import environment
+    from .matrices import MatrixError
+    from .study import run_study
+
     start = time.perf_counter()
+    store.set_environment(environment())
     try:
-        results = run_study(config, resume=args.resume, progress=not args.quiet)
-    except (ValueError, RuntimeError) as exc:
-        print(f"kradapter compare: {exc}", file=sys.stderr)
-        return 2
-    written = [results.path]
+        results, failed = run_study(config, store, progress=progress)
+    except (ValueError, RuntimeError, MatrixError) as exc:
+        return fail(str(exc))
+    written = [config.output.results_file]
     if config.output.plots:
-        written += write_plots(results.data, config)
+        from .plots import write_plots
+
+        written += write_plots(results, config)
+        for name in written[1:]:
+            store.written(name)
     if config.output.table:
-        print(summary_table(results.data, config))
-    print(f"\n{time.perf_counter() - start:.1f} s; wrote " + ", ".join(str(p) for p in written))
+        from .plots import summary_table
+
+        print(summary_table(results, config))
+    store.finish(cells_failed=len(failed), seconds=round(time.perf_counter() - start, 3))
+    paths = ", ".join(str(store.path(n)) for n in written)
+    print(f"\n{time.perf_counter() - start:.1f} s; wrote {paths}")
+    if failed:
+        print(
+            f"kradapter compare: {len(failed)} cell(s) failed (recorded; --resume tries them again):", file=sys.stderr
+        )
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
     return 0

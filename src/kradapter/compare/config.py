@@ -8,13 +8,14 @@ construction: an unknown key or an invalid value is a :class:`ConfigError` namin
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..khatri_rao import FACTORIZATIONS
-from ..methods import METHOD_NAMES
+from .. import registry
+from ..shape import FACTORIZATIONS
 
 SYNTHETIC_TYPES = ("random_noise", "sparse_noise", "pca_whitened", "low_rank", "high_freq", "low_freq")
 CLIP_TYPES = ("clip_language", "clip_vision")
@@ -25,6 +26,9 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 SCHEDULERS = ("none", "cosine", "linear")
 DTYPES = ("float32", "float64", "bfloat16")
 LOSSES = ("frobenius", "squared_frobenius")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+MAX_DPI = 1200
+MAX_FIGURE_PIXELS = 100_000_000  # a figure of more pixels than this is a typo, not a plot (about 400 MB of RGBA)
 
 
 class ConfigError(ValueError):
@@ -146,7 +150,7 @@ class MethodsConfig:
     ``amplitude`` for SinLoRA; under ``equal_budget`` a fixed count knob there overrides the search.
     """
 
-    names: list[str] = field(default_factory=lambda: list(METHOD_NAMES))
+    names: list[str] = field(default_factory=lambda: list(registry.ADAPTERS))
     strategy: str = "equal_budget"
     rank: int = 0  # equal_rank: the shared rank (0: LoRA's equal-budget rank)
     kradapter_factorization: str = "sqrt_max"
@@ -154,16 +158,34 @@ class MethodsConfig:
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
-        _check_names("methods.names", self.names, METHOD_NAMES, "method")
+        if not isinstance(self.names, list) or not self.names or not all(isinstance(n, str) for n in self.names):
+            _fail("methods.names", f"expected a non-empty list of method names, got {self.names!r}")
+        try:
+            names = list(registry.parse_names(self.names))
+        except registry.MethodError as exc:
+            _fail("methods.names", str(exc))
+        if len(names) != len(self.names):
+            _fail("methods.names", f"a method is listed twice: {self.names!r}")
+        self.names = names
         _check_choice("methods.strategy", self.strategy, STRATEGIES)
         _check_int("methods.rank", self.rank, 0)
         _check_choice("methods.kradapter_factorization", self.kradapter_factorization, FACTORIZATIONS)
         if not isinstance(self.settings, dict):
             _fail("methods.settings", f"expected a table per method, got {self.settings!r}")
+        settings = {}
         for name, table in self.settings.items():
-            _check_choice("methods.settings", name, METHOD_NAMES)
+            try:
+                method = registry.get(name)
+            except registry.MethodError as exc:
+                _fail(f"methods.settings.{name}", str(exc))
             if not isinstance(table, dict):
                 _fail(f"methods.settings.{name}", f"expected a table of settings, got {table!r}")
+            try:
+                method.check_settings(table, f"methods.settings.{name}")
+            except registry.MethodError as exc:
+                raise ConfigError(str(exc)) from None
+            settings[method.name] = table
+        self.settings = settings
 
 
 @dataclass
@@ -255,13 +277,8 @@ class RuntimeConfig:
     threads: int = 0  # torch intra-op threads; 0: torch's default
 
     def validate(self) -> None:
-        import torch
-
-        if self.device != "auto":
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError):
-                _fail("runtime.device", f"not a torch device: {self.device!r}")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            _fail("runtime.device", f"expected cpu, cuda, cuda:N, mps or auto, got {self.device!r}")
         _check_choice("runtime.dtype", self.dtype, DTYPES)
         _check_int("runtime.threads", self.threads, 0)
 
@@ -294,7 +311,16 @@ class OutputConfig:
             if Path(getattr(self, name)).name != getattr(self, name):
                 _fail(f"output.{name}", f"expected a file name inside output.directory, got {getattr(self, name)!r}")
         _check_int("output.dpi", self.dpi, 10)
+        if self.dpi > MAX_DPI:
+            _fail("output.dpi", f"{self.dpi} is above {MAX_DPI}")
         self.figure_size = _number_pair("output.figure_size", self.figure_size, 1.0, 100.0, "[width, height] in inches")
+        pixels = self.figure_size[0] * self.figure_size[1] * self.dpi**2
+        if pixels > MAX_FIGURE_PIXELS:
+            _fail(
+                "output.dpi",
+                f"figure_size {list(self.figure_size)} at dpi {self.dpi} is {pixels:,.0f} pixels, "
+                f"above {MAX_FIGURE_PIXELS:,}",
+            )
         _check_int("output.font_size", self.font_size, 4)
         if not isinstance(self.colors, list) or not self.colors or not all(isinstance(c, str) for c in self.colors):
             _fail("output.colors", f"expected a non-empty list of colour strings, got {self.colors!r}")
@@ -372,6 +398,12 @@ def load_config(path: str | Path) -> StudyConfig:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder, not a TOML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:

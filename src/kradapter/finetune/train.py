@@ -19,12 +19,20 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
-from .protocol import EVAL_BATCH_SIZE, WARMUP_FRACTION
+from .protocol import EVAL_BATCH_SIZE, WARMUP_FRACTION, world
 
 
-def world() -> tuple[int, int]:
-    """``(rank, world_size)`` as torchrun sets them (``(0, 1)`` in a plain process)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def broadcast_object(value: Any, device: str = "auto") -> Any:
+    """Rank 0's ``value`` in every process (starts torch.distributed if torchrun's processes have not yet: the
+    Trainer then uses the same process group)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available() and device not in ("cpu", "mps")
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:
@@ -60,8 +68,6 @@ def training_args(
 ) -> TrainingArguments:
     """The one recipe: AdamW, no weight decay, linear decay after 10% warm-up; global batch ``batch_size``."""
     _, world_size = world()
-    if batch_size % world_size:
-        raise ValueError(f"--batch-size {batch_size} is not divisible by the {world_size} processes")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available to torch")
     if device == "mps" and not torch.backends.mps.is_available():

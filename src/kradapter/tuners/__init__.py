@@ -19,3 +19,6 @@ def register() -> None:
         mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
         mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
         mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = model_cls.prefix
+
+
+register()  # importing the tuners is what makes PEFT know them (``import kradapter`` arranges it)

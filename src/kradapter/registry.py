@@ -1,0 +1,456 @@
+"""Every method the studies compare, defined once: name, aliases, label, settings, PEFT config, trainable count,
+budget search and tolerance. ``compare``, ``finetune`` and the benchmarks read :data:`METHODS`; no other module
+branches on a method's name, and adding a method is adding one entry.
+
+Kinds: ``adapter`` (a PEFT config sized to a budget), ``reference`` (``compare`` only: the truncated SVD at LoRA's
+rank and zero, computed from the target's spectrum) and ``baseline`` (``finetune`` only: the head alone, or full
+fine-tuning). The budget is KRAdapter's own count (it has no rank knob); every other adapter's count knobs are
+searched to match it (:func:`plan`). Counts are closed forms of the code users run, checked in the tests against
+``get_peft_model``; they count the adapter weights of the targeted layers only (``bias="none"``).
+
+Library defaults applied to every config, where PEFT's would blur a comparison: LoRA and LoKr at scale 1
+(``alpha = r``), RandLoRA at PEFT's recommended scale 20 (``randlora_alpha = 20 r``). ``study`` holds the extra
+defaults of the matrix study (the seed's toy methods all had scale 1, SinLoRA ``sin(20 B A)``).
+
+Importing this module loads no heavy library: names, settings and checks answer at once; counts and configs
+import PEFT and torch only when called.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .shape import FACTORIZATIONS, KhatriRaoShape
+
+Shape = tuple[int, int]
+Settings = dict[str, Any]
+COMMON_SETTINGS = ("modules_to_save",)  # PEFT config fields every adapter takes
+
+
+class MethodError(ValueError):
+    """An unknown method, a bad setting, or a budget no setting can match; the message names the value."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting of a method's count knobs and the trainable count it gives."""
+
+    settings: Settings
+    count: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One method sized for layers of given shapes: its PEFT settings, exact count, the budget and any gap note."""
+
+    method: str
+    settings: Settings
+    count: int
+    budget: int | None
+    note: str | None = None
+
+    @property
+    def budget_ratio(self) -> float | None:
+        return self.count / self.budget if self.budget else None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method, everything the studies need to know about it."""
+
+    name: str
+    label: str
+    kind: str  # "adapter", "reference" or "baseline"
+    aliases: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()  # the PEFT config fields (and study settings) the studies accept
+    count_knobs: tuple[str, ...] = ()  # settings that change the trainable count (searched for a budget)
+    rank_knob: str | None = None  # the knob an "equal rank" study sets
+    scale_one: str | None = None  # the alpha field that gives scale 1 when equal to the rank (matrix study)
+    seed_setting: str | None = None  # a config field seeding the method's frozen random parts
+    tolerance: float = 0.05  # largest relative gap to the budget a study accepts
+    trains_base: bool = False  # a baseline that trains the whole model (else only its head)
+    rank_of: str | None = None  # a reference: the truncated SVD at this method's rank (None: rank 0, i.e. zero)
+    lr_grid: tuple[float, ...] = ()  # finetune's learning-rate sweep
+    study: Mapping[str, Any] = field(default_factory=dict)  # the matrix study's defaults
+    build: Callable[[Any, Settings], Any] | None = None  # (target_modules, settings) -> PeftConfig
+    counter: Callable[[list[Shape], Settings], int] | None = None
+    candidates: Callable[[list[Shape], Settings], list[list[Candidate]]] | None = None
+    describe: Callable[[Settings], str] = lambda s: f"r={s['r']}" if "r" in s else ""
+    to_peft: Callable[[Settings, Shape], Settings] = lambda s, shape: s  # study settings -> config fields
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.kind == "adapter"
+
+    def check_settings(self, settings: Mapping[str, Any], where: str) -> None:
+        """A MethodError naming ``where`` and the first setting this method does not accept or a bad count knob."""
+        for key, value in settings.items():
+            if key not in self.settings and key not in COMMON_SETTINGS:
+                raise MethodError(f"{where}.{key}: unknown setting of {self.name}; known: {', '.join(self.settings)}")
+            if key in self.count_knobs and key == self.rank_knob:
+                positive_int(f"{where}.{key}", value)
+
+    def config(self, target_modules: Any, **settings: Any) -> Any:
+        """The PEFT config with ``settings`` and the library defaults (module docstring)."""
+        if self.build is None:
+            raise MethodError(f"{self.name} is not a PEFT method")
+        self.check_settings(settings, self.name)
+        try:
+            return self.build(target_modules, dict(settings))
+        except (TypeError, ValueError) as exc:  # PEFT's own validation: one line naming the method
+            raise MethodError(f"invalid setting for {self.name}: {exc}") from None
+
+    def count(self, shapes: Iterable[Sequence[int]], **settings: Any) -> int:
+        """Trainable adapter parameters with ``settings`` on layers of ``shapes``."""
+        if self.counter is None:
+            raise MethodError(f"{self.name} has no closed-form trainable count")
+        return int(self.counter(check_shapes(shapes), settings))
+
+
+# -- checks ---------------------------------------------------------------------------------------------------------
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if type(value).__module__ == "numpy" and int(value) == value and value >= 1:
+            return int(value)
+        raise MethodError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_shapes(shapes: Iterable[Sequence[int]]) -> list[Shape]:
+    """The ``(out_features, in_features)`` pairs as tuples; a MethodError naming a bad one."""
+    out: list[Shape] = []
+    for shape in shapes:
+        pair = tuple(shape)
+        try:
+            if len(pair) != 2:
+                raise MethodError("")
+            out.append((positive_int("out_features", pair[0]), positive_int("in_features", pair[1])))
+        except MethodError:
+            raise MethodError(
+                f"a layer shape must be two positive integers (out_features, in_features), got {shape!r}"
+            ) from None
+    if not out:
+        raise MethodError("no layer shapes given")
+    return out
+
+
+# -- KRAdapter --------------------------------------------------------------------------------------------------------
+
+
+def kradapter_budget(shapes: Iterable[Sequence[int]], factorization: str = "sqrt_min") -> int:
+    """KRAdapter's trainable count summed over layers: the budget every other method is sized to."""
+    if factorization not in FACTORIZATIONS:
+        raise MethodError(f"unknown KRAdapter factorization {factorization!r}; choose one of {FACTORIZATIONS}")
+    return sum(KhatriRaoShape(d, k, factorization).num_params for d, k in check_shapes(shapes))  # type: ignore[arg-type]
+
+
+def _kradapter_config(targets: Any, s: Settings) -> Any:
+    from .tuners import KRAdapterConfig
+
+    return KRAdapterConfig(target_modules=targets, **s)
+
+
+def _kradapter_candidates(layers: list[Shape], fixed: Settings) -> list[list[Candidate]]:
+    names = [fixed["factorization"]] if "factorization" in fixed else list(FACTORIZATIONS)
+    return [[Candidate({"factorization": f}, kradapter_budget(layers, f)) for f in names]]
+
+
+# -- rank-r methods ---------------------------------------------------------------------------------------------------
+
+DEFAULT_RANK = 8
+
+
+def _rank(settings: Settings, default: int = DEFAULT_RANK) -> int:
+    return positive_int("r", settings.get("r", default))
+
+
+def _rank_candidates(counter: Callable[[list[Shape], Settings], int], bound: Callable[[list[Shape]], int]):  # type: ignore[no-untyped-def]
+    """Candidates ``r = 1..bound(layers)``: a rank above the smaller side adds parameters and no expressiveness."""
+
+    def candidates(layers: list[Shape], fixed: Settings) -> list[list[Candidate]]:
+        ranks = [fixed["r"]] if "r" in fixed else range(1, bound(layers) + 1)
+        return [[Candidate({"r": r}, counter(layers, {"r": r})) for r in ranks]]
+
+    return candidates
+
+
+def _smallest_side(layers: list[Shape]) -> int:
+    return min(min(s) for s in layers)
+
+
+def _lora_count(layers: list[Shape], s: Settings) -> int:
+    r = _rank(s)
+    return sum(r * (d + k) for d, k in layers)
+
+
+def _lora_config(targets: Any, s: Settings) -> Any:
+    from peft import LoraConfig
+
+    s.setdefault("lora_alpha", s.get("r", DEFAULT_RANK))
+    return LoraConfig(target_modules=targets, **s)
+
+
+def _sinlora_config(targets: Any, s: Settings) -> Any:
+    from .tuners import SinLoRAConfig
+
+    return SinLoRAConfig(target_modules=targets, **s)
+
+
+def _sinlora_to_peft(s: Settings, shape: Shape) -> Settings:
+    """The study's ``amplitude`` as SinLoRA's ``alpha`` (the tuner divides by ``r`` and ``sqrt(in)``; the seed did
+    not)."""
+    s = dict(s)
+    amplitude = s.pop("amplitude", None)
+    if amplitude is not None and "alpha" not in s:
+        s["alpha"] = float(amplitude) * s.get("r", DEFAULT_RANK) * math.sqrt(shape[1])
+    return s
+
+
+RANDLORA_DEFAULT_RANK = 32
+
+
+def _randlora_count(layers: list[Shape], s: Settings) -> int:
+    r = _rank(s, RANDLORA_DEFAULT_RANK)
+    return sum(math.ceil(min(shape) / r) * (r + min(shape)) for shape in layers)
+
+
+def _randlora_config(targets: Any, s: Settings) -> Any:
+    from peft import RandLoraConfig
+
+    s.setdefault("randlora_alpha", 20 * s.get("r", RANDLORA_DEFAULT_RANK))
+    return RandLoraConfig(target_modules=targets, **s)
+
+
+# -- Kronecker (PEFT's LoKr) ------------------------------------------------------------------------------------------
+
+
+def _lokr_layer_count(shape: Shape, r: Any, decompose_both: bool, decompose_factor: int) -> tuple[Any, Any]:
+    """LoKr's trainable count on one ``nn.Linear`` (as ``LoKrLayer.update_layer`` sizes it), and whether its ``w2``
+    is low rank; ``r`` is an integer or an integer array (then both results are arrays)."""
+    import numpy as np
+    from peft.tuners.lokr.layer import factorization as lokr_split
+
+    out_l, out_k = lokr_split(shape[0], decompose_factor)
+    in_m, in_n = lokr_split(shape[1], decompose_factor)
+    w1_low = np.logical_and(decompose_both, np.less(r, max(out_l, in_m) / 2))
+    w2_low = np.less(r, max(out_k, in_n) / 2)
+    w1 = np.where(w1_low, np.multiply(r, out_l + in_m), out_l * in_m)
+    w2 = np.where(w2_low, np.multiply(r, out_k + in_n), out_k * in_n)
+    return w1 + w2, w2_low
+
+
+def _lokr_count(layers: list[Shape], s: Settings) -> int:
+    r = _rank(s)
+    both, factor = bool(s.get("decompose_both", False)), int(s.get("decompose_factor", -1))
+    return int(sum(_lokr_layer_count(shape, r, both, factor)[0] for shape in layers))
+
+
+def _lokr_config(targets: Any, s: Settings) -> Any:
+    from peft import LoKrConfig
+
+    s.setdefault("alpha", s.get("r", DEFAULT_RANK))
+    return LoKrConfig(target_modules=targets, **s)
+
+
+def _lokr_candidates(layers: list[Shape], fixed: Settings) -> list[list[Candidate]]:
+    """Groups, most preferred first: both factors full, then a full ``w1`` and a low-rank ``w2``, then both low rank
+    (``decompose_both``); within each, PEFT's default split (``decompose_factor=-1``) first, then the factors giving
+    the largest ``w1``. So LoKr stays a plain Kronecker product of two full factors where the budget allows."""
+    import numpy as np
+    from peft.tuners.lokr.layer import factorization as lokr_split
+
+    if "decompose_factor" in fixed:
+        factors = [int(fixed["decompose_factor"])]
+    else:
+        sides = {v for s in layers for v in s}
+        divisors = {g for d in sides for f in range(1, math.isqrt(d) + 1) if d % f == 0 for g in (f, d // f)}
+
+        def first_factor_size(factor: int) -> int:  # elements of the full first factor w1, summed over layers
+            return sum(lokr_split(d, factor)[0] * lokr_split(k, factor)[0] for d, k in layers)
+
+        factors = [-1, *sorted(divisors, key=lambda f: (-first_factor_size(f), f))]
+    boths = [bool(fixed["decompose_both"])] if "decompose_both" in fixed else [False, True]
+    top = max(max(s) for s in layers) // 2 + 2
+    ranks = np.array([fixed["r"]]) if "r" in fixed else np.arange(1, top + 1)
+    groups = []
+    for both, low_rank_w2 in [(b, low) for b in boths for low in (False, True) if low or not b]:
+        seen = set()
+        for factor in factors:
+            splits = tuple((lokr_split(d, factor), lokr_split(k, factor)) for d, k in layers)
+            if splits in seen:
+                continue
+            seen.add(splits)
+            counts, w2_low = np.zeros_like(ranks), np.zeros(ranks.shape, dtype=bool)
+            for layer in layers:
+                count, low = _lokr_layer_count(layer, ranks, both, factor)
+                counts, w2_low = counts + count, w2_low | low
+            keep = w2_low if low_rank_w2 else ~w2_low
+            # Ranks giving the same count are the same parameterisation here; keep the smallest of each.
+            _, first = np.unique(np.where(keep, counts, -1), return_index=True)
+            settings = {"decompose_both": both, "decompose_factor": factor}
+            group = [Candidate({"r": int(ranks[i]), **settings}, int(counts[i])) for i in sorted(first) if keep[i]]
+            if group:
+                groups.append(group)
+    return groups
+
+
+# -- the registry -------------------------------------------------------------------------------------------------
+
+_ENTRIES = (
+    Method(
+        "lora",
+        "LoRA",
+        "adapter",
+        settings=("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights"),
+        count_knobs=("r",),
+        rank_knob="r",
+        scale_one="lora_alpha",
+        lr_grid=(1e-3, 3e-3, 1e-2),
+        build=_lora_config,
+        counter=_lora_count,
+        candidates=_rank_candidates(_lora_count, _smallest_side),
+    ),
+    Method(
+        "sinlora",
+        "SinLoRA",
+        "adapter",
+        settings=("r", "alpha", "frequency", "dropout", "init_weights", "amplitude"),
+        count_knobs=("r",),
+        rank_knob="r",
+        lr_grid=(3e-4, 1e-3, 3e-3),
+        study={"frequency": 20.0, "amplitude": 1.0},
+        build=_sinlora_config,
+        counter=_lora_count,
+        candidates=_rank_candidates(_lora_count, _smallest_side),
+        to_peft=_sinlora_to_peft,
+    ),
+    Method(
+        "kradapter",
+        "KRAdapter",
+        "adapter",
+        settings=("scaling", "factorization", "execution", "dropout", "init_weights"),
+        count_knobs=("factorization",),
+        lr_grid=(1e-3, 3e-3, 1e-2),
+        study={"scaling": 1.0},
+        build=_kradapter_config,
+        counter=lambda layers, s: kradapter_budget(layers, s.get("factorization", "sqrt_min")),
+        candidates=_kradapter_candidates,
+        describe=lambda s: f"{s.get('factorization', 'sqrt_min')}, scale {s.get('scaling', 2.0)}",
+    ),
+    Method(
+        "randlora",
+        "RandLoRA",
+        "adapter",
+        settings=("r", "randlora_alpha", "randlora_dropout", "sparse", "very_sparse", "projection_prng_key"),
+        count_knobs=("r",),
+        rank_knob="r",
+        scale_one="randlora_alpha",
+        seed_setting="projection_prng_key",
+        tolerance=0.10,  # its count moves in steps of ceil(m / r): on MiniLM's layers the closest is -6.7%
+        lr_grid=(3e-4, 1e-3, 3e-3),
+        build=_randlora_config,
+        counter=_randlora_count,
+        candidates=_rank_candidates(_randlora_count, lambda layers: max(min(s) for s in layers)),
+    ),
+    Method(
+        "kronecker",
+        "Kronecker (LoKr)",
+        "adapter",
+        aliases=("lokr",),
+        settings=("r", "alpha", "decompose_both", "decompose_factor", "rank_dropout", "module_dropout", "init_weights"),
+        count_knobs=("r", "decompose_both", "decompose_factor"),
+        rank_knob="r",
+        scale_one="alpha",
+        lr_grid=(1e-3, 3e-3, 1e-2),
+        build=_lokr_config,
+        counter=_lokr_count,
+        candidates=_lokr_candidates,
+        describe=lambda s: f"r={s.get('r')}, factor={s.get('decompose_factor')}, both={s.get('decompose_both')}",
+    ),
+    Method("svd", "Truncated SVD", "reference", rank_of="lora"),
+    Method("zero", "Zero", "reference"),
+    Method("head", "head only", "baseline", lr_grid=(1e-2, 3e-2, 1e-1), describe=lambda s: ""),
+    Method("full", "full fine-tuning", "baseline", lr_grid=(1e-4, 3e-4, 1e-3), trains_base=True, describe=lambda s: ""),
+)
+
+METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
+ALIASES: dict[str, str] = {alias: m.name for m in _ENTRIES for alias in (m.name, *m.aliases)}
+BUDGET_METHOD = "kradapter"  # every adapter is sized to its trainable count
+RELATIVE_TO = "lora"  # tables show other methods' spectral error in % of this one's
+ADAPTERS: tuple[str, ...] = tuple(m.name for m in _ENTRIES if m.is_adapter)
+REFERENCES: tuple[str, ...] = tuple(m.name for m in _ENTRIES if m.kind == "reference")
+BASELINES: tuple[str, ...] = tuple(m.name for m in _ENTRIES if m.kind == "baseline")
+
+
+def get(name: str, kinds: Iterable[str] = ("adapter",)) -> Method:
+    """The method called ``name`` (or one of its aliases, any case) among ``kinds``; a MethodError naming it."""
+    kinds = tuple(kinds)
+    canonical = ALIASES.get(str(name).strip().lower())
+    if canonical is None or METHODS[canonical].kind not in kinds:
+        known = [m.name for m in _ENTRIES if m.kind in kinds]
+        aliases = [f"{a} = {m.name}" for m in _ENTRIES if m.kind in kinds for a in m.aliases]
+        extra = f" (aliases: {', '.join(aliases)})" if aliases else ""
+        raise MethodError(f"unknown method {name!r}; choose from {', '.join(known)}{extra}")
+    return METHODS[canonical]
+
+
+def parse_names(items: Iterable[str], kinds: Iterable[str] = ("adapter",)) -> tuple[str, ...]:
+    """Canonical names, in order, from items that may each be comma-separated; a MethodError naming a bad one."""
+    out: list[str] = []
+    for item in items:
+        for part in str(item).split(","):
+            if part.strip():
+                name = get(part, kinds).name
+                if name not in out:
+                    out.append(name)
+    if not out:
+        raise MethodError("no methods given")
+    return tuple(out)
+
+
+def label(name: str) -> str:
+    return METHODS[name].label if name in METHODS else name
+
+
+def plan(name: str, shapes: Iterable[Sequence[int]], budget: int, *, strict: bool = True, **fixed: Any) -> Plan:
+    """``name`` sized so its trainable count on layers of ``shapes`` is as close as possible to ``budget``.
+
+    Count knobs in ``fixed`` are kept; the others are searched over the method's candidates, taking the closest
+    count of the first candidate group within the method's tolerance (else the closest overall). Beyond the
+    tolerance: a MethodError naming the method, the shapes and the closest count, or with ``strict=False`` the
+    closest plan with a note (the matrix study reports the gap).
+    """
+    method = get(name)
+    layers = check_shapes(shapes)
+    budget = positive_int("budget", budget)
+    method.check_settings(fixed, name)
+    assert method.candidates is not None
+    knobs = {k: v for k, v in fixed.items() if k in method.count_knobs}
+
+    def gap(c: Candidate) -> float:
+        return abs(c.count - budget) / budget
+
+    best: Candidate | None = None
+    for group in method.candidates(layers, knobs):
+        closest = min(group, key=gap)
+        if gap(closest) <= method.tolerance:
+            best = closest
+            break
+        if best is None or gap(closest) < gap(best):
+            best = closest
+    assert best is not None
+    note = None
+    if gap(best) > method.tolerance:
+        off = (best.count - budget) / budget
+        if strict:
+            raise MethodError(
+                f"{name} cannot match a budget of {budget:,} trainable parameters within {method.tolerance:.0%} "
+                f"on layers of shapes {layers}: the closest is {best.count:,} ({best.settings}, {off:+.1%})"
+            )
+        note = f"closest count {best.count:,} is {off:+.1%} off the budget {budget:,}: no setting of {name} fits"
+    return Plan(name, {**fixed, **best.settings}, best.count, budget, note)
