@@ -16,11 +16,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 run: setup
-	$(BIN)/kradapter compare
+	$(BIN)/kradapter compare --resume
 
 lint: setup
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
+	$(BIN)/mypy
 
 test: lint
 	$(BIN)/python -m pytest

@@ -2,7 +2,7 @@
 
 Every contender of a workload starts from a copy of the same base model, so they differ only in the adapter.
 LoRA gets the rank whose trainable count is closest to KRAdapter's on that workload (both counts are reported),
-from :func:`kradapter.methods.make_peft_config`.
+from :func:`kradapter.registry.plan`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from kradapter import KRAdapterConfig
-from kradapter.methods import kradapter_budget, make_peft_config
+from kradapter import KRAdapterConfig, registry
+from kradapter.registry import kradapter_budget
 from kradapter.tuners.kradapter import KRAdapterLayer
 
 try:  # the benchmarks' own "before" contender; importable both as a package module and from a script
@@ -168,7 +168,8 @@ def build(
     base = base.to(device, dtype)
     shapes = linear_shapes(base, targets)
     budget = kradapter_budget(shapes)
-    lora_config, lora_params = make_peft_config("lora", list(targets), shapes, budget)
+    lora_plan = registry.plan("lora", shapes, budget)
+    lora_config, lora_params = registry.get("lora").config(list(targets), **lora_plan.settings), lora_plan.count
     info |= {"adapted_linears": len(shapes), "kradapter_params": budget}
     info |= {"lora_rank": lora_config.r, "lora_params": lora_params}
     target = None

@@ -28,7 +28,8 @@ from contenders import LAYER_SHAPES, MERGED_CONTENDERS, TRAIN_CONTENDERS, WORKLO
 from measure import resident_bytes, step_peak_bytes, sync, time_steps
 from tqdm import tqdm
 
-from kradapter.records import environment, write_json_atomic
+from kradapter.records import environment
+from kradapter.store import RunSpec, Store, StoreError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The goals: (workload, contender, reference, what, limit); "<=" for cost ratios, ">=" for speed-ups.
@@ -38,6 +39,9 @@ GOALS = [  # the issue's goals: (workload, contender, reference, measure, "<=" o
     *[(w, "seed", "kradapter-fused", "median_s", ">=", 1.5) for w in LAYER_SHAPES],
     ("minilm-merged", "kradapter-merged", "base", "median_s", "<=", 1.02),
 ]
+
+
+RESULTS_FILE = "results.json"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,7 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=15, help="timed rounds at most")
     p.add_argument("--budget", type=float, default=40.0, help="seconds of timed rounds per workload")
     p.add_argument("--min-sample", type=float, default=0.02, help="seconds per timing sample (steps repeat to fill)")
-    p.add_argument("--out", type=Path, default=None, help="JSON output (default benchmarks/results/DEVICE-DTYPE.json)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default benchmarks/results/DEVICE-DTYPE/)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="keep the finished workloads in --out, run the rest")
+    mode.add_argument("--overwrite", action="store_true", help="delete the results in --out first")
     p.add_argument("--quick", action="store_true", help="sanity run: small workloads, fewer tokens, 2 rounds")
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -220,20 +227,30 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--device {args.device!r} asked for, but torch sees no CUDA device")
     dtype = DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
-    out = args.out or Path(__file__).resolve().parent / "results" / f"{device.type}-{args.dtype}.json"
-    payload = {
-        "device": device.type,
-        "dtype": args.dtype,
-        "machine": machine(device),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "workloads": {},
-    }
+    folder = args.out or Path(__file__).resolve().parent / "results" / f"{device.type}-{args.dtype}"
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    fixed = {k: v for k, v in settings.items() if k not in ("workloads", "out", "resume", "overwrite")}
+    spec = RunSpec("benchmark", fixed, {"workloads": list(args.workloads)})
+    mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
+    try:
+        store = Store.open(folder, spec, mode)
+    except StoreError as error:
+        raise SystemExit(f"benchmarks/run.py: error: {error}") from None
+    payload = {"device": device.type, "dtype": args.dtype, "machine": machine(device), "settings": settings}
+    payload["workloads"] = {str(k[1]): r for k, r in store.matching("workload")}
     for name in tqdm(args.workloads, desc="workloads", unit="workload"):
+        if store.done(("workload", name)):
+            continue
         payload["workloads"][name] = run_workload(name, args, device, dtype)
+        store.add(("workload", name), payload["workloads"][name])  # a finished workload survives an interruption
         payload["goals"] = goals(payload["workloads"])
-        write_json_atomic(out, payload, indent=1)  # a finished workload survives an interruption
+        store.write_json(RESULTS_FILE, payload, indent=1)
         tqdm.write(table(payload["workloads"][name]))
+    payload["goals"] = goals(payload["workloads"])
+    out = store.write_json(RESULTS_FILE, payload, indent=1)
     plot(payload, out.with_suffix(".png"))
+    store.written(out.with_suffix(".png").name)
+    store.close()
     where = payload["machine"].get("gpu") or payload["machine"]["cpu"]
     print(f"\nmachine: {where}, {args.dtype}, {args.threads} threads")
     for g in payload.get("goals", []):

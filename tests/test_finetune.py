@@ -13,8 +13,9 @@ import pytest
 
 from kradapter.cli import main
 from kradapter.finetune.models import load_trained
-from kradapter.finetune.protocol import METHODS, parse_methods
-from kradapter.finetune.runner import RESULTS_FILE
+from kradapter.finetune.protocol import DEFAULT_METHODS as METHODS
+from kradapter.finetune.protocol import parse_methods
+from kradapter.finetune.report import RESULTS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +106,7 @@ def test_refuses_to_overwrite_and_to_resume_changed_settings(
     assert finetune(corpus, tiny_model, out, "--seeds", "3", "--methods", "head") == 2  # neither flag given
     assert finetune(corpus, tiny_model, out, "--seeds", "3", "--methods", "head", "--resume", "--epochs", "2") == 2
     err = capsys.readouterr().err
-    assert "pass --resume to continue it" in err and "the settings differ (epochs: 4 -> 2)" in err
+    assert "pass --resume to continue it, or --overwrite" in err and "setting epochs: 4 -> 2" in err
 
 
 @pytest.mark.parametrize(

@@ -108,3 +108,31 @@ def test_bad_input_is_named():
         KRAdapterLinear(nn.Linear(4, 4), scaling=float("nan"))
     with pytest.raises(ValueError, match="'fast'"):
         KRAdapterLinear(nn.Linear(4, 4), path="fast")
+
+
+@pytest.mark.parametrize("merge_first", [False, True])
+@pytest.mark.parametrize(("d", "k"), [(13, 29), (29, 13), (64, 100)])
+def test_state_dict_round_trip_merged_or_not(generator, merge_first, d, k) -> None:
+    """A merged layer's state dict loaded into a fresh layer gives the same outputs (the update applied once) and
+    unmerges back to the base weight; so does an unmerged one."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (), generator=generator)))
+    layer = KRAdapterLinear(nn.Linear(k, d), scaling=1.7, init_zero=False)
+    base = layer.base_layer.weight.detach().clone()
+    x = torch.randn(5, k, generator=generator)
+    want = (x.double() @ (base.double() + 1.7 * layer.delta_weight().double()).T) + layer.base_layer.bias.double()
+    if merge_first:
+        layer.merge()
+    fresh = KRAdapterLinear(nn.Linear(k, d), scaling=1.7)
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.merged is merge_first
+    torch.testing.assert_close(fresh(x).double(), want, rtol=1e-5, atol=1e-5)
+    fresh.unmerge()
+    torch.testing.assert_close(fresh.base_layer.weight, base, rtol=1e-6, atol=1e-6)
+
+
+def test_state_dict_without_merge_flag_loads_as_unmerged() -> None:
+    layer = KRAdapterLinear(nn.Linear(7, 5), init_zero=False)
+    old = {k: v for k, v in layer.state_dict().items() if k != "merged_flag"}
+    fresh = KRAdapterLinear(nn.Linear(7, 5))
+    fresh.load_state_dict(old)
+    assert not fresh.merged

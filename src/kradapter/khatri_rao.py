@@ -468,3 +468,15 @@ def khatri_rao_conv(
     if weight is not None and tuple(weight.shape) != geometry.weight_shape:
         raise ValueError(f"base weight has shape {tuple(weight.shape)}, expected {geometry.weight_shape}")
     return KhatriRaoConvFunction.apply(x, u, v, weight, bias, shape, float(scaling), geometry)
+
+
+def delta_weight_traceable(u: torch.Tensor, v: torch.Tensor, shape: KhatriRaoShape) -> torch.Tensor:
+    """``dW`` (unscaled, ``(out, in)``) from plain differentiable operations, for ``torch.compile``.
+
+    Dynamo cannot trace the autograd functions above (they write into views with ``out=``); this form reads only
+    the shape's plain fields, and the compiler fuses it into whatever consumes it. Same values as
+    :func:`delta_weight`.
+    """
+    out_features, in_features = shape.out_features, shape.in_features
+    rows = (v.unsqueeze(2) * u.unsqueeze(1)).reshape(u.shape[0], -1)[:, : max(out_features, in_features)]
+    return rows.T if out_features > in_features else rows

@@ -56,11 +56,26 @@ class KRAdapterLinear(nn.Module):
         self.shape = KhatriRaoShape(base_layer.out_features, base_layer.in_features, factorization)
         self.scaling = check_scaling(scaling)
         self.path = path
-        self.merged = False
+        # In the state dict, so a merged layer's weights load as merged (not with the update applied twice).
+        self.register_buffer("merged_flag", torch.zeros((), dtype=torch.bool, device=base_layer.weight.device))
         factory = {"device": base_layer.weight.device, "dtype": torch.float32}
         self.kr_u = nn.Parameter(torch.empty(self.shape.u_shape, **factory))
         self.kr_v = nn.Parameter(torch.empty(self.shape.v_shape, **factory))
         init_factors(self.kr_u, self.kr_v, zero_update=init_zero)
+
+    @property
+    def merged(self) -> bool:
+        """Whether the update is folded into the base weight (then the forward is the base layer's alone)."""
+        return bool(self.merged_flag)
+
+    @merged.setter
+    def merged(self, value: bool) -> None:
+        self.merged_flag.fill_(bool(value))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        """State dicts saved before the flag existed hold unmerged weights."""
+        state_dict.setdefault(prefix + "merged_flag", torch.zeros((), dtype=torch.bool))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def num_params(self) -> int:

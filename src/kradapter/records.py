@@ -1,11 +1,9 @@
-"""What every results file records about the run, and how it is written: the machine, and atomic JSON."""
+"""What every results file records about the run: the machine, the threads and the library versions."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +47,7 @@ def environment() -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
-    """Write to a temporary file beside ``path`` and rename it over ``path``: readers never see half a file.
+    """Write JSON atomically, as the results store does (:func:`kradapter.store.write_json`)."""
+    from .store import write_json
 
-    Compact by default, so that ``json`` uses its C encoder (files rewritten after every unit of work would
-    otherwise spend more time encoding than small studies spend computing); ``python -m json.tool`` pretty-prints.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            # One dumps and one write: json.dump streams through many small writes, 3x slower here.
-            f.write(json.dumps(data, indent=indent, separators=None if indent else (",", ":"), allow_nan=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, data, indent)

@@ -146,7 +146,8 @@ def kradapter_budget(shapes: Iterable[Sequence[int]], factorization: str = "sqrt
     """KRAdapter's trainable count summed over layers: the budget every other method is sized to."""
     if factorization not in FACTORIZATIONS:
         raise MethodError(f"unknown KRAdapter factorization {factorization!r}; choose one of {FACTORIZATIONS}")
-    return sum(KhatriRaoShape(d, k, factorization).num_params for d, k in check_shapes(shapes))  # type: ignore[arg-type]
+    shape = KhatriRaoShape  # the factorization was checked above
+    return sum(shape(d, k, factorization).num_params for d, k in check_shapes(shapes))  # type: ignore[arg-type]
 
 
 def _kradapter_config(targets: Any, s: Settings) -> Any:
@@ -169,7 +170,9 @@ def _rank(settings: Settings, default: int = DEFAULT_RANK) -> int:
     return positive_int("r", settings.get("r", default))
 
 
-def _rank_candidates(counter: Callable[[list[Shape], Settings], int], bound: Callable[[list[Shape]], int]):  # type: ignore[no-untyped-def]
+def _rank_candidates(
+    counter: Callable[[list[Shape], Settings], int], bound: Callable[[list[Shape]], int]
+) -> Callable[[list[Shape], Settings], list[list[Candidate]]]:
     """Candidates ``r = 1..bound(layers)``: a rank above the smaller side adds parameters and no expressiveness."""
 
     def candidates(layers: list[Shape], fixed: Settings) -> list[list[Candidate]]:

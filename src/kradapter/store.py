@@ -246,7 +246,7 @@ class Store:
         cls, directory: Path, spec: RunSpec, mode: str, legacy: tuple[str, ...], lock: FolderLock
     ) -> Store:
         run_path, records_path = directory / RUN_FILE, directory / RECORDS_FILE
-        earlier = [p.name for p in (run_path, records_path, *(directory / n for n in legacy)) if p.exists()]
+        earlier = _earlier_results(directory, legacy)
         meta: dict[str, Any] | None = None
         records: dict[Key, Any] = {}
         if earlier and mode == "new":
@@ -388,6 +388,9 @@ def _read_meta(path: Path, kind: str) -> dict[str, Any]:
     for name, kind_ in (("settings", dict), ("inputs", dict), ("axes", dict), ("outputs", list), ("invocations", list)):
         if not isinstance(meta.get(name), kind_):
             raise StoreError(f"{path}: {name!r} is missing or not a {kind_.__name__}; it is left untouched")
+    per_value = meta.get("per_value", {})
+    if not isinstance(per_value, dict) or not all(isinstance(v, dict) for v in per_value.values()):
+        raise StoreError(f"{path}: 'per_value' is not a table of tables; it is left untouched")
     return meta
 
 
@@ -413,6 +416,25 @@ def _read_records(path: Path, repair: bool) -> dict[Key, Any]:
             ) from None
         records[key] = record
     return records
+
+
+def _earlier_results(directory: Path, legacy: tuple[str, ...]) -> list[str]:
+    """The files in ``directory`` that hold an earlier run's results. A ``run.json`` alone, with no record and no
+    output (a run stopped before it finished anything: a bad input found after the folder was opened, a kill), holds
+    none: a new run may start over it."""
+    found = [name for name in (RECORDS_FILE, *legacy) if (directory / name).exists()]
+    if found == [RECORDS_FILE] and (directory / RECORDS_FILE).stat().st_size == 0:
+        found = []
+    run_path = directory / RUN_FILE
+    if run_path.exists():
+        try:
+            meta = json.loads(run_path.read_text(encoding="utf-8"))
+            empty = isinstance(meta, dict) and meta.get("outputs") == [] and not found
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            empty = False  # unreadable: treated as results (and left untouched)
+        if not empty:
+            found.insert(0, RUN_FILE)
+    return found
 
 
 def _check_resumable(directory: Path, meta: dict[str, Any], spec: RunSpec) -> None:

@@ -363,7 +363,8 @@ def _build(cls: type, table: Any, where: str) -> Any:
         if key not in known:
             _fail(f"{where}.{key}" if where else key, f"unknown key; known keys: {sorted(known)}")
         name = f"{where}.{key}" if where else key
-        default = known[key].default_factory() if callable(known[key].default_factory) else known[key].default
+        factory = known[key].default_factory
+        default = factory() if callable(factory) else known[key].default
         if is_dataclass(default):
             kwargs[key] = _build(type(default), value, name)
         elif key == "user":

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import get_peft_model
@@ -96,7 +97,7 @@ def _schedule(config: StudyConfig) -> Callable[[int], float]:
     return factor
 
 
-def _optimizer(params: list[torch.nn.Parameter], config: StudyConfig) -> torch.optim.Optimizer:
+def _optimizer(params: list[torch.Tensor], config: StudyConfig) -> torch.optim.Optimizer:
     t = config.training
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
@@ -120,8 +121,13 @@ def inject(plan: Plan, rows: int, cols: int, seed: int, device: torch.device, dt
         return get_peft_model(_OneLayer(rows, cols, device, dtype), method.config(["layer"], **settings))
 
 
-def fit_method(  # type: ignore[no-untyped-def]
-    plan: Plan, target: torch.Tensor, config: StudyConfig, seed: int, log=None, record: bool = False
+def fit_method(
+    plan: Plan,
+    target: torch.Tensor,
+    config: StudyConfig,
+    seed: int,
+    log: Callable[[str], object] | None = None,
+    record: bool = False,
 ) -> Fit:
     """Fit ``plan``'s adapter to ``target`` and return its final update, measured from the final parameters.
 
@@ -130,8 +136,8 @@ def fit_method(  # type: ignore[no-untyped-def]
     """
     rows, cols = target.shape
     model = inject(plan, rows, cols, seed, target.device, target.dtype)
-    layer = model.base_model.model.layer
-    params = [p for p in model.parameters() if p.requires_grad]
+    layer: Any = model.base_model.model.layer
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     t, stop = config.training, config.early_stopping

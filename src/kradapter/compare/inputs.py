@@ -77,7 +77,7 @@ def run_spec(config: StudyConfig) -> RunSpec:
         f"matrix {name}": "+".join(file_hash(p) for p in paths) + (f" key {keys[name]}" if keys.get(name) else "")
         for name, paths in input_files(config).items()
     }
-    axes = {
+    axes: dict[str, list[Any]] = {
         "matrices": config.matrices.selected(),
         "methods": [*config.methods.names],
         "seeds": list(config.training.seeds),

@@ -59,10 +59,14 @@ def _bars(ax, rows, columns, metric, config, relative_to=None):  # type: ignore[
             base = _value(entry, relative_to, metric) if relative_to else 1.0
             std = entry.get("methods", {}).get(method, {}).get("std", {}).get(metric) or 0.0
             if value is None or not base:
-                heights.append(0.0), stds.append(0.0), labels.append("n/a")
+                heights.append(0.0)
+                stds.append(0.0)
+                labels.append("n/a")
                 continue
             scale = 100.0 / base if relative_to else 1.0
-            heights.append(value * scale), stds.append(std * scale), labels.append(f"{value:.3g}")
+            heights.append(value * scale)
+            stds.append(std * scale)
+            labels.append(f"{value:.3g}")
         xs = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(rows))]
         color = config.output.colors[i % len(config.output.colors)]
         error = stds if config.output.show_error_bars and any(stds) else None

@@ -23,7 +23,7 @@ from .. import registry
 from ..registry import Plan
 from ..store import Store
 from .config import StudyConfig
-from .fit import fit_method
+from .fit import fit_method, inject
 from .matrices import Target, load_target
 from .metrics import effective_rank, fit_metrics, nuclear_error, singular_values
 from .results import jsonable, summary
@@ -61,14 +61,15 @@ def reference_rank(reference: str, shape: tuple[int, int], config: StudyConfig) 
     if of is None:
         return 0
     method, methods = registry.get(of), config.methods
-    fixed = methods.settings.get(of, {}).get(method.rank_knob)
+    knob = method.rank_knob or "r"
+    fixed = methods.settings.get(of, {}).get(knob)
     if fixed is not None and methods.strategy != "equal_budget":
         return int(fixed)
     if methods.strategy == "equal_rank" and methods.rank:
         return methods.rank
     budget = registry.kradapter_budget([shape], methods.kradapter_factorization)
-    extra = {method.rank_knob: fixed} if fixed is not None else {}
-    return int(registry.plan(of, [shape], budget, strict=False, **extra).settings[method.rank_knob])
+    extra = {knob: fixed} if fixed is not None else {}
+    return int(registry.plan(of, [shape], budget, strict=False, **extra).settings[knob])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,7 +93,11 @@ def preflight(config: StudyConfig, device: torch.device, dtype: torch.dtype) -> 
         target = load_target(name, config.training.seeds[0], config, dtype, device)
         shapes[name] = (int(target.matrix.shape[0]), int(target.matrix.shape[1]))
         for method in config.methods.names:
-            plan_method(method, shapes[name], config)
+            plan = plan_method(method, shapes[name], config)
+            try:  # some settings only fail on the shape (a rank above the smaller side): build the layer once
+                inject(plan, *shapes[name], config.training.seeds[0], device, dtype)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"{name} / {method}: {_error_text(exc)}") from None
     return shapes
 
 
@@ -158,7 +163,9 @@ def target_record(target: Target, s_target: torch.Tensor, seconds: float) -> dic
     )
 
 
-def _cell(method: str, target: Target, s_target: torch.Tensor, config: StudyConfig, seed: int, log) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def _cell(
+    method: str, target: Target, s_target: torch.Tensor, config: StudyConfig, seed: int, log: Any
+) -> dict[str, Any]:
     matrix = target.matrix
     shape = (matrix.shape[0], matrix.shape[1])
     if not registry.get(method, kinds=("adapter", "reference")).is_adapter:

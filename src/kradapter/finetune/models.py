@@ -101,9 +101,10 @@ def head_modules(model: nn.Module, new_keys: set[str]) -> list[str]:
 
 def layer_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of a ``nn.Linear`` or transformers ``Conv1D``."""
+    weight: torch.Tensor = module.weight  # type: ignore[assignment]
     if isinstance(module, Conv1D):
-        return int(module.weight.shape[1]), int(module.weight.shape[0])
-    return int(module.out_features), int(module.in_features)
+        return int(weight.shape[1]), int(weight.shape[0])
+    return int(weight.shape[0]), int(weight.shape[1])
 
 
 def target_layers(model: nn.Module, head: list[str], patterns: tuple[str, ...] | None) -> dict[str, tuple[int, int]]:

@@ -133,7 +133,7 @@ class Settings:
             "device": self.device,
         }
         per_value = {"methods": {m: {"lr_grid": list(self.grid(m))} for m in self.methods}}
-        axes = {"methods": list(self.methods), "seeds": list(self.seeds)}
+        axes: dict[str, list[Any]] = {"methods": list(self.methods), "seeds": list(self.seeds)}
         return RunSpec("finetune", settings, axes, {"model": model_hash, "data": data_hash}, per_value)
 
 

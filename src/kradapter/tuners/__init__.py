@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from .kradapter import KRAdapterConfig, KRAdapterModel
+from .peft_type import MethodType
 from .sinlora import SinLoRAConfig, SinLoRAModel
 
 METHODS = {
-    "KRADAPTER": (KRAdapterConfig, KRAdapterModel),
-    "SINLORA": (SinLoRAConfig, SinLoRAModel),
+    MethodType("KRADAPTER"): (KRAdapterConfig, KRAdapterModel),
+    MethodType("SINLORA"): (SinLoRAConfig, SinLoRAModel),
 }
 
 
 def register() -> None:
-    """Make PEFT know our methods by their string ``peft_type``; idempotent, PEFT itself untouched."""
+    """Make PEFT know our methods, as ``register_peft_method`` fills PEFT's tables for its own (that function only
+    accepts members of PEFT's closed enum); idempotent, PEFT itself untouched. Not mixed-compatible: PEFT's
+    ``PeftMixedModel`` refuses these types with its own ``ValueError``."""
     from peft import mapping
 
     for peft_type, (config_cls, model_cls) in METHODS.items():
@@ -21,4 +24,4 @@ def register() -> None:
         mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = model_cls.prefix
 
 
-register()  # importing the tuners is what makes PEFT know them (``import kradapter`` arranges it)
+register()  # importing the tuners makes PEFT know them (kradapter imports this module once PEFT is imported)

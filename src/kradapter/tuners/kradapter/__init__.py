@@ -1,5 +1,5 @@
 from .config import KRAdapterConfig
-from .layer import KRAdapterLayer, Linear
+from .layer import Conv, KRAdapterLayer, Linear
 from .model import KRAdapterModel
 
-__all__ = ["KRAdapterConfig", "KRAdapterLayer", "KRAdapterModel", "Linear"]
+__all__ = ["Conv", "KRAdapterConfig", "KRAdapterLayer", "KRAdapterModel", "Linear"]

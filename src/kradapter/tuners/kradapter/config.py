@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from ...khatri_rao import FACTORIZATIONS
 from ...layer import PATHS
 from ..base import DeltaConfig
+from ..peft_type import MethodType
 
-PEFT_TYPE = "KRADAPTER"
+PEFT_TYPE = MethodType("KRADAPTER")
 
 
 @dataclass

@@ -1,4 +1,8 @@
-"""KRAdapter as a PEFT tuner layer: a thin skin over :mod:`kradapter.khatri_rao`."""
+"""KRAdapter as a PEFT tuner layer: a thin skin over :mod:`kradapter.khatri_rao`.
+
+The update of a convolution is its weight seen as an ``(out_channels, in_channels / groups * prod(kernel))``
+matrix, the same Khatri-Rao update and the same memory-lean autograd functions as for a linear layer.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...khatri_rao import KhatriRaoShape, delta_weight, fusing_pays, init_factors, khatri_rao_linear
+from ...khatri_rao import (
+    KhatriRaoShape,
+    delta_weight,
+    delta_weight_traceable,
+    fusing_pays,
+    init_factors,
+    khatri_rao_conv,
+    khatri_rao_linear,
+)
 from ..base import DeltaLayer, concrete
 from .config import KRAdapterConfig
 
@@ -26,7 +38,7 @@ class KRAdapterLayer(DeltaLayer):
         self.kradapter_execution: dict[str, str] = {}
 
     def update_layer(self, adapter_name: str, config: KRAdapterConfig) -> None:
-        shape = KhatriRaoShape(self.out_features, self.in_features, config.factorization)  # type: ignore[arg-type]
+        shape = KhatriRaoShape(*self.update_shape, config.factorization)  # type: ignore[arg-type]
         self.kradapter_shape[adapter_name] = shape
         self.kradapter_scaling[adapter_name] = float(config.scaling)
         self.kradapter_execution[adapter_name] = config.execution
@@ -45,37 +57,47 @@ class KRAdapterLayer(DeltaLayer):
 
     def fuses(self, adapter: str, x: torch.Tensor | None = None) -> bool:
         """The documented rule: fuse into one matmul unless told not to, dropout makes the adapter's input differ
-        from the base's, the base is not a plain dense layer, or (for input ``x``) the separate path is faster
-        (:func:`kradapter.khatri_rao.fusing_pays`; measurements in BENCHMARKS.md)."""
+        from the base's, the base is not a plain dense layer or convolution, or (for a linear input ``x``) the
+        separate path is faster (:func:`kradapter.khatri_rao.fusing_pays`; measurements in BENCHMARKS.md)."""
         execution = self.kradapter_execution[adapter]
         dropout_active = self.training and not isinstance(self.kradapter_dropout[adapter], nn.Identity)
         if execution == "separate" or dropout_active or not self.can_fuse():
             return False
-        return execution == "fused" or x is None or fusing_pays(self.kradapter_shape[adapter], x)
+        if execution == "fused" or x is None or self.conv is not None or torch.compiler.is_compiling():
+            return True
+        return fusing_pays(self.kradapter_shape[adapter], x)
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         first = adapters[0]
         if self.fuses(first, x):
             base = self.get_base_layer()
-            result = self._term(x, first, self.base_weight(), base.bias)
+            result = self._term(x, first, base.weight if self.conv is not None else self.base_weight(), base.bias)
             adapters = adapters[1:]
         else:
             result = self.base_layer(x, *args, **kwargs)
         for adapter in adapters:
-            result = result + self._term(self.kradapter_dropout[adapter](x), adapter).to(result.dtype)
+            result = result + self.adapter_term(x, adapter).to(result.dtype)
         return result
 
-    def _term(self, x, adapter, weight=None, bias=None):  # type: ignore[no-untyped-def]
-        return khatri_rao_linear(
-            x,
-            self.kradapter_u[adapter],
-            self.kradapter_v[adapter],
-            self.kradapter_shape[adapter],
-            self.kradapter_scaling[adapter],
-            weight,
-            bias,
-        )
+    def adapter_term(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        return self._term(self.kradapter_dropout[adapter](x), adapter)
+
+    def _term(
+        self, x: torch.Tensor, adapter: str, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x`` through ``W + s * dW`` (or the adapter alone without ``weight``), saving only ``x, U, V``."""
+        factors = (self.kradapter_u[adapter], self.kradapter_v[adapter], self.kradapter_shape[adapter])
+        scaling = self.kradapter_scaling[adapter]
+        if torch.compiler.is_compiling():  # plain operations that Dynamo traces and the compiler fuses
+            delta = scaling * delta_weight_traceable(*factors)
+            merged = delta if weight is None else weight.reshape(delta.shape) + delta
+            return self.apply_update(x, merged.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        if self.conv is not None:
+            return khatri_rao_conv(self.conv_input(x), *factors, scaling, self.conv, weight, bias)
+        return khatri_rao_linear(x, *factors, scaling, weight, bias)
 
 
-Linear = concrete(KRAdapterLayer)
+Linear = concrete(KRAdapterLayer, "Linear", __name__)
 """KRAdapter around an ``nn.Linear`` or ``Conv1D``."""
+Conv = concrete(KRAdapterLayer, "Conv", __name__)
+"""KRAdapter around an ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``."""

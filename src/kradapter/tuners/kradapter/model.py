@@ -1,12 +1,13 @@
-"""The KRAdapter PEFT tuner: injects :class:`~.layer.Linear` into the targeted layers."""
+"""The KRAdapter PEFT tuner: injects :class:`~.layer.Linear` / :class:`~.layer.Conv` into the targeted layers."""
 
 from __future__ import annotations
 
 from ..base import DeltaTuner
-from .layer import KRAdapterLayer, Linear
+from .layer import Conv, KRAdapterLayer, Linear
 
 
 class KRAdapterModel(DeltaTuner):
     prefix: str = "kradapter_"
     tuner_layer_cls = KRAdapterLayer
     layer_cls = Linear
+    conv_cls = Conv

@@ -1,5 +1,5 @@
 from .config import SinLoRAConfig
-from .layer import Linear, SinLoRALayer
+from .layer import Conv, Linear, SinLoRALayer
 from .model import SinLoRAModel
 
-__all__ = ["Linear", "SinLoRAConfig", "SinLoRALayer", "SinLoRAModel"]
+__all__ = ["Conv", "Linear", "SinLoRAConfig", "SinLoRALayer", "SinLoRAModel"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..base import DeltaConfig
+from ..peft_type import MethodType
 
-PEFT_TYPE = "SINLORA"
+PEFT_TYPE = MethodType("SINLORA")
 
 
 @dataclass

@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...sinlora import sinlora_delta
@@ -28,16 +27,17 @@ class SinLoRALayer(DeltaLayer):
         self.sinlora_frequency: dict[str, float] = {}
 
     def update_layer(self, adapter_name: str, config: SinLoRAConfig) -> None:
-        if config.r > min(self.in_features, self.out_features):
+        out_features, in_features = self.update_shape
+        if config.r > min(out_features, in_features):
             raise ValueError(
-                f"SinLoRA rank r={config.r} exceeds the smaller side of a {self.out_features}x{self.in_features} layer"
+                f"SinLoRA rank r={config.r} exceeds the smaller side of a {out_features}x{in_features} update"
             )
         self.sinlora_r[adapter_name] = config.r
         self.sinlora_alpha[adapter_name] = float(config.alpha)
         self.sinlora_frequency[adapter_name] = float(config.frequency)
         self.sinlora_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
-        a = nn.Parameter(torch.empty(config.r, self.in_features))
-        b = nn.Parameter(torch.empty(self.out_features, config.r))
+        a = nn.Parameter(torch.empty(config.r, in_features))
+        b = nn.Parameter(torch.empty(out_features, config.r))
         with torch.no_grad():
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             if config.init_weights:
@@ -56,13 +56,13 @@ class SinLoRALayer(DeltaLayer):
             self.sinlora_alpha[adapter],
         )
 
-    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for adapter in adapters:
-            delta = self.get_delta_weight(adapter).to(x.dtype)
-            result = result + F.linear(self.sinlora_dropout[adapter](x), delta).to(result.dtype)
-        return result
+    def adapter_term(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """The adapter's output alone, ``dropout(x) @ dW^T`` (or its convolution)."""
+        delta = self.get_delta_weight(adapter).to(x.dtype)
+        return self.apply_update(self.sinlora_dropout[adapter](x), delta)
 
 
-Linear = concrete(SinLoRALayer)
+Linear = concrete(SinLoRALayer, "Linear", __name__)
 """SinLoRA around an ``nn.Linear`` or ``Conv1D``."""
+Conv = concrete(SinLoRALayer, "Conv", __name__)
+"""SinLoRA around an ``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` (the update is the weight's matrix view)."""

@@ -1,12 +1,13 @@
-"""The SinLoRA PEFT tuner: injects :class:`~.layer.Linear` into the targeted layers."""
+"""The SinLoRA PEFT tuner: injects :class:`~.layer.Linear` / :class:`~.layer.Conv` into the targeted layers."""
 
 from __future__ import annotations
 
 from ..base import DeltaTuner
-from .layer import Linear, SinLoRALayer
+from .layer import Conv, Linear, SinLoRALayer
 
 
 class SinLoRAModel(DeltaTuner):
     prefix: str = "sinlora_"
     tuner_layer_cls = SinLoRALayer
     layer_cls = Linear
+    conv_cls = Conv

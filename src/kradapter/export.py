@@ -1,0 +1,424 @@
+"""Export a KRAdapter or SinLoRA adapter as a PEFT LoRA adapter, for engines that serve only LoRA.
+
+Each adapted layer's update ``dW`` (``d x k``) is taken from the tuner's own ``get_delta_weight`` (the adapter is
+loaded onto its base model), in float64, and cut to a truncated SVD ``dW_r = U_r S_r V_r^T`` stored as LoRA
+factors ``B = U_r sqrt(S_r)`` and ``A = sqrt(S_r) V_r^T``. By Eckart-Young ``dW_r`` is the best rank-``r``
+approximation in Frobenius norm, and its relative error is ``sqrt(sum_{i>r} s_i^2) / sqrt(sum_i s_i^2)``.
+
+Two ways to choose the rank:
+
+- ``rank=r``: every layer gets rank ``r`` (zero-padded where ``r > min(d, k)``), so the LoRA config has one ``r``
+  and no ``rank_pattern``: the form every LoRA engine accepts.
+- ``max_error=e``: each layer gets the smallest rank whose relative error is at most ``e`` (a per-layer target,
+  not a global one: a layer whose update is close to low rank stays small, a high-rank one grows), written with
+  PEFT's ``rank_pattern``. Every layer's scaling ``lora_alpha / r_layer`` is folded into its ``B``, so no
+  ``alpha_pattern`` is needed.
+
+Tensors of the source that are not adapter factors (``modules_to_save`` such as a classifier head, trained biases)
+are copied unchanged under the same keys, and the LoRA config keeps ``modules_to_save``, ``bias`` and
+``task_type``, so ``PeftModel.from_pretrained`` rebuilds the same model with a LoRA in place of the source adapter.
+
+This module imports only the standard library at load time (``kradapter export --help`` answers at once);
+:func:`check_request` validates inputs without torch, :func:`export_lora` does the work.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+SOURCE_TYPES: tuple[str, ...] = ("KRADAPTER", "SINLORA")
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES: tuple[str, ...] = ("adapter_model.safetensors", "adapter_model.bin")
+REPORT_NAME = "export_report.json"
+MODEL_PREFIX = "base_model.model."
+# PEFT task types and the transformers auto class whose module names a saved adapter of that task refers to.
+AUTO_CLASSES: dict[str | None, str] = {
+    None: "AutoModel",
+    "FEATURE_EXTRACTION": "AutoModel",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+}
+
+
+class ExportError(ValueError):
+    """An export request that cannot be carried out; the message names the bad value."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated export request (what :func:`check_request` returns)."""
+
+    adapter_dir: Path
+    out_dir: Path
+    peft_type: str
+    config: dict[str, Any]
+    weights_file: Path
+    rank: int | None
+    max_error: float | None
+    base: str | None
+    dtype: str
+    overwrite: bool
+
+
+@dataclass(frozen=True)
+class LayerExport:
+    """One exported layer: its shape ``(out, in)``, the LoRA rank kept and the relative Frobenius error."""
+
+    name: str
+    out_features: int
+    in_features: int
+    rank: int
+    relative_error: float
+    update_norm: float
+    lora_params: int
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What an export produced: per-layer ranks and errors, the overall error, and file sizes in bytes."""
+
+    source_type: str
+    out_dir: str
+    rank: int | None
+    max_error: float | None
+    dtype: str
+    layers: tuple[LayerExport, ...]
+    global_relative_error: float
+    lora_params: int
+    copied_tensors: tuple[str, ...]
+    file_bytes: int
+    source_file_bytes: int
+
+    @property
+    def max_layer_error(self) -> float:
+        return max((layer.relative_error for layer in self.layers), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["max_layer_error"] = self.max_layer_error
+        return data
+
+    def table(self) -> str:
+        """A plain-text table of the layers and a summary line."""
+        width = max((len(layer.name) for layer in self.layers), default=5)
+        lines = [f"{'layer':<{width}}  {'shape':>11}  {'rank':>5}  {'rel. error':>10}"]
+        for layer in self.layers:
+            shape = f"{layer.out_features}x{layer.in_features}"
+            lines.append(f"{layer.name:<{width}}  {shape:>11}  {layer.rank:>5}  {layer.relative_error:>10.4f}")
+        lines.append(
+            f"{len(self.layers)} layers; relative error: overall {self.global_relative_error:.4f}, "
+            f"worst layer {self.max_layer_error:.4f}; LoRA parameters {self.lora_params:,}; "
+            f"file {human_bytes(self.file_bytes)} (source {human_bytes(self.source_file_bytes)})"
+        )
+        return "\n".join(lines)
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+def check_request(
+    adapter_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    max_error: float | None = None,
+    base: str | os.PathLike[str] | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    need_base: bool = True,
+) -> Request:
+    """Validate an export request with the standard library only; raise :class:`ExportError` on the first problem."""
+    source = Path(adapter_dir)
+    if not source.is_dir():
+        raise ExportError(f"adapter folder {str(source)!r} does not exist or is not a folder")
+    config_path = source / CONFIG_NAME
+    if not config_path.is_file():
+        raise ExportError(f"{str(source)!r} is not a PEFT adapter folder: it has no {CONFIG_NAME}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"cannot read {str(config_path)!r}: {exc}") from None
+    peft_type = config.get("peft_type") if isinstance(config, dict) else None
+    if peft_type not in SOURCE_TYPES:
+        raise ExportError(
+            f"{str(source)!r} holds a {peft_type!r} adapter, not a KRAdapter or SinLoRA adapter "
+            f"(peft_type must be one of {SOURCE_TYPES})"
+        )
+    weights = next((source / name for name in WEIGHT_NAMES if (source / name).is_file()), None)
+    if weights is None:
+        raise ExportError(f"{str(source)!r} has no adapter weights ({' or '.join(WEIGHT_NAMES)})")
+    if (rank is None) == (max_error is None):
+        raise ExportError("give exactly one of rank and max_error")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ExportError(f"rank must be a positive integer, got {rank!r}")
+    if max_error is not None and (
+        isinstance(max_error, bool)
+        or not isinstance(max_error, int | float)
+        or not math.isfinite(max_error)
+        or not 0.0 < max_error < 1.0
+    ):
+        raise ExportError(f"max_error must be a relative error in (0, 1), got {max_error!r}")
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
+    target = Path(out_dir)
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"output {str(target)!r} exists and is not a folder")
+    if target.exists() and target.resolve() == source.resolve():
+        raise ExportError(f"output folder {str(target)!r} is the adapter folder itself; choose another")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ExportError(f"output folder {str(target)!r} already holds files; pass overwrite (--overwrite) to replace")
+    base_name = str(base) if base is not None else config.get("base_model_name_or_path")
+    if need_base:
+        if not base_name:
+            raise ExportError(f"{str(config_path)!r} names no base_model_name_or_path; pass the base model (--base)")
+        looks_local = os.path.isabs(base_name) or base_name.startswith(".") or base_name.count("/") > 1
+        if looks_local and not Path(base_name).is_dir():
+            raise ExportError(f"base model folder {base_name!r} does not exist")
+    return Request(
+        adapter_dir=source,
+        out_dir=target,
+        peft_type=peft_type,
+        config=config,
+        weights_file=weights,
+        rank=rank,
+        max_error=float(max_error) if max_error is not None else None,
+        base=base_name or None,
+        dtype=dtype,
+        overwrite=overwrite,
+    )
+
+
+def export_lora(
+    adapter_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    max_error: float | None = None,
+    base: str | os.PathLike[str] | nn.Module | None = None,
+    dtype: str = "float32",
+    overwrite: bool = False,
+) -> ExportReport:
+    """Convert the KRAdapter/SinLoRA adapter in ``adapter_dir`` into a PEFT LoRA adapter in ``out_dir``.
+
+    Give ``rank`` (one rank for every layer) or ``max_error`` (per layer, the smallest rank whose relative
+    Frobenius error is at most this). ``base`` is the base model: a local folder or hub name (default: the adapter
+    config's ``base_model_name_or_path``), loaded in float32 with the transformers auto class of the adapter's
+    ``task_type``; or a model object, which is used in place and left as it was. ``dtype`` is the stored LoRA
+    factors' dtype. Writes ``adapter_config.json``, ``adapter_model.safetensors`` and ``export_report.json``.
+    """
+    from torch import nn
+
+    module = base if isinstance(base, nn.Module) else None
+    request = check_request(
+        adapter_dir,
+        out_dir,
+        rank=rank,
+        max_error=max_error,
+        base=None if module is not None else base,
+        dtype=dtype,
+        overwrite=overwrite,
+        need_base=module is None,
+    )
+    model = module if module is not None else load_base(request)
+    return run_export(request, model)
+
+
+def load_base(request: Request) -> nn.Module:
+    """The base model named by ``request``, float32, with the module names a saved adapter of its task refers to."""
+    import torch
+    import transformers
+
+    task = request.config.get("task_type")
+    auto = getattr(transformers, AUTO_CLASSES.get(task, "AutoModel"))
+    try:
+        return auto.from_pretrained(request.base, dtype=torch.float32).eval()
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot load base model {request.base!r}: {str(exc).splitlines()[0]}") from None
+
+
+def run_export(request: Request, model: nn.Module) -> ExportReport:
+    """Load the adapter's factors onto ``model``, truncate each layer's update, write the LoRA folder."""
+    import torch
+    from peft import PeftConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    from .tuners import METHODS
+
+    prefix = METHODS[request.peft_type][1].prefix
+    saved = load_peft_weights(str(request.adapter_dir), device="cpu")
+    factors = {k: v for k, v in saved.items() if prefix in k}
+    copied = {k: v for k, v in saved.items() if prefix not in k}
+    if not factors:
+        raise ExportError(f"{str(request.weights_file)!r} holds no {prefix}* tensors")
+
+    config = PeftConfig.from_pretrained(str(request.adapter_dir))
+    config.modules_to_save = None  # heads are copied as tensors, never rebuilt on the base
+    config.task_type = None
+    config.inference_mode = True
+    peft_model = get_peft_model(model, config)
+    try:
+        layers = {
+            name.removeprefix(MODEL_PREFIX): layer
+            for name, layer in peft_model.named_modules()
+            if isinstance(layer, BaseTunerLayer) and hasattr(layer, "get_delta_weight")
+        }
+        for layer in layers.values():  # float64 factors: the copy below is exact, the update computed in float64
+            for attr in layer.adapter_layer_names:
+                params = getattr(layer, attr)
+                params["default"] = torch.nn.Parameter(params["default"].detach().double(), requires_grad=False)
+        result = set_peft_model_state_dict(peft_model, factors, adapter_name="default")
+        missing = [k for k in result.missing_keys if prefix in k]
+        unexpected = [k for k in result.unexpected_keys if prefix in k]
+        if missing or unexpected:
+            raise ExportError(
+                f"the adapter in {str(request.adapter_dir)!r} does not fit the base model "
+                f"({len(missing)} adapter tensors missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, "
+                f"e.g. {unexpected[:1]}); pass the base model it was trained on (--base)"
+            )
+        exported, tensors, fan_in_fan_out = [], {}, False
+        with torch.no_grad():
+            for name, layer in layers.items():
+                delta = layer.get_delta_weight("default").double()
+                layer_export, a, b = truncate(name, delta, request.rank, request.max_error)
+                exported.append(layer_export)
+                tensors[f"{MODEL_PREFIX}{name}.lora_A.weight"] = a
+                tensors[f"{MODEL_PREFIX}{name}.lora_B.weight"] = b
+                fan_in_fan_out = fan_in_fan_out or bool(getattr(layer, "fan_in_fan_out", False))
+    finally:
+        peft_model.unload()  # give back the base model as it was
+
+    ranks = {layer.name: layer.rank for layer in exported}
+    r = request.rank if request.rank is not None else max(ranks.values())
+    # Fold each layer's LoRA scaling alpha / rank into B, so that B @ A is the truncated update itself.
+    for layer in exported:
+        key = f"{MODEL_PREFIX}{layer.name}.lora_B.weight"
+        tensors[key] = tensors[key] * (layer.rank / r)
+    stored = getattr(torch, request.dtype)
+    out_tensors = {k: v.to(stored).contiguous() for k, v in tensors.items()}
+    out_tensors.update({k: v.detach().clone().contiguous() for k, v in copied.items()})
+    lora_config = make_lora_config(request, list(ranks), r, ranks if request.rank is None else {}, fan_in_fan_out)
+    file_bytes = write_folder(request, lora_config, out_tensors)
+
+    total = math.sqrt(sum(layer.update_norm**2 for layer in exported))
+    tail = math.sqrt(sum((layer.relative_error * layer.update_norm) ** 2 for layer in exported))
+    report = ExportReport(
+        source_type=request.peft_type,
+        out_dir=str(request.out_dir),
+        rank=request.rank,
+        max_error=request.max_error,
+        dtype=request.dtype,
+        layers=tuple(exported),
+        global_relative_error=tail / total if total > 0 else 0.0,
+        lora_params=sum(layer.lora_params for layer in exported),
+        copied_tensors=tuple(sorted(copied)),
+        file_bytes=file_bytes,
+        source_file_bytes=request.weights_file.stat().st_size,
+    )
+    atomic_write(request.out_dir / REPORT_NAME, json.dumps(report.to_dict(), indent=2).encode())
+    return report
+
+
+def truncate(
+    name: str, delta: torch.Tensor, rank: int | None, max_error: float | None
+) -> tuple[LayerExport, torch.Tensor, torch.Tensor]:
+    """The truncated SVD of one float64 update: its record, ``A`` (r x in) and ``B`` (out x r), ``B @ A = dW_r``."""
+    import torch
+
+    d, k = delta.shape
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    energy = s.square()
+    total = float(energy.sum())
+    # tail[i] = sum of s_j^2 for j >= i: the squared error of keeping the first i components.
+    tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+    if rank is None:
+        assert max_error is not None
+        within = (tail <= (max_error**2) * total).nonzero()
+        keep = max(1, int(within[0]))
+        r = keep
+    else:
+        keep, r = min(rank, s.numel()), rank
+    root = s[:keep].sqrt()
+    a = delta.new_zeros(r, k)
+    b = delta.new_zeros(d, r)
+    a[:keep] = root[:, None] * vh[:keep]
+    b[:, :keep] = u[:, :keep] * root
+    error = math.sqrt(float(tail[keep]) / total) if total > 0 else 0.0
+    record = LayerExport(
+        name=name,
+        out_features=d,
+        in_features=k,
+        rank=r,
+        relative_error=error,
+        update_norm=math.sqrt(total),
+        lora_params=r * (d + k),
+    )
+    return record, a, b
+
+
+def make_lora_config(
+    request: Request, targets: list[str], r: int, rank_pattern: Mapping[str, int], fan_in_fan_out: bool
+) -> Any:
+    """The PEFT ``LoraConfig`` of the export: the adapted modules by full name, scaling ``lora_alpha / r = 1``
+    for the global rank (per-layer ranks have their scaling folded into ``B``)."""
+    from peft import LoraConfig
+
+    source = request.config
+    bias = source.get("bias", "none")
+    return LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(targets),
+        rank_pattern=dict(rank_pattern),
+        modules_to_save=source.get("modules_to_save"),
+        bias=bias if bias in ("none", "all") else "lora_only",
+        task_type=source.get("task_type"),
+        base_model_name_or_path=request.base,
+        fan_in_fan_out=fan_in_fan_out,
+        init_lora_weights=True,
+        inference_mode=True,
+    )
+
+
+def write_folder(request: Request, lora_config: Any, tensors: dict[str, torch.Tensor]) -> int:
+    """Write the config and the weights (each atomically); drop a stale ``.bin``; return the weights' size."""
+    from safetensors.torch import save_file
+
+    out = request.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{WEIGHT_NAMES[0]}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / WEIGHT_NAMES[0])
+    lora_config.save_pretrained(str(out))
+    stale = out / WEIGHT_NAMES[1]
+    if stale.exists():
+        stale.unlink()
+    return (out / WEIGHT_NAMES[0]).stat().st_size
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

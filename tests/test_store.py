@@ -1,0 +1,421 @@
+"""The results store: finished results never replaced without --overwrite, resumed only with the settings and
+inputs that made them, one run per folder at a time, atomic writes with ordinary modes, unreadable files refused
+and left untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kradapter.store import (
+    LOCK_FILE,
+    RECORDS_FILE,
+    RUN_FILE,
+    SCHEMA_VERSION,
+    RunSpec,
+    Store,
+    StoreError,
+    file_hash,
+    write_atomic,
+)
+
+SETTINGS = {"training.lr": 0.1, "training.iterations": 5, "runtime.dtype": "float32"}
+
+
+def spec(
+    settings: dict | None = None,  # type: ignore[type-arg]
+    axes: dict | None = None,  # type: ignore[type-arg]
+    inputs: dict | None = None,  # type: ignore[type-arg]
+    per_value: dict | None = None,  # type: ignore[type-arg]
+) -> RunSpec:
+    return RunSpec(
+        "compare",
+        {**SETTINGS, **(settings or {})},
+        axes if axes is not None else {"matrices": ["a"], "methods": ["lora"], "seeds": [1]},
+        inputs or {},
+        per_value if per_value is not None else {"methods": {"lora": {}}},
+    )
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file's bytes, by relative name (the lock file aside: it names the current holder)."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != LOCK_FILE
+    }
+
+
+def finished(directory: Path, run: RunSpec | None = None) -> dict[str, bytes]:
+    """A folder holding one finished run: two records and a derived file; returns its bytes."""
+    with Store.open(directory, run or spec()) as store:
+        store.add(("cell", "a", "lora", 1), {"error_value": 0.5})
+        store.add(("target", "a", 1), {"shape": [3, 4]})
+        store.write_json("experimental_results.json", {"n": 2})
+    return snapshot(directory)
+
+
+def test_a_folder_with_results_is_never_replaced_without_a_flag(tmp_path: Path) -> None:
+    before = finished(tmp_path)
+    with pytest.raises(StoreError) as info:
+        Store.open(tmp_path, spec())
+    message = str(info.value)
+    assert "--resume" in message and "--overwrite" in message and str(tmp_path) in message
+    assert "\n" not in message
+    assert snapshot(tmp_path) == before
+    # Results of an older version (a legacy file only) count as results too.
+    legacy = tmp_path / "old"
+    legacy.mkdir()
+    (legacy / "experimental_results.json").write_text("{}")
+    with pytest.raises(StoreError, match=r"experimental_results\.json.*--resume.*--overwrite"):
+        Store.open(legacy, spec(), legacy=["experimental_results.json"])
+    assert (legacy / "experimental_results.json").read_text() == "{}"
+    # ... and cannot be resumed (no settings to check), only overwritten.
+    with pytest.raises(StoreError, match=r"older version of kradapter.*--overwrite"):
+        Store.open(legacy, spec(), "resume", legacy=["experimental_results.json"])
+
+
+def test_resume_keeps_records_and_reads_them_back(tmp_path: Path) -> None:
+    finished(tmp_path)
+    with Store.open(tmp_path, spec(), "resume") as store:
+        assert store.resumed
+        assert store.done(("cell", "a", "lora", 1)) and not store.done(("cell", "a", "lora", 2))
+        assert store.records[("cell", "a", "lora", 1)] == {"error_value": 0.5}
+        store.add(("cell", "a", "lora", 2), {"error": "failed"})
+        assert not store.done(("cell", "a", "lora", 2))  # a failure is tried again
+    meta = json.loads((tmp_path / RUN_FILE).read_text())
+    assert [i["mode"] for i in meta["invocations"]] == ["new", "resume"]
+    assert meta["outputs"] == ["experimental_results.json"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"runtime.dtype": "float64"}, "setting runtime.dtype: 'float32' -> 'float64'"),
+        ({"training.iterations": 7}, "setting training.iterations: 5 -> 7"),
+        ({"training.new_knob": True}, "setting training.new_knob: '<unset>' -> True"),
+    ],
+)
+def test_resume_with_a_changed_setting_names_it_and_both_values(tmp_path: Path, change, expected) -> None:
+    before = finished(tmp_path)
+    with pytest.raises(StoreError) as info:
+        Store.open(tmp_path, spec(change), "resume")
+    assert expected in str(info.value) and "--overwrite" in str(info.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_names_every_differing_setting(tmp_path: Path) -> None:
+    finished(tmp_path)
+    with pytest.raises(StoreError) as info:
+        Store.open(tmp_path, spec({"training.lr": 0.2, "runtime.dtype": "bfloat16"}), "resume")
+    assert "training.lr: 0.1 -> 0.2" in str(info.value)
+    assert "runtime.dtype: 'float32' -> 'bfloat16'" in str(info.value)
+
+
+def test_resume_may_grow_the_axes(tmp_path: Path) -> None:
+    finished(tmp_path)
+    more = {"matrices": ["b", "a"], "methods": ["kradapter", "lora"], "seeds": [2, 1]}
+    per_value = {"methods": {"lora": {}, "kradapter": {"scaling": 2.0}}}
+    with Store.open(tmp_path, spec(axes=more, per_value=per_value), "resume") as store:
+        assert store.done(("cell", "a", "lora", 1))
+    meta = json.loads((tmp_path / RUN_FILE).read_text())
+    assert meta["axes"] == {"matrices": ["a", "b"], "methods": ["lora", "kradapter"], "seeds": [1, 2]}
+    assert meta["per_value"]["methods"]["kradapter"] == {"scaling": 2.0}
+    # A later resume with fewer values keeps the axes run so far.
+    with Store.open(tmp_path, spec(per_value=per_value), "resume"):
+        pass
+    assert json.loads((tmp_path / RUN_FILE).read_text())["axes"]["seeds"] == [1, 2]
+
+
+def test_resume_refuses_a_changed_per_value_setting(tmp_path: Path) -> None:
+    """A method's own settings (``methods.settings.lora``) must match for a method run before."""
+    finished(tmp_path, spec(per_value={"methods": {"lora": {"r": 4}}}))
+    before = snapshot(tmp_path)
+    with pytest.raises(StoreError) as info:
+        Store.open(tmp_path, spec(per_value={"methods": {"lora": {"r": 8}}}), "resume")
+    assert "methods lora: r: 4 -> 8" in str(info.value)
+    with pytest.raises(StoreError, match=r"methods lora: lora_dropout: '<unset>' -> 0\.1"):
+        Store.open(tmp_path, spec(per_value={"methods": {"lora": {"r": 4, "lora_dropout": 0.1}}}), "resume")
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_refuses_a_changed_input_file(tmp_path: Path) -> None:
+    """The same user-matrix name with other content is another study."""
+    matrix = tmp_path / "w.npy"
+    matrix.write_bytes(b"first content")
+    out = tmp_path / "out"
+    first = file_hash(matrix)
+    before = finished(out, spec(inputs={"matrix mine": first}))
+    matrix.write_bytes(b"other content")
+    second = file_hash(matrix)
+    assert second != first and second.startswith("sha256:")
+    with pytest.raises(StoreError) as info:
+        Store.open(out, spec(inputs={"matrix mine": second}), "resume")
+    assert f"input matrix mine: content {first} -> {second}" in str(info.value)
+    assert snapshot(out) == before
+    matrix.write_bytes(b"first content")  # the same bytes again: resumes
+    with Store.open(out, spec(inputs={"matrix mine": file_hash(matrix)}), "resume") as store:
+        assert store.done(("cell", "a", "lora", 1))
+
+
+def test_file_hash_of_a_folder_sees_names_and_contents(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a").write_bytes(b"x")
+    first = file_hash(tmp_path / "d")
+    (tmp_path / "d" / "a").rename(tmp_path / "d" / "b")
+    assert file_hash(tmp_path / "d") != first
+    (tmp_path / "d" / "b").rename(tmp_path / "d" / "a")
+    assert file_hash(tmp_path / "d") == first
+
+
+def test_overwrite_deletes_exactly_the_earlier_outputs(tmp_path: Path) -> None:
+    with Store.open(tmp_path, spec()) as store:
+        store.add(("cell", "a", "lora", 1), {"v": 1})
+        store.write_json("experimental_results.json", {"n": 1})
+        store.write_text("table.txt", "x")
+        adapters = tmp_path / "adapters" / "lora"
+        adapters.mkdir(parents=True)
+        (adapters / "adapter_model.safetensors").write_bytes(b"weights")
+        store.written(tmp_path / "adapters")
+    (tmp_path / "legacy.json").write_text("{}")
+    (tmp_path / "notes.md").write_text("mine, not the run's")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.bin").write_bytes(b"keep")
+    with Store.open(tmp_path, spec({"training.lr": 0.3}), "overwrite", legacy=["legacy.json"]) as store:
+        assert store.records == {} and not store.resumed
+        remaining = snapshot(tmp_path)
+    assert set(remaining) == {RUN_FILE, "notes.md", "data/keep.bin"}
+    assert remaining["notes.md"] == b"mine, not the run's" and remaining["data/keep.bin"] == b"keep"
+    meta = json.loads(remaining[RUN_FILE])
+    assert meta["settings"]["training.lr"] == 0.3 and meta["outputs"] == []
+    assert [i["mode"] for i in meta["invocations"]] == ["overwrite"]
+
+
+def test_overwrite_never_deletes_outside_the_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep")
+    with Store.open(out, spec()):
+        pass
+    meta = json.loads((out / RUN_FILE).read_text())
+    meta["outputs"] = ["../precious.txt", str(outside)]
+    (out / RUN_FILE).write_text(json.dumps(meta))
+    with Store.open(out, spec(), "overwrite"):
+        pass
+    assert outside.read_text() == "keep"
+
+
+def test_a_second_open_in_this_process_fails_at_once_naming_the_holder(tmp_path: Path) -> None:
+    with Store.open(tmp_path, spec()):
+        with pytest.raises(StoreError, match=rf"in use by another run \(pid {os.getpid()} on "):
+            Store.open(tmp_path, spec(), "resume")
+        with pytest.raises(StoreError, match="in use"):
+            Store.open(tmp_path, spec(), "overwrite")
+        assert not (tmp_path / RECORDS_FILE).exists()
+    with Store.open(tmp_path, spec(), "resume"):  # released on close
+        pass
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from kradapter.store import RunSpec, Store
+    store = Store.open(sys.argv[1], RunSpec("compare", {"x": 1}), sys.argv[2])
+    print("locked", flush=True)
+    sys.stdin.readline()
+    store.close()
+    """
+)
+
+
+def test_a_second_run_from_another_process_fails_at_once_naming_its_pid(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path), "new"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError, match=rf"in use by another run \(pid {holder.pid} on "):
+            Store.open(tmp_path, RunSpec("compare", {"x": 1}), "resume")
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write("\n")
+        holder.stdin.close()
+        assert holder.wait(timeout=60) == 0
+    with Store.open(tmp_path, RunSpec("compare", {"x": 1}), "resume"):  # free once the holder closed
+        pass
+    # A holder killed outright releases the lock too (the kernel drops flock with the process).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path), "resume"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait(timeout=60)
+    with Store.open(tmp_path, RunSpec("compare", {"x": 1}), "resume"):
+        pass
+
+
+def test_files_have_ordinary_modes(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        with Store.open(tmp_path / "out", spec()) as store:
+            store.add(("cell", "a", "lora", 1), {"v": 1})
+            store.write_json("experimental_results.json", {"n": 1})
+            store.write_text("table.txt", "x")
+        write_atomic(tmp_path / "out" / "plot.png", b"\x89PNG")
+    finally:
+        os.umask(old)
+    for name in (RUN_FILE, RECORDS_FILE, "experimental_results.json", "table.txt", "plot.png"):
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o644, name
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    write_atomic(path, "old\n")
+
+    class Boom:
+        def encode(self, _: str) -> bytes:
+            raise RuntimeError("disk full")
+
+    with pytest.raises((RuntimeError, TypeError)):
+        write_atomic(path, Boom())  # type: ignore[arg-type]
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def _meta(directory: Path) -> dict:  # type: ignore[type-arg]
+    return json.loads((directory / RUN_FILE).read_text())
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda meta: "[1, 2, 3]\n", "not a run description"),
+        (lambda meta: json.dumps({**meta, "schema_version": SCHEMA_VERSION + 1}), "schema_version 2"),
+        (lambda meta: json.dumps({k: v for k, v in meta.items() if k != "schema_version"}), "schema_version None"),
+        (lambda meta: json.dumps({**meta, "settings": [1]}), "'settings' is missing or not a dict"),
+        (lambda meta: json.dumps({**meta, "kind": "finetune"}), "is a 'finetune' run, not 'compare'"),
+        (lambda meta: json.dumps({**meta, "per_value": [1]}), "'per_value' is not a table of tables"),
+        (lambda meta: json.dumps({**meta, "per_value": {"methods": 3}}), "'per_value' is not a table of tables"),
+        (lambda meta: json.dumps(meta, indent=1)[:40], "cannot read"),
+        (lambda meta: "\xff\xfe not text", "cannot read"),
+    ],
+    ids=[
+        "list",
+        "newer-schema",
+        "no-schema",
+        "settings-type",
+        "other-kind",
+        "per-value-list",
+        "per-value-axis",
+        "truncated",
+        "not-utf8",
+    ],
+)
+def test_an_unreadable_run_file_is_an_error_and_left_untouched(tmp_path: Path, damage, match) -> None:
+    finished(tmp_path)
+    text = damage(_meta(tmp_path))
+    (tmp_path / RUN_FILE).write_bytes(text.encode("latin-1") if "\xff" in text else text.encode())
+    before = snapshot(tmp_path)
+    with pytest.raises(StoreError, match=match) as info:
+        Store.open(tmp_path, spec(), "resume")
+    assert "\n" not in str(info.value) and RUN_FILE in str(info.value)
+    assert snapshot(tmp_path) == before
+    with pytest.raises(StoreError, match="--resume"):  # and a plain run refuses it as results, too
+        Store.open(tmp_path, spec())
+    assert snapshot(tmp_path) == before
+
+
+def test_an_interrupted_append_is_repaired_on_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    finished(tmp_path)
+    records = tmp_path / RECORDS_FILE
+    complete = records.read_bytes()
+    records.write_bytes(complete + b'{"key":["cell","a","lora",2],"rec')  # killed mid-write
+    with Store.open(tmp_path, spec(), "resume") as store:
+        assert set(store.records) == {("cell", "a", "lora", 1), ("target", "a", 1)}
+        assert records.read_bytes() == complete
+        store.add(("cell", "a", "lora", 2), {"v": 2})
+    assert "dropped an unfinished record" in capsys.readouterr().err
+    lines = records.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[-1]) == {"key": ["cell", "a", "lora", 2], "record": {"v": 2}}
+    with Store.open(tmp_path, spec(), "resume") as store:
+        assert store.records[("cell", "a", "lora", 2)] == {"v": 2}
+
+
+def test_an_interrupted_first_append_leaves_no_records(tmp_path: Path) -> None:
+    with Store.open(tmp_path, spec()):
+        pass
+    (tmp_path / RECORDS_FILE).write_bytes(b'{"key":["cell"')
+    with Store.open(tmp_path, spec(), "resume") as store:
+        assert store.records == {}
+    assert (tmp_path / RECORDS_FILE).read_bytes() == b""
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"not json\n", b'{"key": ["cell"]}\n', b"[1, 2]\n", b"\xff\xfe\n"],
+    ids=["text", "no-record", "list", "bytes"],
+)
+def test_a_corrupt_complete_record_line_is_an_error(tmp_path: Path, bad: bytes) -> None:
+    finished(tmp_path)
+    records = tmp_path / RECORDS_FILE
+    lines = records.read_bytes().splitlines(keepends=True)
+    records.write_bytes(lines[0] + bad + lines[1])
+    before = snapshot(tmp_path)
+    with pytest.raises(StoreError, match=rf"{RECORDS_FILE} line 2 is not a record.*left untouched") as info:
+        Store.open(tmp_path, spec(), "resume")
+    assert "\n" not in str(info.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_an_out_path_naming_a_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "results.json"
+    path.write_text("precious")
+    for mode in ("new", "resume", "overwrite"):
+        with pytest.raises(StoreError, match=r"results\.json exists and is not a folder"):
+            Store.open(path, spec(), mode)
+    assert path.read_text() == "precious"
+    with pytest.raises(StoreError, match="cannot create the output folder"):
+        Store.open(path / "sub", spec())
+    with pytest.raises(StoreError, match="unknown mode 'append'"):
+        Store.open(tmp_path / "x", spec(), "append")
+
+
+def test_a_read_only_store_writes_nothing(tmp_path: Path) -> None:
+    """``writer=False`` (the other processes of a distributed job): no lock, no file written, records readable."""
+    before = finished(tmp_path)
+    with Store.open(tmp_path, spec(), "resume") as holder:
+        reader = Store.open(tmp_path, spec(), "resume", writer=False)
+        assert reader.done(("cell", "a", "lora", 1))
+        reader.add(("cell", "b", "lora", 1), {"v": 3})
+        reader.write_json("experimental_results.json", {"other": True})
+        reader.close()
+        holder.add(("cell", "a", "lora", 9), {"v": 9})
+    after = snapshot(tmp_path)
+    assert after["experimental_results.json"] == before["experimental_results.json"]
+    assert b'"b"' not in after[RECORDS_FILE]
+
+
+def test_a_run_that_finished_nothing_holds_no_results(tmp_path: Path) -> None:
+    """A run stopped before its first record (a bad input found after opening, a kill) leaves only ``run.json``: a new
+    run, with any settings, starts over it; one that wrote a record or an output does not."""
+    with Store.open(tmp_path, spec()):
+        pass
+    with Store.open(tmp_path, spec({"training.lr": 0.7})) as store:
+        assert store.records == {} and store.meta["settings"]["training.lr"] == 0.7
+    meta = json.loads((tmp_path / RUN_FILE).read_text())
+    assert [i["mode"] for i in meta["invocations"]] == ["new"]
+    with Store.open(tmp_path, spec(), "resume") as store:  # nothing to resume: starts with these settings
+        store.write_text("table.txt", "x")
+    with pytest.raises(StoreError, match="--resume"):
+        Store.open(tmp_path, spec())
