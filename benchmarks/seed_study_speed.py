@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 SEED_FILES = ("approximate_weight.py", "config.py")
@@ -90,12 +91,15 @@ types, lora_r, out = sys.argv[6].split(","), int(sys.argv[7]), sys.argv[8]
 import torch
 torch.set_num_threads(threads)
 from kradapter.compare.config import StudyConfig, with_changes
+from kradapter.compare.inputs import run_spec
 from kradapter.compare.study import run_study
+from kradapter.store import Store
 def study(tmp, **methods):
     config = with_changes(StudyConfig(), matrices={"size": (rows, cols), "types": types}, methods=methods,
                           training={"iterations": iterations, "seeds": [seed]},
                           runtime={"threads": threads, "device": "cpu"}, output={"directory": tmp, "plots": False})
-    return run_study(config, progress=False).data["results"]
+    with Store.open(tmp, run_spec(config)) as store:
+        return run_study(config, store, progress=False)[0]["results"]
 def rows_of(results):
     return {m: {k: {"relative": v["relative_frobenius_error"], "params": v["params"], "iterations": v["iterations"]}
                 for k, v in r["methods"].items()} for m, r in results.items()}
@@ -126,14 +130,22 @@ def seed_copy(path: Path, into: Path) -> Path:
 
 
 def run_child(code: str, args: list[str], env: dict[str, str], log: Path) -> dict:
+    """Run ``code`` in a fresh process; its JSON, with ``process_seconds``: the whole process as a user waits for
+    it (interpreter start, imports, the study, plots)."""
     out = log.with_suffix(".json")
+    result = run_process([sys.executable, "-c", code, *args, str(out)], env, log)
+    return {**json.loads(out.read_text()), "process_seconds": result}
+
+
+def run_process(command: list[str], env: dict[str, str], log: Path) -> float:
+    """Wall time of ``command`` from start to exit."""
     with log.open("w") as f:
-        done = subprocess.run(
-            [sys.executable, "-c", code, *args, str(out)], stdout=f, stderr=subprocess.STDOUT, env=env
-        )
+        start = time.perf_counter()
+        done = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+        seconds = time.perf_counter() - start
     if done.returncode != 0:
-        raise SystemExit(f"child failed (exit {done.returncode}):\n{log.read_text()[-3000:]}")
-    return json.loads(out.read_text())
+        raise SystemExit(f"{command[0]} failed (exit {done.returncode}):\n{log.read_text()[-3000:]}")
+    return seconds
 
 
 def seed_lora_rank(rows: int, cols: int) -> int:
@@ -187,7 +199,7 @@ def main() -> int:
     rows, cols = (int(v) for v in args.size.lower().split("x"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads), "CUDA_VISIBLE_DEVICES": ""}
     lora_r = seed_lora_rank(rows, cols)
-    seed_runs, our_runs = [], []
+    seed_runs, our_runs, cli_runs = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         repo = seed_copy(args.seed_repo.expanduser().resolve(), Path(tmp))
         shape = [str(rows), str(cols), str(args.iterations), str(args.threads)]
@@ -200,7 +212,12 @@ def main() -> int:
             our_runs.append(
                 run_child(OURS_CHILD, [*shape, str(seed), types, str(lora_r)], env, Path(tmp) / f"ours{round_}")
             )
-            print(f"  {our_runs[-1]['seconds']:.1f} s", flush=True)
+            print(f"  {our_runs[-1]['seconds']:.1f} s; the kradapter command, whole process ...", flush=True)
+            command = [str(Path(sys.executable).parent / "kradapter"), "compare", "--size", f"{rows}x{cols}"]
+            command += ["--matrices", types, "--iterations", str(args.iterations), "--seeds", str(seed)]
+            command += ["--threads", str(args.threads), "--out", str(Path(tmp) / f"cli{round_}"), "--quiet"]
+            cli_runs.append(run_process(command, env, Path(tmp) / f"cli{round_}.log"))
+            print(f"  {cli_runs[-1]:.1f} s", flush=True)
     seed_times = [run["seconds"] for run in seed_runs]
     our_times = [run["seconds"] for run in our_runs]
     seed_losses = [relative_losses(run) for run in seed_runs]
@@ -259,6 +276,12 @@ def main() -> int:
         f"wall time (median of {n}, {args.threads} threads): seed {seed_median:.1f} s, kradapter {our_median:.1f} s: "
         f"{speedup:.1f}x faster"
     )
+    seed_process = statistics.median(run["process_seconds"] for run in seed_runs)
+    cli_process = statistics.median(cli_runs)
+    print(
+        f"whole process, start-up and plots included (median of {n}): python approximate_weight.py "
+        f"{seed_process:.1f} s, kradapter compare {cli_process:.1f} s: {seed_process / cli_process:.1f}x faster"
+    )
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
@@ -269,6 +292,9 @@ def main() -> int:
         "seed_seconds": seed_times,
         "kradapter_seconds": our_times,
         "speedup_of_medians": speedup,
+        "seed_process_seconds": [run["process_seconds"] for run in seed_runs],
+        "kradapter_compare_process_seconds": cli_runs,
+        "process_speedup_of_medians": seed_process / cli_process,
         "worst_ratio_of_means": ratios,
         "worst_ratio_of_means_at_seed_sizes": seed_size_ratios,
         "relative_frobenius_error": main_table,

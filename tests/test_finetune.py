@@ -164,3 +164,96 @@ def test_two_processes_with_torchrun(corpus: Path, tiny_model: Path, tmp_path: P
     assert run["steps"] == 3 * 8 // 4  # 3 epochs of 8 examples in global batches of 4 (2 per process)
     assert run["loss_last_epoch"] < run["loss_first_epoch"]
     assert run["reload_max_abs_diff"] < 1e-5
+
+
+# -- issue: results you can trust (each of these failed before the results store and the up-front checks) --------
+
+
+def _model_copy(src: Path, dst: Path, drop: tuple[str, ...] = (), config: str | None = None) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*drop) if drop else None)
+    if config is not None:
+        (dst / "config.json").write_text(config)
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("drop", "config", "message"),
+    [
+        (("tokenizer.json", "vocab.txt"), None, "has no tokenizer"),
+        (("model.safetensors",), None, "has no weights"),
+        ((), "{not json", "config.json is not valid JSON"),
+        ((), '{"hidden_size": 3}', "has no 'model_type'"),
+    ],
+)
+def test_broken_model_folder_is_named_before_any_work(
+    corpus: Path, tiny_model: Path, tmp_path: Path, capsys, drop, config, message
+) -> None:
+    model = _model_copy(tiny_model, tmp_path / "model", drop, config)
+    assert finetune(corpus, model, tmp_path / "out", "--methods", "head") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("records.jsonl"))
+
+
+def test_out_naming_a_file_and_val_shots_zero(corpus: Path, tiny_model: Path, tmp_path: Path, capsys) -> None:
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    assert finetune(corpus, tiny_model, target, "--methods", "head") == 2
+    assert "is not a folder" in capsys.readouterr().err and target.read_text() == "keep me"
+    # --val-shots 0 with a method that sweeps (head: two rates) is refused before any work ...
+    assert finetune(corpus, tiny_model, tmp_path / "v0", "--methods", "head", "--val-shots", "0") == 2
+    assert "--val-shots 0 leaves no validation articles" in capsys.readouterr().err
+    # ... and valid when every method has one rate.
+    out = tmp_path / "v1"
+    assert finetune(corpus, tiny_model, out, "--methods", "head", "--val-shots", "0", "--lr-grid", "head=3e-2") == 0
+    assert oct((out / RESULTS_FILE).stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_resume_refuses_a_changed_grid_and_overwrite_removes_adapters(
+    corpus: Path, tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    assert finetune(corpus, tiny_model, out, "--seeds", "0", "--methods", "head", "--lr-grid", "head=3e-2") == 0
+    adapters = sorted(p.name for p in (out / "adapters" / "head").iterdir())
+    assert adapters == ["seed0_lr0.03"]
+    before = (out / "records.jsonl").read_bytes()
+    # A grid containing the finished single rate (the old KeyError: 'val'), or any other grid: refused, named.
+    assert finetune(corpus, tiny_model, out, "--seeds", "0", "--methods", "head", "--resume",
+                    "--lr-grid", "head=3e-2,1e-1") == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "methods head: lr_grid: [0.03] -> [0.03, 0.1]" in err
+    assert (out / "records.jsonl").read_bytes() == before
+    # --overwrite deletes the earlier run's adapters (nothing stale left) and nothing else in the folder.
+    (out / "notes.txt").write_text("mine")
+    assert finetune(corpus, tiny_model, out, "--seeds", "0", "--methods", "head", "--overwrite",
+                    "--lr-grid", "head=1e-1") == 0  # fmt: skip
+    assert sorted(p.name for p in (out / "adapters" / "head").iterdir()) == ["seed0_lr0.1"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_without_test_metrics_is_an_error_not_a_dropped_seed() -> None:
+    from kradapter.finetune.report import summarize
+
+    results = {"runs": {"lora": {"0": {"test": {"accuracy": 0.9, "macro_f1": 0.9}}, "1": {}}}, "methods": {}}
+    with pytest.raises(RuntimeError, match="a finished lora run has no test metrics"):
+        summarize(results, ("lora",), (0, 1))
+
+
+def test_shots_message_never_says_a_negative_limit(tmp_path: Path) -> None:
+    import numpy as np
+
+    from kradapter.finetune.data import Corpus, check_shots
+
+    labels = np.array([0] * 5 + [1] * 5)
+    corpus = Corpus(["x"] * 10, labels, ("a", "b"), tmp_path)
+    with pytest.raises(ValueError) as info:
+        check_shots(corpus, np.arange(10), 2, 6)
+    assert "-" not in info.value.args[0].split("(")[-1] and "at most --val-shots 4 with --shots 1" in str(info.value)

@@ -11,7 +11,7 @@ from peft import get_peft_model
 from torch import nn
 
 from kradapter import registry
-from kradapter.registry import ADAPTERS, MethodError, get, kradapter_budget, parse_names, plan
+from kradapter.registry import ADAPTERS, DEFAULT_ADAPTERS, MethodError, get, kradapter_budget, parse_names, plan
 
 BUDGET_SHAPES = [(130, 72), (72, 130), (1000, 768), (97, 389), (1024, 768)]
 MINILM_SHAPES = [(384, 384)] * 4 + [(1536, 384), (384, 1536)]
@@ -49,7 +49,7 @@ def test_budget_is_the_kradapter_layer_count(shape, factorization) -> None:
     assert found.count == built_count(config, [shape]) == budget
 
 
-@pytest.mark.parametrize("method", ADAPTERS)
+@pytest.mark.parametrize("method", DEFAULT_ADAPTERS)
 @pytest.mark.parametrize("shape", BUDGET_SHAPES)
 def test_budget_within_tolerance_and_count_is_real(method, shape) -> None:
     """sqrt_min budgets on odd shapes: every method lands within its tolerance (5%; RandLoRA 10%, whose one knob
@@ -197,3 +197,15 @@ def test_a_bad_name_in_a_list_is_named_alone() -> None:
 def test_bad_input_names_the_value(call, match) -> None:
     with pytest.raises(MethodError, match=match):
         call()
+
+
+HIGH_RANK_RELATIVES = [m for m in ADAPTERS if m not in DEFAULT_ADAPTERS]
+
+
+@pytest.mark.parametrize("method", HIGH_RANK_RELATIVES)
+def test_high_rank_relatives_count_on_odd_shapes(method) -> None:
+    rng = random.Random()
+    shapes = [(2 * rng.randint(3, 40), 2 * rng.randint(3, 40)) for _ in range(3)]  # even sides: GraLoRA's 2 x 2 grid
+    r = 2 * rng.randint(1, 2)
+    config = get(method).config(targets(shapes), r=r)
+    assert get(method).count(shapes, r=r) == built_count(config, shapes), (shapes, r)

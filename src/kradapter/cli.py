@@ -1,4 +1,5 @@
-"""The ``kradapter`` command: ``compare`` (matrix-approximation study) and ``finetune`` (real fine-tuning).
+"""The ``kradapter`` command: ``compare`` (matrix-approximation study), ``finetune`` (real fine-tuning) and
+``export`` (a KRAdapter or SinLoRA adapter as a LoRA adapter, for LoRA-only serving).
 
 Parsing and every check load no heavy library, so help and errors answer at once.
 """
@@ -9,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("kradapter.compare.cli", "kradapter.finetune.cli")
+COMMAND_MODULES = ("kradapter.compare.cli", "kradapter.finetune.cli", "kradapter.export_cli")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -275,7 +275,11 @@ def run_export(request: Request, model: nn.Module) -> ExportReport:
     config.modules_to_save = None  # heads are copied as tensors, never rebuilt on the base
     config.task_type = None
     config.inference_mode = True
-    peft_model = get_peft_model(model, config)
+    misfit = f"the adapter in {str(request.adapter_dir)!r} does not fit the base model"
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:  # PEFT's own: e.g. no module matches target_modules
+        raise ExportError(f"{misfit}: {str(exc).splitlines()[0]}") from None
     try:
         layers = {
             name.removeprefix(MODEL_PREFIX): layer
@@ -286,13 +290,15 @@ def run_export(request: Request, model: nn.Module) -> ExportReport:
             for attr in layer.adapter_layer_names:
                 params = getattr(layer, attr)
                 params["default"] = torch.nn.Parameter(params["default"].detach().double(), requires_grad=False)
-        result = set_peft_model_state_dict(peft_model, factors, adapter_name="default")
+        try:
+            result = set_peft_model_state_dict(peft_model, factors, adapter_name="default")
+        except ValueError as exc:  # the tuner names the module whose shape differs
+            raise ExportError(f"{misfit}: {str(exc).splitlines()[0]}") from None
         missing = [k for k in result.missing_keys if prefix in k]
         unexpected = [k for k in result.unexpected_keys if prefix in k]
         if missing or unexpected:
             raise ExportError(
-                f"the adapter in {str(request.adapter_dir)!r} does not fit the base model "
-                f"({len(missing)} adapter tensors missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, "
+                f"{misfit} ({len(missing)} adapter tensors missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, "
                 f"e.g. {unexpected[:1]}); pass the base model it was trained on (--base)"
             )
         exported, tensors, fan_in_fan_out = [], {}, False

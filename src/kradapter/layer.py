@@ -7,6 +7,7 @@ Drop-in for an ``nn.Linear`` outside PEFT. Its factors load from the published l
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ class KRAdapterLinear(nn.Module):
         self.path = path
         # In the state dict, so a merged layer's weights load as merged (not with the update applied twice).
         self.register_buffer("merged_flag", torch.zeros((), dtype=torch.bool, device=base_layer.weight.device))
-        factory = {"device": base_layer.weight.device, "dtype": torch.float32}
+        factory: dict[str, Any] = {"device": base_layer.weight.device, "dtype": torch.float32}
         self.kr_u = nn.Parameter(torch.empty(self.shape.u_shape, **factory))
         self.kr_v = nn.Parameter(torch.empty(self.shape.v_shape, **factory))
         init_factors(self.kr_u, self.kr_v, zero_update=init_zero)
@@ -70,7 +71,8 @@ class KRAdapterLinear(nn.Module):
 
     @merged.setter
     def merged(self, value: bool) -> None:
-        self.merged_flag.fill_(bool(value))
+        flag: torch.Tensor = self.merged_flag  # type: ignore[assignment]
+        flag.fill_(bool(value))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         """State dicts saved before the flag existed hold unmerged weights."""

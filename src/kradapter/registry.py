@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from .shape import FACTORIZATIONS, KhatriRaoShape
+from .shape import FACTORIZATIONS, Factorization, KhatriRaoShape
 
 Shape = tuple[int, int]
 Settings = dict[str, Any]
@@ -71,6 +71,7 @@ class Method:
     scale_one: str | None = None  # the alpha field that gives scale 1 when equal to the rank (matrix study)
     seed_setting: str | None = None  # a config field seeding the method's frozen random parts
     tolerance: float = 0.05  # largest relative gap to the budget a study accepts
+    default: bool = True  # in the studies' default method lists
     trains_base: bool = False  # a baseline that trains the whole model (else only its head)
     rank_of: str | None = None  # a reference: the truncated SVD at this method's rank (None: rank 0, i.e. zero)
     lr_grid: tuple[float, ...] = ()  # finetune's learning-rate sweep
@@ -146,8 +147,8 @@ def kradapter_budget(shapes: Iterable[Sequence[int]], factorization: str = "sqrt
     """KRAdapter's trainable count summed over layers: the budget every other method is sized to."""
     if factorization not in FACTORIZATIONS:
         raise MethodError(f"unknown KRAdapter factorization {factorization!r}; choose one of {FACTORIZATIONS}")
-    shape = KhatriRaoShape  # the factorization was checked above
-    return sum(shape(d, k, factorization).num_params for d, k in check_shapes(shapes))  # type: ignore[arg-type]
+    checked = cast(Factorization, factorization)
+    return sum(KhatriRaoShape(d, k, checked).num_params for d, k in check_shapes(shapes))
 
 
 def _kradapter_config(targets: Any, s: Settings) -> Any:
@@ -302,6 +303,69 @@ def _lokr_candidates(layers: list[Shape], fixed: Settings) -> list[list[Candidat
     return groups
 
 
+# -- the high-rank relatives PEFT ships (LoHa, SHiRA, HiRA, GraLoRA) ------------------------------------------------
+
+
+def _loha_count(layers: list[Shape], s: Settings) -> int:
+    return 2 * _lora_count(layers, s)  # two rank-r pairs, Hadamard-multiplied
+
+
+def _loha_config(targets: Any, s: Settings) -> Any:
+    from peft import LoHaConfig
+
+    s.setdefault("alpha", s.get("r", DEFAULT_RANK))
+    return LoHaConfig(target_modules=targets, **s)
+
+
+def _shira_count(layers: list[Shape], s: Settings) -> int:
+    """``r (d + k)`` trained entries of a fixed random mask per layer; PEFT refuses more than the layer's ``d k``."""
+    r = _rank(s)
+    for d, k in layers:
+        if r * (d + k) > d * k:
+            raise MethodError(f"shira r={r} needs {r * (d + k)} entries, more than the {d * k} of a {d}x{k} layer")
+    return _lora_count(layers, s)
+
+
+def _shira_config(targets: Any, s: Settings) -> Any:
+    from peft import ShiraConfig
+
+    s.setdefault("random_seed", 0)  # the same mask positions every run
+    return ShiraConfig(target_modules=targets, **s)
+
+
+def _shira_bound(layers: list[Shape]) -> int:
+    return min(d * k // (d + k) for d, k in layers)
+
+
+def _hira_config(targets: Any, s: Settings) -> Any:
+    from peft import HiraConfig
+
+    return HiraConfig(target_modules=targets, **s)
+
+
+GRALORA_BLOCKS = 2  # PEFT's default gralora_k: it must divide r and both sides of every layer
+
+
+def _gralora_count(layers: list[Shape], s: Settings) -> int:
+    r, blocks = _rank(s), positive_int("gralora_k", s.get("gralora_k", GRALORA_BLOCKS))
+    if r % blocks or any(d % blocks or k % blocks for d, k in layers):
+        raise MethodError(f"gralora_k={blocks} must divide r={r} and both sides of every layer {layers}")
+    return (r + int(s.get("hybrid_r", 0))) * sum(d + k for d, k in layers)
+
+
+def _gralora_config(targets: Any, s: Settings) -> Any:
+    from peft import GraloraConfig
+
+    s.setdefault("alpha", s.get("r", DEFAULT_RANK) + s.get("hybrid_r", 0))
+    return GraloraConfig(target_modules=targets, **s)
+
+
+def _gralora_candidates(layers: list[Shape], fixed: Settings) -> list[list[Candidate]]:
+    blocks = int(fixed.get("gralora_k", GRALORA_BLOCKS))
+    ranks = [fixed["r"]] if "r" in fixed else range(blocks, _smallest_side(layers) + 1, blocks)
+    return [[Candidate({"r": r}, _gralora_count(layers, {"r": r, "gralora_k": blocks})) for r in ranks]]
+
+
 # -- the registry -------------------------------------------------------------------------------------------------
 
 _ENTRIES = (
@@ -375,6 +439,60 @@ _ENTRIES = (
         candidates=_lokr_candidates,
         describe=lambda s: f"r={s.get('r')}, factor={s.get('decompose_factor')}, both={s.get('decompose_both')}",
     ),
+    Method(
+        "loha",
+        "LoHa",
+        "adapter",
+        settings=("r", "alpha", "rank_dropout", "module_dropout", "init_weights"),
+        count_knobs=("r",),
+        rank_knob="r",
+        scale_one="alpha",
+        default=False,
+        lr_grid=(1e-3, 3e-3, 1e-2),
+        build=_loha_config,
+        counter=_loha_count,
+        candidates=_rank_candidates(_loha_count, _smallest_side),
+    ),
+    Method(
+        "shira",
+        "SHiRA",
+        "adapter",
+        settings=("r", "random_seed", "init_weights"),
+        count_knobs=("r",),
+        rank_knob="r",
+        default=False,
+        lr_grid=(1e-3, 3e-3, 1e-2),
+        build=_shira_config,
+        counter=_shira_count,
+        candidates=_rank_candidates(_shira_count, _shira_bound),
+    ),
+    Method(
+        "hira",
+        "HiRA",
+        "adapter",
+        settings=("r", "dropout", "init_weights"),
+        count_knobs=("r",),
+        rank_knob="r",
+        default=False,
+        lr_grid=(1e-3, 3e-3, 1e-2),
+        build=_hira_config,
+        counter=_lora_count,
+        candidates=_rank_candidates(_lora_count, _smallest_side),
+    ),
+    Method(
+        "gralora",
+        "GraLoRA",
+        "adapter",
+        settings=("r", "alpha", "gralora_k", "hybrid_r", "gralora_dropout", "init_weights"),
+        count_knobs=("r", "gralora_k", "hybrid_r"),
+        rank_knob="r",
+        scale_one="alpha",
+        default=False,
+        lr_grid=(1e-3, 3e-3, 1e-2),
+        build=_gralora_config,
+        counter=_gralora_count,
+        candidates=_gralora_candidates,
+    ),
     Method("svd", "Truncated SVD", "reference", rank_of="lora"),
     Method("zero", "Zero", "reference"),
     Method("head", "head only", "baseline", lr_grid=(1e-2, 3e-2, 1e-1), describe=lambda s: ""),
@@ -386,6 +504,7 @@ ALIASES: dict[str, str] = {alias: m.name for m in _ENTRIES for alias in (m.name,
 BUDGET_METHOD = "kradapter"  # every adapter is sized to its trainable count
 RELATIVE_TO = "lora"  # tables show other methods' spectral error in % of this one's
 ADAPTERS: tuple[str, ...] = tuple(m.name for m in _ENTRIES if m.is_adapter)
+DEFAULT_ADAPTERS: tuple[str, ...] = tuple(m.name for m in _ENTRIES if m.is_adapter and m.default)
 REFERENCES: tuple[str, ...] = tuple(m.name for m in _ENTRIES if m.kind == "reference")
 BASELINES: tuple[str, ...] = tuple(m.name for m in _ENTRIES if m.kind == "baseline")
 

@@ -239,7 +239,10 @@ class Store:
         records: dict[Key, Any] = {}
         if mode == "resume" and (directory / RECORDS_FILE).exists():
             records = _read_records(directory / RECORDS_FILE, repair=False)
-        return cls(directory, spec, {}, records, None)
+        meta = _fresh_meta(spec)
+        meta["axes"] = _merge_axes({}, spec.axes)
+        meta["invocations"].append({"mode": mode})
+        return cls(directory, spec, meta, records, None)
 
     @classmethod
     def _open_locked(
@@ -268,16 +271,7 @@ class Store:
                 records = _read_records(records_path, repair=True)
         now = dt.datetime.now().isoformat(timespec="seconds")
         if meta is None:
-            meta = {
-                "schema_version": SCHEMA_VERSION,
-                "kind": spec.kind,
-                "settings": _normal(dict(spec.settings)),
-                "inputs": dict(spec.inputs),
-                "axes": {},
-                "per_value": {},
-                "outputs": [],
-                "invocations": [],
-            }
+            meta = _fresh_meta(spec)
         meta["axes"] = _merge_axes(meta.get("axes", {}), spec.axes)
         meta["inputs"] = {**meta.get("inputs", {}), **spec.inputs}
         per_value = meta.setdefault("per_value", {})
@@ -368,6 +362,19 @@ class Store:
 
 
 # -- reading and checking -------------------------------------------------------------------------------------------
+
+
+def _fresh_meta(spec: RunSpec) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": spec.kind,
+        "settings": _normal(dict(spec.settings)),
+        "inputs": dict(spec.inputs),
+        "axes": {},
+        "per_value": {},
+        "outputs": [],
+        "invocations": [],
+    }
 
 
 def _read_meta(path: Path, kind: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..assets import MissingPackageError
 from ..store import Store, StoreError
 from .config import ConfigError, StudyConfig, load_config, with_changes
 from .inputs import MissingInputError, run_spec
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         spec = run_spec(config)
         mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
         store = Store.open(config.output.directory, spec, mode, legacy=[config.output.results_file])
-    except (ConfigError, MissingInputError, StoreError) as exc:
+    except (ConfigError, MissingInputError, MissingPackageError, StoreError) as exc:
         return fail(str(exc))
     with store:
         return _run(config, store, not args.quiet, fail)

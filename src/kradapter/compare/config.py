@@ -150,7 +150,7 @@ class MethodsConfig:
     ``amplitude`` for SinLoRA; under ``equal_budget`` a fixed count knob there overrides the search.
     """
 
-    names: list[str] = field(default_factory=lambda: list(registry.ADAPTERS))
+    names: list[str] = field(default_factory=lambda: list(registry.DEFAULT_ADAPTERS))
     strategy: str = "equal_budget"
     rank: int = 0  # equal_rank: the shared rank (0: LoRA's equal-budget rank)
     kradapter_factorization: str = "sqrt_max"

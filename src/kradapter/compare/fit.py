@@ -136,7 +136,8 @@ def fit_method(
     """
     rows, cols = target.shape
     model = inject(plan, rows, cols, seed, target.device, target.dtype)
-    layer: Any = model.base_model.model.layer
+    peft_model: Any = model
+    layer: Any = peft_model.base_model.model.layer
     params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))

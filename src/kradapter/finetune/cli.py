@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..assets import MissingPackageError, bbc_news_dir, minilm_dir
 from ..store import Store, StoreError, file_hash
-from .data import MODEL_NAME, MissingPackageError, default_data_dir, default_model_dir, load_corpus
+from .data import MODEL_NAME, load_corpus
 from .protocol import (
     DEFAULT_METHODS,
     DEVICES,
@@ -108,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if settings.batch_size % world_size:
             raise SettingsError(f"--batch-size {settings.batch_size} is not divisible by the {world_size} processes")
-        model_dir = check_model_dir(settings.model) if settings.model else default_model_dir()
-        data_dir = Path(settings.data) if settings.data else default_data_dir()
+        model_dir = check_model_dir(settings.model) if settings.model else minilm_dir()
+        data_dir = Path(settings.data) if settings.data else bbc_news_dir()
         load_corpus(data_dir)  # a data folder without two classes of .txt files stops here
         spec = settings.run_spec(file_hash(model_dir), file_hash(data_dir))
         mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"

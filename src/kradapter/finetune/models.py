@@ -207,7 +207,7 @@ def save_trained(model: nn.Module, directory: Path) -> int:
         save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, tmp / "head.safetensors")
     else:
         with quiet_transformers():  # no "Writing model shards" bar between the comparison's own progress lines
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp)  # type: ignore[operator]
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory_bytes(directory)

@@ -15,7 +15,7 @@ analysis measures the method users run, scaling included. Per layer:
 - ``frobenius_norm``, ``spectral_norm`` of ``dW``, the layer's ``shape`` (out, in) and its adapter ``parameters``.
 
 Singular values come from :func:`kradapter.compare.metrics.singular_values` (float64 Gram matrix), as in
-``compare``: values below about 1e-8 of the largest are numerical zeros (a rank-``r`` update shows a floor of
+``compare``: values below about 1e-7 of the largest are numerical zeros (a rank-``r`` update shows a floor of
 them past index ``r``; on MiniLM-size layers they raise a low-rank update's effective rank by a relative ~1e-5);
 :func:`plot_spectra` leaves out values below :data:`RESOLUTION`. Results are JSON-able lists of dicts. The plot
 functions import matplotlib when called.
@@ -34,7 +34,7 @@ from torch import nn
 from ..compare.metrics import effective_rank, singular_values
 
 SPECTRUM_TOP = 64
-RESOLUTION = 1e-7  # singular values below this fraction of the largest are numerical zeros (float64 Gram matrix)
+RESOLUTION = 1e-6  # singular values below this fraction of the largest are numerical zeros (float64 Gram matrix)
 
 
 def adapted_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str, nn.Module, str]]:
