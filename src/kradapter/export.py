@@ -30,7 +30,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import torch
@@ -233,7 +233,7 @@ def export_lora(
         out_dir,
         rank=rank,
         max_error=max_error,
-        base=None if module is not None else base,
+        base=None if module is not None else cast(Any, base),
         dtype=dtype,
         overwrite=overwrite,
         need_base=module is None,
@@ -264,7 +264,7 @@ def run_export(request: Request, model: nn.Module) -> ExportReport:
 
     from .tuners import METHODS
 
-    prefix = METHODS[request.peft_type][1].prefix
+    prefix = METHODS[cast(Any, request.peft_type)][1].prefix
     saved = load_peft_weights(str(request.adapter_dir), device="cpu")
     factors = {k: v for k, v in saved.items() if prefix in k}
     copied = {k: v for k, v in saved.items() if prefix not in k}
@@ -291,7 +291,7 @@ def run_export(request: Request, model: nn.Module) -> ExportReport:
                 params = getattr(layer, attr)
                 params["default"] = torch.nn.Parameter(params["default"].detach().double(), requires_grad=False)
         try:
-            result = set_peft_model_state_dict(peft_model, factors, adapter_name="default")
+            result: Any = set_peft_model_state_dict(peft_model, factors, adapter_name="default")
         except ValueError as exc:  # the tuner names the module whose shape differs
             raise ExportError(f"{misfit}: {str(exc).splitlines()[0]}") from None
         missing = [k for k in result.missing_keys if prefix in k]
@@ -313,12 +313,12 @@ def run_export(request: Request, model: nn.Module) -> ExportReport:
     finally:
         peft_model.unload()  # give back the base model as it was
 
-    ranks = {layer.name: layer.rank for layer in exported}
+    ranks = {item.name: item.rank for item in exported}
     r = request.rank if request.rank is not None else max(ranks.values())
     # Fold each layer's LoRA scaling alpha / rank into B, so that B @ A is the truncated update itself.
-    for layer in exported:
-        key = f"{MODEL_PREFIX}{layer.name}.lora_B.weight"
-        tensors[key] = tensors[key] * (layer.rank / r)
+    for item in exported:
+        key = f"{MODEL_PREFIX}{item.name}.lora_B.weight"
+        tensors[key] = tensors[key] * (item.rank / r)
     stored = getattr(torch, request.dtype)
     out_tensors = {k: v.to(stored).contiguous() for k, v in tensors.items()}
     out_tensors.update({k: v.detach().clone().contiguous() for k, v in copied.items()})

@@ -161,11 +161,12 @@ def write_update(
         base_blocks, base_tail = _blocks(base, shape)
         torch.addcmul(base_blocks, left, u.unsqueeze(1), value=scaling, out=out_blocks)
         if tail:
+            assert base_tail is not None  # the base has the same blocks as the update
             torch.addcmul(base_tail, v[:, q:], u[:, :tail], value=scaling, out=out_tail)
     return out.T if shape.transposed else out
 
 
-def _write_padded(u, v, shape, scaling, base, dtype):  # type: ignore[no-untyped-def]
+def _write_padded(u, v, shape, scaling, base, dtype):
     """:func:`write_update` in two kernels for small layers: all of ``K`` into a padded buffer, then the crop.
 
     The result is a view of that ``(m, r2 * r)`` buffer (rows padded, which matmuls take as is). It moves the
@@ -222,13 +223,13 @@ class _DeltaWeightFunction(torch.autograd.Function):
     """``dW`` from :func:`write_update` with the gradients of :func:`factor_grads`."""
 
     @staticmethod
-    def forward(ctx, u, v, shape: KhatriRaoShape):  # type: ignore[override]
+    def forward(ctx, u, v, shape: KhatriRaoShape):
         ctx.save_for_backward(u, v)
         ctx.shape = shape
         return write_update(u, v, shape)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         u, v = ctx.saved_tensors
         grad_u, grad_v = factor_grads(_k_view(grad, ctx.shape), u, v, ctx.shape)
         return grad_u, grad_v, None
@@ -291,7 +292,7 @@ class KhatriRaoLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, u, v, weight, bias, shape: KhatriRaoShape, scaling: float):  # type: ignore[override]
+    def forward(ctx, x, u, v, weight, bias, shape: KhatriRaoShape, scaling: float):
         merged = write_update(u, v, shape, scaling, weight, x.dtype)
         ctx.save_for_backward(x, u, v, weight)
         ctx.shape, ctx.scaling, ctx.has_bias = shape, scaling, bias is not None
@@ -300,7 +301,7 @@ class KhatriRaoLinearFunction(torch.autograd.Function):
         return F.linear(x, merged, bias)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         x, u, v, weight = ctx.saved_tensors
         shape: KhatriRaoShape = ctx.shape
         need_x, need_u, need_v, need_w, need_b = ctx.needs_input_grad[:5]
@@ -395,7 +396,7 @@ class KhatriRaoConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, u, v, weight, bias, shape: KhatriRaoShape, scaling: float, geometry: ConvGeometry):  # type: ignore[override]
+    def forward(ctx, x, u, v, weight, bias, shape: KhatriRaoShape, scaling: float, geometry: ConvGeometry):
         merged = _conv_weight(u, v, shape, scaling, weight, x.dtype, geometry)
         ctx.save_for_backward(x, u, v, weight)
         ctx.shape, ctx.scaling, ctx.geometry, ctx.has_bias = shape, scaling, geometry, bias is not None
@@ -404,7 +405,7 @@ class KhatriRaoConvFunction(torch.autograd.Function):
         return geometry.conv(x, merged, bias)
 
     @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
+    def backward(ctx, grad_out):
         x, u, v, weight = ctx.saved_tensors
         shape: KhatriRaoShape = ctx.shape
         geometry: ConvGeometry = ctx.geometry
@@ -437,7 +438,7 @@ class KhatriRaoConvFunction(torch.autograd.Function):
         return grad_x if need_x else None, grad_u, grad_v, grad_w, grad_b, None, None, None
 
 
-def _conv_weight(u, v, shape, scaling, weight, dtype, geometry):  # type: ignore[no-untyped-def]
+def _conv_weight(u, v, shape, scaling, weight, dtype, geometry):
     """``W + s * dW`` (or ``s * dW``) in the convolution weight's shape."""
     base = None if weight is None else weight.reshape(shape.out_features, shape.in_features)
     return write_update(u, v, shape, scaling, base, dtype).reshape(geometry.weight_shape)

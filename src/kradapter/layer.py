@@ -74,7 +74,7 @@ class KRAdapterLinear(nn.Module):
         flag: torch.Tensor = self.merged_flag  # type: ignore[assignment]
         flag.fill_(bool(value))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """State dicts saved before the flag existed hold unmerged weights."""
         state_dict.setdefault(prefix + "merged_flag", torch.zeros((), dtype=torch.bool))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -16,13 +16,13 @@ class _ScaledSine(torch.autograd.Function):
     where autograd's ``sin`` and ``mul`` take three and four (a third less time per step at 1024x768)."""
 
     @staticmethod
-    def forward(ctx, phase: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, phase: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(phase)
         ctx.scale = scale
         return torch.sin(phase).mul_(scale)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (phase,) = ctx.saved_tensors
         return torch.cos(phase).mul_(grad).mul_(ctx.scale), None
 

@@ -51,7 +51,7 @@ class _FrobeniusLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, update, target, squared: bool):  # type: ignore[override]
+    def forward(ctx, update, target, squared: bool):
         diff = update - target
         norm = torch.linalg.vector_norm(diff)
         ctx.save_for_backward(diff, norm)
@@ -59,7 +59,7 @@ class _FrobeniusLoss(torch.autograd.Function):
         return norm * norm if squared else norm
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         diff, norm = ctx.saved_tensors
         if ctx.squared:
             return diff * (2 * grad), None, None

@@ -44,7 +44,7 @@ def nuclear_error(s_fit: torch.Tensor, s_target: torch.Tensor) -> float:
     return float((s_fit - s_target).abs().mean())
 
 
-def fit_metrics(fit: torch.Tensor, target: torch.Tensor, s_target: torch.Tensor, s_fit: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+def fit_metrics(fit: torch.Tensor, target: torch.Tensor, s_target: torch.Tensor, s_fit: torch.Tensor | None = None):
     """All metrics of ``fit``; ``s_fit`` is computed here unless given (the references know theirs)."""
     if s_fit is None:
         s_fit = singular_values(fit)

@@ -29,7 +29,7 @@ def _value(entry: dict[str, Any], method: str, metric: str) -> float | None:
     return value if isinstance(value, int | float) and math.isfinite(value) else None
 
 
-def _pyplot(config: StudyConfig):  # type: ignore[no-untyped-def]
+def _pyplot(config: StudyConfig):
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -39,7 +39,7 @@ def _pyplot(config: StudyConfig):  # type: ignore[no-untyped-def]
     return plt
 
 
-def _save(fig, path: Path, config: StudyConfig, rect: tuple[float, ...] = (0, 0, 1, 1)) -> None:  # type: ignore[no-untyped-def]
+def _save(fig, path: Path, config: StudyConfig, rect: tuple[float, ...] = (0, 0, 1, 1)) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout(rect=rect)
@@ -49,7 +49,7 @@ def _save(fig, path: Path, config: StudyConfig, rect: tuple[float, ...] = (0, 0,
     write_atomic(path, buffer.getvalue())
 
 
-def _bars(ax, rows, columns, metric, config, relative_to=None):  # type: ignore[no-untyped-def]
+def _bars(ax, rows, columns, metric, config, relative_to=None):
     """Grouped bars of ``metric`` per matrix (optionally in % of ``relative_to``); missing values marked."""
     width = 0.8 / len(columns)
     for i, method in enumerate(columns):

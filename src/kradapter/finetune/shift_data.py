@@ -275,7 +275,7 @@ def load_newsgroups(split: str = "test") -> LabelledTexts:
         texts += t
     classes = [newsgroup_class(g) for g in groups]
     keep = [i for i, c in enumerate(classes) if c is not None]
-    labels = np.asarray([TOPIC_CLASSES.index(classes[i]) for i in keep], dtype=np.int64)  # type: ignore[arg-type]
+    labels = np.asarray([TOPIC_CLASSES.index(classes[i]) for i in keep], dtype=np.int64)
     return _dedup(LabelledTexts(f"20newsgroups-{split}", tuple(texts[i] for i in keep), labels, TOPIC_CLASSES))
 
 

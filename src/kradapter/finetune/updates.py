@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ SPECTRUM_TOP = 64
 RESOLUTION = 1e-6  # singular values below this fraction of the largest are numerical zeros (float64 Gram matrix)
 
 
-def adapted_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str, nn.Module, str]]:
+def adapted_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str, Any, str]]:
     """``(module name, tuner layer, adapter name)`` for every PEFT tuner layer holding ``adapter``.
 
     ``adapter=None`` takes each layer's first active adapter. A ValueError if no layer holds the adapter.
@@ -63,19 +63,19 @@ def _holds(holder: Any, adapter: str) -> bool:
     return isinstance(holder, nn.ModuleDict | nn.ParameterDict | dict) and adapter in holder
 
 
-def _adapter_parameters(layer: nn.Module, adapter: str) -> int:
+def _adapter_parameters(layer: Any, adapter: str) -> int:
     """Elements of the adapter's own weights in ``layer`` (its ``adapter_layer_names``; frozen bases excluded)."""
     total = 0
     for attr in layer.adapter_layer_names:
         holder = getattr(layer, attr, None)
         if _holds(holder, adapter):
-            value = holder[adapter]
+            value = cast(Any, holder)[adapter]
             tensors = value.parameters() if isinstance(value, nn.Module) else [value]
             total += sum(t.numel() for t in tensors)
     return total
 
 
-def layer_update(layer: nn.Module, adapter: str) -> torch.Tensor:
+def layer_update(layer: Any, adapter: str) -> torch.Tensor:
     """The update ``merge()`` adds for ``adapter``: ``get_delta_weight``, times the base weight for HiRA.
 
     HiRA's ``get_delta_weight`` returns the factor ``B A``; its update is ``W0 * (B A)`` (entrywise), which is
