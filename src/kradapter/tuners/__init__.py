@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from .kradapter import KRAdapterConfig, KRAdapterModel
 from .peft_type import MethodType
 from .sinlora import SinLoRAConfig, SinLoRAModel
@@ -19,9 +21,9 @@ def register() -> None:
     from peft import mapping
 
     for peft_type, (config_cls, model_cls) in METHODS.items():
-        mapping.PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
-        mapping.PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
-        mapping.PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = model_cls.prefix
+        mapping.PEFT_TYPE_TO_CONFIG_MAPPING[cast(Any, peft_type)] = config_cls
+        mapping.PEFT_TYPE_TO_TUNER_MAPPING[cast(Any, peft_type)] = model_cls
+        mapping.PEFT_TYPE_TO_PREFIX_MAPPING[cast(Any, peft_type)] = model_cls.prefix
 
 
 register()  # importing the tuners makes PEFT know them (kradapter imports this module once PEFT is imported)

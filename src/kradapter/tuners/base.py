@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +64,9 @@ class DeltaConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
+            self.target_modules = cast(Any, set(self.target_modules))
         if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
+            self.exclude_modules = cast(Any, set(self.exclude_modules))
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a regex string")
         if not 0.0 <= self.dropout < 1.0:
@@ -86,7 +86,7 @@ class DeltaLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
-        base = self.get_base_layer()
+        base: Any = self.get_base_layer()
         # A quantized base (bitsandbytes, torchao): its backend knows the shape of a packed weight.
         self.quantization_backend = quantized.resolve(base, kwargs.get("get_apply_tensor_subclass"))
         if self.quantization_backend is not None:
@@ -131,7 +131,7 @@ class DeltaLayer(BaseTunerLayer):
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as an ``update_shape`` view, whatever the layer's storage layout."""
-        weight = self.get_base_layer().weight
+        weight: Any = self.get_base_layer().weight
         if self.conv is not None:
             return weight.flatten(1)
         return weight.T if self.fan_in_fan_out else weight
@@ -145,7 +145,7 @@ class DeltaLayer(BaseTunerLayer):
     def conv_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the convolution of :attr:`conv` takes it: padded here when the base layer pads by name
         (``"same"``) or with a mode other than zeros, as its own forward does."""
-        base = self.get_base_layer()
+        base: Any = self.get_base_layer()
         if self.conv is None or (base.padding_mode == "zeros" and not isinstance(base.padding, str)):
             return x
         mode = "constant" if base.padding_mode == "zeros" else base.padding_mode
@@ -212,7 +212,7 @@ class DeltaLayer(BaseTunerLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the active (or named) adapters into the base weight; ``safe_merge`` refuses non-finite results."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
-        weight = self.get_base_layer().weight
+        weight: Any = self.get_base_layer().weight
         for adapter in adapter_names:
             if adapter not in getattr(self, self.adapter_layer_names[0]):
                 continue
@@ -235,7 +235,7 @@ class DeltaLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        weight = self.get_base_layer().weight
+        weight: Any = self.get_base_layer().weight
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter in getattr(self, self.adapter_layer_names[0]) and self.quantization_backend is not None:
@@ -243,7 +243,7 @@ class DeltaLayer(BaseTunerLayer):
             elif adapter in getattr(self, self.adapter_layer_names[0]):
                 weight.sub_(self.to_weight_layout(self.get_delta_weight(adapter)).to(weight.dtype))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Refuse, naming the module, an adapter trained for a base layer of another shape."""
         for name in self.adapter_layer_names:
             params = getattr(self, name)
@@ -258,10 +258,10 @@ class DeltaLayer(BaseTunerLayer):
                         f"({self.out_features}x{self.in_features}) needs {want}; "
                         "the adapter was trained for a base model of other shapes"
                     )
-        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
 
-def conv_geometry(conv: nn.Module) -> ConvGeometry:
+def conv_geometry(conv: Any) -> ConvGeometry:
     """The geometry of an ``nn.Conv1d/2d/3d``, with its padding made explicit (see :meth:`DeltaLayer.conv_input`)."""
     if conv.transposed:
         raise TypeError(f"transposed convolutions ({type(conv).__name__}) are not supported")
@@ -288,7 +288,7 @@ def concrete(layer: type[DeltaLayer], name: str, module: str) -> type:
             super().__init__()
             layer.__init__(self, base_layer, **kwargs)
             self._active_adapter = adapter_name
-            self.update_layer(adapter_name, config)
+            cast(Any, self).update_layer(adapter_name, config)
 
         def __repr__(self) -> str:
             return f"{layer.__name__.removesuffix('Layer').lower()}.{super().__repr__()}"
@@ -304,7 +304,7 @@ class DeltaTuner(BaseTuner):
 
     layer_cls: type[DeltaLayer]
     conv_cls: type[DeltaLayer]
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    target_module_mapping = cast(Any, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
@@ -327,7 +327,7 @@ class DeltaTuner(BaseTuner):
             adapter_names = [name for name in adapter_names for _ in range(num_beams)]
         hook = partial(_inject_adapter_names, adapter_names=adapter_names)
         handles = [
-            module.register_forward_pre_hook(hook, with_kwargs=True)
+            cast(Any, module).register_forward_pre_hook(hook, with_kwargs=True)
             for module in self.model.modules()
             if isinstance(module, self.tuner_layer_cls | AuxiliaryTrainingWrapper)
         ]
@@ -341,7 +341,7 @@ class DeltaTuner(BaseTuner):
         self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs
     ) -> None:
         if isinstance(target, self.tuner_layer_cls):
-            target.update_layer(adapter_name, config)
+            cast(Any, target).update_layer(adapter_name, config)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if not isinstance(base, SUPPORTED_BASE_LAYERS + CONV_BASE_LAYERS):
@@ -350,7 +350,7 @@ class DeltaTuner(BaseTuner):
                 "only torch.nn.Linear, transformers Conv1D and torch.nn.Conv1d/Conv2d/Conv3d layers are supported"
             )
         cls = self.conv_cls if isinstance(base, CONV_BASE_LAYERS) else self.layer_cls
-        new_module = cls(target, adapter_name, config, **quantized.layer_kwargs(self.model))
+        new_module = cast(Any, cls)(target, adapter_name, config, **quantized.layer_kwargs(self.model))
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

@@ -17,7 +17,7 @@ restores the base only approximately (``docs/quantization.md`` has the measured 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from peft.import_utils import is_bnb_4bit_available, is_bnb_available, is_torchao_available
@@ -41,25 +41,25 @@ class QuantizedBase(QuantizationBackend):
     layer_type = "linear"
     supports_merge = True
 
-    def features(self, base_layer: nn.Module) -> tuple[int, int]:
+    def features(self, base_layer: Any) -> tuple[int, int]:
         """``(out_features, in_features)`` of the layer's logical weight."""
         raise NotImplementedError
 
-    def get_base_weight(self, base_layer: nn.Module) -> torch.Tensor:
+    def get_base_weight(self, base_layer: Any) -> torch.Tensor:
         """The dequantized weight as a new dense ``(out, in)`` tensor in the layer's compute dtype."""
         raise NotImplementedError
 
-    def quantize(self, base_layer: nn.Module, weight: torch.Tensor) -> nn.Parameter:
+    def quantize(self, base_layer: Any, weight: torch.Tensor) -> nn.Parameter:
         """``weight`` quantized with the scheme of ``base_layer``'s weight, as a new parameter; nothing is stored."""
         raise NotImplementedError
 
-    def set_base_weight(self, peft_layer: nn.Module, weight_data: torch.Tensor) -> None:
+    def set_base_weight(self, peft_layer: Any, weight_data: torch.Tensor) -> None:
         """Requantize ``weight_data`` into the base layer in place (the new parameter is built before any change)."""
         base_layer = peft_layer.get_base_layer()
         base_layer.weight = self.quantize(base_layer, weight_data)
         self.after_store(base_layer)
 
-    def after_store(self, base_layer: nn.Module) -> None:
+    def after_store(self, base_layer: Any) -> None:
         """Reset whatever the layer cached from its previous weight."""
 
 
@@ -68,11 +68,11 @@ class Bnb8bit(QuantizedBase):
 
     backend_name = "bnb 8bit"
 
-    def features(self, base_layer: nn.Module) -> tuple[int, int]:
+    def features(self, base_layer: Any) -> tuple[int, int]:
         out_features, in_features = base_layer.weight.shape
         return int(out_features), int(in_features)
 
-    def get_base_weight(self, base_layer: nn.Module) -> torch.Tensor:
+    def get_base_weight(self, base_layer: Any) -> torch.Tensor:
         import bitsandbytes as bnb
 
         weight = base_layer.weight
@@ -84,15 +84,15 @@ class Bnb8bit(QuantizedBase):
             raise ValueError(f"{self.backend_name} layer has an int8 weight but no row scales (SCB) to dequantize it")
         return bnb.functional.int8_vectorwise_dequant(weight.data, scales.to(weight.device))
 
-    def quantize(self, base_layer: nn.Module, weight: torch.Tensor) -> nn.Parameter:
+    def quantize(self, base_layer: Any, weight: torch.Tensor) -> nn.Parameter:
         import bitsandbytes as bnb
 
         old = base_layer.weight
         # Int8Params quantizes when moved from the CPU to a device (the CPU included), through float16.
         new = bnb.nn.Int8Params(weight.detach().to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights)
-        return new.to(old.device)
+        return cast(Any, new).to(old.device)
 
-    def after_store(self, base_layer: nn.Module) -> None:
+    def after_store(self, base_layer: Any) -> None:
         base_layer.state.reset_grads()  # drop the old CB/SCB; the next forward takes the new weight's
 
 
@@ -101,18 +101,18 @@ class Bnb4bit(QuantizedBase):
 
     backend_name = "bnb 4bit"
 
-    def features(self, base_layer: nn.Module) -> tuple[int, int]:
+    def features(self, base_layer: Any) -> tuple[int, int]:
         out_features, in_features = self.quant_state(base_layer).shape  # the weight itself is packed bytes
         return int(out_features), int(in_features)
 
-    def quant_state(self, base_layer: nn.Module) -> Any:
+    def quant_state(self, base_layer: Any) -> Any:
         weight = base_layer.weight
         state = weight.quant_state if weight.quant_state is not None else getattr(base_layer, "quant_state", None)
         if state is None:
             raise ValueError(f"{self.backend_name} layer has no quant_state: its weight was never quantized")
         return state
 
-    def get_base_weight(self, base_layer: nn.Module) -> torch.Tensor:
+    def get_base_weight(self, base_layer: Any) -> torch.Tensor:
         """The dense weight, read without changing the layer.
 
         On CPUs with AVX512-BF16 an inference forward repacks the weight for bitsandbytes' CPU kernel (and rounds
@@ -126,7 +126,7 @@ class Bnb4bit(QuantizedBase):
             data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
         return bnb.functional.dequantize_4bit(data, state)
 
-    def quantize(self, base_layer: nn.Module, weight: torch.Tensor) -> nn.Parameter:
+    def quantize(self, base_layer: Any, weight: torch.Tensor) -> nn.Parameter:
         import bitsandbytes as bnb
 
         old = base_layer.weight
@@ -139,7 +139,7 @@ class Bnb4bit(QuantizedBase):
             quant_storage=old.quant_storage,
             module=base_layer,
         )
-        return new.to(old.device)  # Params4bit quantizes on its first move to a device
+        return cast(Any, new).to(old.device)  # Params4bit quantizes on its first move to a device
 
     def maybe_clone_base_result(self, x: torch.Tensor) -> torch.Tensor:
         # As PEFT does for 4-bit bases: bitsandbytes' output may be a view that backward cannot modify.
@@ -159,11 +159,11 @@ class TorchAO(QuantizedBase):
     def __init__(self, get_apply_tensor_subclass: Callable[[], Any] | None = None) -> None:
         self.get_apply_tensor_subclass = get_apply_tensor_subclass
 
-    def features(self, base_layer: nn.Module) -> tuple[int, int]:
+    def features(self, base_layer: Any) -> tuple[int, int]:
         out_features, in_features = base_layer.weight.shape
         return int(out_features), int(in_features)
 
-    def get_base_weight(self, base_layer: nn.Module) -> torch.Tensor:
+    def get_base_weight(self, base_layer: Any) -> torch.Tensor:
         weight = base_layer.weight
         try:
             return weight.dequantize()
@@ -173,7 +173,7 @@ class TorchAO(QuantizedBase):
                 "support merging."
             ) from exc
 
-    def quantize(self, base_layer: nn.Module, weight: torch.Tensor) -> nn.Parameter:
+    def quantize(self, base_layer: Any, weight: torch.Tensor) -> nn.Parameter:
         old = base_layer.weight
         if self.get_apply_tensor_subclass is not None:
             from torchao import quantize_
@@ -212,7 +212,7 @@ class TorchAO(QuantizedBase):
         )
 
 
-def resolve(base_layer: nn.Module, get_apply_tensor_subclass: Callable[[], Any] | None = None) -> QuantizedBase | None:
+def resolve(base_layer: Any, get_apply_tensor_subclass: Callable[[], Any] | None = None) -> QuantizedBase | None:
     """The backend for ``base_layer``, or None for a dense layer; recognised as PEFT recognises them."""
     if is_bnb_available():
         import bitsandbytes as bnb
@@ -245,7 +245,7 @@ def adapter_dtype(layer: DeltaLayer, adapter: str) -> torch.dtype:
 
 def forward(layer: DeltaLayer, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
     """``base(x)`` through the quantized kernel plus each adapter's term, computed in the adapter's dtype."""
-    result = layer.quantization_backend.maybe_clone_base_result(layer.base_layer(x, *args, **kwargs))
+    result = cast(Any, layer.quantization_backend).maybe_clone_base_result(layer.base_layer(x, *args, **kwargs))
     for adapter in adapters:
         term = layer.adapter_term(x.to(adapter_dtype(layer, adapter)), adapter)
         result = result + term.to(result.dtype)
@@ -258,7 +258,7 @@ def add_update(layer: DeltaLayer, adapter: str, sign: int = 1, safe_merge: bool 
 
     With ``safe_merge`` a non-finite result raises PEFT's error and the base layer is left as it was.
     """
-    backend: QuantizedBase = layer.quantization_backend
+    backend = cast(QuantizedBase, layer.quantization_backend)
     base_layer = layer.get_base_layer()
     weight = backend.get_base_weight(base_layer)
     delta = layer.get_delta_weight(adapter)

@@ -6,7 +6,7 @@ matrix, the same Khatri-Rao update and the same memory-lean autograd functions a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ class KRAdapterLayer(DeltaLayer):
         from the base's, the base is not a plain dense layer or convolution, or (for a linear input ``x``) the
         separate path is faster (:func:`kradapter.khatri_rao.fusing_pays`; measurements in BENCHMARKS.md)."""
         execution = self.kradapter_execution[adapter]
-        dropout_active = self.training and not isinstance(self.kradapter_dropout[adapter], nn.Identity)
+        dropout_active = cast(Any, self).training and not isinstance(self.kradapter_dropout[adapter], nn.Identity)
         if execution == "separate" or dropout_active or not self.can_fuse():
             return False
         if execution == "fused" or x is None or self.conv is not None or torch.compiler.is_compiling():
@@ -70,7 +70,7 @@ class KRAdapterLayer(DeltaLayer):
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         first = adapters[0]
         if self.fuses(first, x):
-            base = self.get_base_layer()
+            base: Any = self.get_base_layer()
             result = self._term(x, first, base.weight if self.conv is not None else self.base_weight(), base.bias)
             adapters = adapters[1:]
         else:
