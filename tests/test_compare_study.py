@@ -19,7 +19,7 @@ from kradapter.compare.fit import _stalled, fit_method, frobenius_loss
 from kradapter.compare.inputs import MissingInputError, run_spec
 from kradapter.compare.results import SCHEMA_VERSION
 from kradapter.compare.study import plan_method, run_study
-from kradapter.registry import ADAPTERS
+from kradapter.registry import DEFAULT_ADAPTERS as ADAPTERS
 from kradapter.store import RECORDS_FILE, Store, StoreError
 
 ODD = [(130, 72), (72, 130), (1000, 768), (97, 389)]
@@ -201,20 +201,40 @@ def test_resume_skips_finished_cells(tmp_path: Path, monkeypatch: pytest.MonkeyP
         run(with_changes(config, training={"lr": 0.05}), "resume")
 
 
-def test_a_failing_method_is_an_error_in_the_results(tmp_path: Path) -> None:
-    """SinLoRA cannot take a rank above the smaller side: its column carries the reason, the others run."""
+def test_a_setting_that_fails_on_the_shape_stops_before_any_work(tmp_path: Path) -> None:
+    """SinLoRA cannot take a rank above the smaller side: the study stops before its first cell, naming it."""
     config = small(
         tmp_path,
         methods={"names": ["lora", "sinlora"], "strategy": "custom", "settings": {"sinlora": {"r": 100}}},
     )
-    spec = run_spec(config)
-    with Store.open(config.output.directory, spec) as store:
+    with Store.open(config.output.directory, run_spec(config)) as store:
+        with pytest.raises(ValueError, match=r"random_noise / sinlora: .*exceeds the smaller side"):
+            run_study(config, store, progress=False)
+        assert store.records == {}
+
+
+def test_a_method_failing_mid_study_is_an_error_in_the_results(tmp_path: Path, monkeypatch) -> None:
+    """A cell that raises while fitting: its column carries the reason, the others run, resume tries it again."""
+    config = small(tmp_path, methods={"names": ["lora", "sinlora"]})
+    real_fit = study.fit_method
+
+    def fit_or_fail(plan, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if plan.method == "sinlora":
+            raise RuntimeError("diverged")
+        return real_fit(plan, *args, **kwargs)
+
+    monkeypatch.setattr(study, "fit_method", fit_or_fail)
+    with Store.open(config.output.directory, run_spec(config)) as store:
         results, failed = run_study(config, store, progress=False)
     entry = results["results"]["random_noise"]["methods"]
-    assert len(failed) == 1 and "random_noise / sinlora (seed 42)" in failed[0]
-    assert "exceeds the smaller side" in entry["sinlora"]["error"]
-    assert entry["sinlora"]["runs"]["42"]["error"] == entry["sinlora"]["error"]
+    assert len(failed) == 1 and "random_noise / sinlora (seed 42): RuntimeError: diverged" in failed[0]
+    assert entry["sinlora"]["error"] == "RuntimeError: diverged" == entry["sinlora"]["runs"]["42"]["error"]
     assert entry["lora"]["error"] is None
+    monkeypatch.setattr(study, "fit_method", real_fit)
+    with Store.open(config.output.directory, run_spec(config), "resume") as store:
+        assert not store.done(("cell", "random_noise", "sinlora", 42))
+        results, failed = run_study(config, store, progress=False)
+    assert not failed and results["results"]["random_noise"]["methods"]["sinlora"]["error"] is None
 
 
 def test_a_missing_matrix_file_stops_before_any_work(tmp_path: Path) -> None:

@@ -21,6 +21,11 @@ def _columns(config: StudyConfig) -> list[str]:
     return [*config.methods.names, *(registry.REFERENCES if config.methods.references else ())]
 
 
+def _plotted(config: StudyConfig) -> list[str]:
+    """The columns drawn in the figures: every method and the rank-r reference, not the all-zero one."""
+    return [c for c in _columns(config) if registry.METHODS[c].is_adapter or registry.METHODS[c].rank_of]
+
+
 def _value(entry: dict[str, Any], method: str, metric: str) -> float | None:
     record = entry.get("methods", {}).get(method)
     if not record or record.get("error"):
@@ -99,7 +104,7 @@ def comparison_plot(results: dict[str, Any], config: StudyConfig, path: Path) ->
     Frobenius error (1 = predicting zero), which the nuclear error alone would hide."""
     plt = _pyplot(config)
     rows = _rows(results, config)
-    columns = [c for c in _columns(config) if c != "zero"]
+    columns = _plotted(config)
     width = max(config.output.figure_size[0], 2.0 + 1.2 * len(rows))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(width, config.output.figure_size[1] * 1.5))
     if registry.RELATIVE_TO in columns:
@@ -129,7 +134,7 @@ def spectra_plot(results: dict[str, Any], config: StudyConfig, path: Path) -> No
         target = entry.get("target", {}).get("singular_values")
         if target:
             ax.semilogy(_positive(target), color="black", linewidth=2, label="Target")
-        for i, method in enumerate(c for c in _columns(config) if c != "zero"):
+        for i, method in enumerate(_plotted(config)):
             record = entry.get("methods", {}).get(method, {})
             if record.get("singular_values") and not record.get("error"):
                 color = config.output.colors[i % len(config.output.colors)]
@@ -159,7 +164,7 @@ def effective_rank_plot(results: dict[str, Any], config: StudyConfig, path: Path
     """Effective rank of each fit beside the target's (black ticks)."""
     plt = _pyplot(config)
     rows = _rows(results, config)
-    columns = [c for c in _columns(config) if c != "zero"]
+    columns = _plotted(config)
     width = max(config.output.figure_size[0], 2.0 + 1.2 * len(rows))
     fig, ax = plt.subplots(figsize=(width, config.output.figure_size[1]))
     _bars(ax, rows, columns, "effective_rank", config)
