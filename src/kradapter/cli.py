@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 COMMAND_MODULES = ("kradapter.compare.cli", "kradapter.finetune.cli", "kradapter.export_cli")
 
 
+# Optional quantization backends, which PEFT imports whenever they are installed, log at import time about kernels
+# this CPU or build lacks (and torch about their enum registrations): noise unrelated to the command's work.
+IMPORT_NOISE_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name in IMPORT_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(prog="kradapter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
