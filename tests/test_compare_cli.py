@@ -551,11 +551,12 @@ def _lines(path: Path) -> int:
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_numbers(
     tmp_path: Path, runner: Runner, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """2 matrices x 3 methods x 2 seeds, killed (SIGKILL) at least 3 times at random moments, resumed each time until
-    it finishes: its results equal an uninterrupted run's on every number but the timings."""
+    """2 matrices x 3 methods x 2 seeds (2,000 steps a cell, long enough to be killed on a quiet machine), killed
+    (SIGKILL) at least 3 times at random moments, resumed each time until it finishes: its results equal an
+    uninterrupted run's on every number but the timings."""
     study = tmp_path / "study.toml"
     study.write_text(STUDY_SECONDS)
-    args = ["--config", study, *TINY, "--iterations", "200", "--methods", "lora,kradapter,sinlora", "--seeds", "3,4"]
+    args = ["--config", study, *TINY, "--iterations", "2000", "--methods", "lora,kradapter,sinlora", "--seeds", "3,4"]
     out = tmp_path / "killed"
     records = out / "records.jsonl"
     rng = random.Random()
