@@ -33,7 +33,8 @@ from peft import get_peft_model
 from torch import nn
 
 from kradapter import registry
-from kradapter.records import environment, write_json_atomic
+from kradapter.records import environment
+from kradapter.store import write_json
 
 TARGETS = ("query", "key", "value", "dense")
 NAMES = ("lora", "kradapter", "loha", "shira", "gralora", "hira")  # C3A: not in the registry yet
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "budget": budget,
         "contenders": rows,
     }
-    write_json_atomic(args.out, payload, indent=1)
+    write_json(args.out, payload, indent=1)
     print(
         f"\nMiniLM ({weights}), {args.batch} x {args.tokens // args.batch} tokens, {args.threads} threads, "
         f"budget {budget:,} (KRAdapter x {args.budget_factor})"

@@ -38,7 +38,8 @@ import torch
 from measure import step_peak_bytes
 from torch import nn
 
-from kradapter.records import environment, write_json_atomic
+from kradapter.records import environment
+from kradapter.store import write_json
 
 BASES = ("dense", "bnb_int8", "bnb_nf4", "bnb_fp4", "torchao_int8")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -331,14 +332,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.merge_errors:
             for base in [b for b in args.bases if b != "dense"]:
                 payload["bases"].append(merge_errors(base, path, args))
-                write_json_atomic(out, payload, indent=1)
+                write_json(out, payload, indent=1)
                 print(merge_table(payload["bases"][-1:]), flush=True)
             print(f"\n{merge_table(payload['bases'])}\n\nresults: {out}")
             return 0
         for base in args.bases:
             result = run_base(base, path, args)
             payload["bases"].append(result)
-            write_json_atomic(out, payload, indent=1)
+            write_json(out, payload, indent=1)
             kr, lora = result["contenders"]["kradapter"], result["contenders"]["lora"]
             print(
                 f"{base}: trainable KRAdapter {kr['trainable']:,}, LoRA r={result['lora_rank']} {lora['trainable']:,}; "

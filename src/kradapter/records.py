@@ -44,10 +44,3 @@ def environment() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cuda": torch.version.cuda,
     }
-
-
-def write_json_atomic(path: Path, data: Any, indent: int | None = None) -> None:
-    """Write JSON atomically, as the results store does (:func:`kradapter.store.write_json`)."""
-    from .store import write_json
-
-    write_json(path, data, indent)

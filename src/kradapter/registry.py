@@ -91,7 +91,7 @@ class Method:
         for key, value in settings.items():
             if key not in self.settings and key not in COMMON_SETTINGS:
                 raise MethodError(f"{where}.{key}: unknown setting of {self.name}; known: {', '.join(self.settings)}")
-            if key in self.count_knobs and key == self.rank_knob:
+            if key == self.rank_knob:
                 positive_int(f"{where}.{key}", value)
 
     def config(self, target_modules: Any, **settings: Any) -> Any:

@@ -13,10 +13,12 @@ from ..assets import minilm_dir, whisper_parts
 from ..store import RunSpec, file_hash
 from .config import CLIP_TYPES, StudyConfig
 
-# Settings that do not change a finished number: where and how results are shown, and the CPU thread count.
+# Keys that are not settings of a finished number: how results are shown and the CPU thread count; the axes
+# (matrices, methods, seeds: a resume may extend them); user matrices (their content hashes are inputs); and each
+# method's own settings (compared per method, ``per_value``).
 PRESENTATION = {"output"}
 NOT_RESULTS = {"runtime.threads", "training.log_interval", "matrices.types", "matrices.user", "methods.names"}
-NOT_RESULTS |= {"training.seeds", "methods.settings"}  # each method's settings: per_value
+NOT_RESULTS |= {"training.seeds", "methods.settings"}
 
 
 class MissingInputError(ValueError):

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..assets import MissingPackageError, bbc_news_dir, minilm_dir
 from ..store import Store, StoreError, file_hash
-from .data import MODEL_NAME, load_corpus
+from .data import MODEL_NAME, Corpus, load_corpus
 from .protocol import (
     DEFAULT_METHODS,
     DEVICES,
@@ -111,14 +111,14 @@ def run(args: argparse.Namespace) -> int:
             raise SettingsError(f"--batch-size {settings.batch_size} is not divisible by the {world_size} processes")
         model_dir = check_model_dir(settings.model) if settings.model else minilm_dir()
         data_dir = Path(settings.data) if settings.data else bbc_news_dir()
-        load_corpus(data_dir)  # a data folder without two classes of .txt files stops here
+        corpus = load_corpus(data_dir)  # a data folder without two classes of .txt files stops here
         spec = settings.run_spec(file_hash(model_dir), file_hash(data_dir))
         mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
         store = _open_store(args.out, spec, mode, rank, world_size, settings.device)
     except (SettingsError, MissingPackageError, StoreError, ValueError) as exc:
         return fail(str(exc))
     with store:
-        return _run(settings, store, model_dir, data_dir, rank, world_size, not args.quiet, fail)
+        return _run(settings, store, model_dir, corpus, rank, world_size, not args.quiet, fail)
 
 
 def _open_store(out: str, spec: Any, mode: str, rank: int, world_size: int, device: str) -> Store:
@@ -142,7 +142,7 @@ def _open_store(out: str, spec: Any, mode: str, rank: int, world_size: int, devi
 
 
 def _run(
-    settings: Settings, store: Store, model_dir: Path, data_dir: Path, rank: int, world_size: int, progress: bool,
+    settings: Settings, store: Store, model_dir: Path, corpus: Corpus, rank: int, world_size: int, progress: bool,
     fail: Any,
 ) -> int:  # fmt: skip
     from ..records import environment
@@ -153,7 +153,7 @@ def _run(
     started = time.perf_counter()
     store.set_environment({**environment(), "world_size": world_size})
     try:
-        plan = make_plan(settings, model_dir, data_dir, Path(settings.model).name if settings.model else MODEL_NAME)
+        plan = make_plan(settings, model_dir, corpus, Path(settings.model).name if settings.model else MODEL_NAME)
     except (SettingsError, ValueError) as exc:
         return fail(str(exc))
     execution = Execution(plan, store, rank, world_size, progress)

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import registry
 from ..registry import Plan as MethodPlan
-from .data import Corpus, check_shots, kshot_train, load_corpus, test_split, validation
+from .data import Corpus, check_shots, kshot_train, test_split, validation
 from .protocol import Settings, SettingsError
 
 
@@ -41,11 +41,10 @@ class Plan:
         return self.methods[method].count + self.head_params
 
 
-def make_plan(settings: Settings, model_dir: Path, data_dir: Path, model_name: str) -> Plan:
-    """Read the data, split it, probe the model and size every method; errors name the bad input."""
+def make_plan(settings: Settings, model_dir: Path, corpus: Corpus, model_name: str) -> Plan:
+    """Split the data, probe the model and size every method; errors name the bad input."""
     from .models import count_params, load_classifier, load_tokenizer, target_layers
 
-    corpus = load_corpus(data_dir)
     pool, test = test_split(corpus.labels)
     check_shots(corpus, pool, settings.shots, settings.val_shots)
     train_sets = {seed: kshot_train(corpus.labels, pool, settings.shots, seed) for seed in settings.seeds}

@@ -91,6 +91,7 @@ class Execution:
         self.world_size = world_size
         self.progress = progress and rank == 0
         self.workdir = store.directory / TRAINER_DIR
+        store.written(TRAINER_DIR)  # the Trainer's scratch folder: a killed run leaves it, --overwrite removes it
         self.tokens = Tokens(plan, self.settings.device, self.workdir)
         self.trained = 0
 
