@@ -69,7 +69,13 @@ def test_budget_within_tolerance_and_count_is_real(method, shape) -> None:
 @pytest.mark.parametrize("shapes", [MINILM_ATTENTION, MINILM_SHAPES], ids=["attention", "all"])
 def test_minilm_shape_set(method, shapes) -> None:
     budget = kradapter_budget(shapes)
+    if method == "c3a" and shapes is MINILM_ATTENTION:  # 384 x 384 / b for b | 384: 18,432 or 12,288 per layer
+        with pytest.raises(MethodError, match=r"c3a cannot match a budget of 61,440 .* closest is 73,728"):
+            plan(method, shapes, budget)
+        return
     found = plan(method, shapes, budget)
+    if method == "c3a":
+        assert found.settings == {"block_size": 12} and found.count == 147_456  # +6.7%
     if method == "randlora" and shapes is MINILM_SHAPES:
         # One rank for 384x384 and 1536x384 layers: 129,030 or 149,760 against 138,240; -6.7% is within 10%.
         assert found.count == 129_030
@@ -207,5 +213,15 @@ def test_high_rank_relatives_count_on_odd_shapes(method) -> None:
     rng = random.Random()
     shapes = [(2 * rng.randint(3, 40), 2 * rng.randint(3, 40)) for _ in range(3)]  # even sides: GraLoRA's 2 x 2 grid
     r = 2 * rng.randint(1, 2)
-    config = get(method).config(targets(shapes), r=r)
-    assert get(method).count(shapes, r=r) == built_count(config, shapes), (shapes, r)
+    knobs = {"block_size": rng.choice([1, 2])} if method == "c3a" else {"r": r}  # C3A: a block size dividing all sides
+    config = get(method).config(targets(shapes), **knobs)
+    assert get(method).count(shapes, **knobs) == built_count(config, shapes), (shapes, knobs)
+
+
+def test_c3a_block_size_must_divide_every_side() -> None:
+    with pytest.raises(MethodError, match=r"c3a block_size=4 must divide both sides"):
+        get("c3a").count([(8, 8), (12, 6)], block_size=4)
+    shapes = [(96, 48), (48, 144)]  # gcd 48: every divisor is a candidate
+    found = plan("c3a", shapes, 96 * 48 // 6 + 48 * 144 // 6)
+    assert found.settings == {"block_size": 6}
+    assert found.count == built_count(get("c3a").config(targets(shapes), **found.settings), shapes)
