@@ -147,7 +147,7 @@ def _run(
 ) -> int:  # fmt: skip
     from ..records import environment
     from .plan import make_plan
-    from .report import RESULTS_FILE, write_reports
+    from .report import RESULTS_FILE, document, write_reports
     from .runner import Execution
 
     started = time.perf_counter()
@@ -157,9 +157,10 @@ def _run(
     except (SettingsError, ValueError) as exc:
         return fail(str(exc))
     execution = Execution(plan, store, rank, world_size, progress)
-    results = execution.run()
+    execution.run()
     store.finish(trained=execution.trained, wall_s=round(time.perf_counter() - started, 3))
     execution.save()
+    results = document(store, plan, execution.tokens.feature_seconds)
     if rank == 0:
         print(write_reports(results, store))
         print(f"results: {store.path(RESULTS_FILE)}")

@@ -3,8 +3,10 @@ budget. Built once, before any training, so every data-, model- and method-depen
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +33,11 @@ class Plan:
     layers: dict[str, tuple[int, int]]
     budget: int
     methods: dict[str, MethodPlan]
+    evals: Mapping[str, np.ndarray] | None = None  # what each run is evaluated on (default: the test split)
+
+    @property
+    def evaluations(self) -> Mapping[str, np.ndarray]:
+        return self.evals if self.evals is not None else {"test": self.test}
 
     @property
     def num_labels(self) -> int:
@@ -41,32 +48,53 @@ class Plan:
         return self.methods[method].count + self.head_params
 
 
-def make_plan(settings: Settings, model_dir: Path, corpus: Corpus, model_name: str) -> Plan:
-    """Split the data, probe the model and size every method; errors name the bad input."""
+@dataclass(frozen=True)
+class ModelProbe:
+    """What the plan needs to know of the model: its head, the layers to adapt and the head's size."""
+
+    head: list[str]
+    head_params: int
+    layers: dict[str, tuple[int, int]]
+    base_params: int  # everything but the head (what full fine-tuning trains besides it)
+
+
+def probe_model(model_dir: Path, num_labels: int, targets: tuple[str, ...] | None) -> ModelProbe:
+    """Load the tokenizer and the classifier once, so a folder that does not load stops the run here."""
     from .models import count_params, load_classifier, load_tokenizer, target_layers
 
+    load_tokenizer(model_dir)
+    probe, head = load_classifier(model_dir, num_labels, seed=0)
+    layers = target_layers(probe, head, targets)
+    head_params = sum(count_params(probe.get_submodule(h), trainable_only=False) for h in head)
+    return ModelProbe(head, head_params, layers, count_params(probe, trainable_only=False) - head_params)
+
+
+def size_methods(methods: tuple[str, ...], probe: ModelProbe, budget: int, **options: Any) -> dict[str, MethodPlan]:
+    """Each method sized to ``budget`` on the probed layers, checked by PEFT's own config; a SettingsError naming
+    the method that cannot be."""
+    shapes = list(probe.layers.values())
+    out: dict[str, MethodPlan] = {}
+    for name in methods:
+        method = registry.METHODS[name]
+        if method.is_adapter:
+            try:
+                out[name] = registry.plan(name, shapes, budget, **options)
+                method.config(list(probe.layers), **out[name].settings, modules_to_save=probe.head)  # PEFT's checks
+            except registry.MethodError as exc:
+                raise SettingsError(str(exc)) from None
+        else:
+            out[name] = MethodPlan(name, {}, probe.base_params if method.trains_base else 0, None)
+    return out
+
+
+def make_plan(settings: Settings, model_dir: Path, corpus: Corpus, model_name: str) -> Plan:
+    """Split the data, probe the model and size every method; errors name the bad input."""
     pool, test = test_split(corpus.labels)
     check_shots(corpus, pool, settings.shots, settings.val_shots)
     train_sets = {seed: kshot_train(corpus.labels, pool, settings.shots, seed) for seed in settings.seeds}
     val = validation(corpus.labels, pool, train_sets[settings.sweep_seed], settings.val_shots, settings.sweep_seed)
-    load_tokenizer(model_dir)  # a folder whose tokenizer does not load stops here, not mid-run
-    probe, head = load_classifier(model_dir, len(corpus.classes), seed=0)
-    layers = target_layers(probe, head, settings.targets)
-    shapes = list(layers.values())
-    budget = registry.kradapter_budget(shapes)
-    head_params = sum(count_params(probe.get_submodule(h), trainable_only=False) for h in head)
-    methods: dict[str, MethodPlan] = {}
-    for name in settings.methods:
-        method = registry.METHODS[name]
-        if method.is_adapter:
-            try:
-                methods[name] = registry.plan(name, shapes, budget)
-                method.config(list(layers), **methods[name].settings, modules_to_save=head)  # PEFT's own checks
-            except registry.MethodError as exc:
-                raise SettingsError(str(exc)) from None
-        else:
-            count = count_params(probe, trainable_only=False) - head_params if method.trains_base else 0
-            methods[name] = MethodPlan(name, {}, count, None)
-    return Plan(
-        settings, corpus, pool, test, train_sets, val, model_dir, model_name, head, head_params, layers, budget, methods
-    )
+    probe = probe_model(model_dir, len(corpus.classes), settings.targets)
+    budget = registry.kradapter_budget(list(probe.layers.values()))
+    methods = size_methods(settings.methods, probe, budget)
+    return Plan(settings, corpus, pool, test, train_sets, val, model_dir, model_name, probe.head, probe.head_params,
+                probe.layers, budget, methods)  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,12 @@ from .models import FeatureTap, build_model, count_params, load_classifier, load
 from .plan import Plan
 from .report import RESULTS_FILE, document
 from .train import Examples, barrier, fit, local_logits, predict, training_args
+from .updates import analyse_updates
 
 RELOAD_CHECK_EXAMPLES = 8
 ADAPTERS_DIR = "adapters"
 TRAINER_DIR = ".trainer"
+UPDATE_SPECTRUM = 32  # singular values of each learned update kept in a record (the metrics use all of them)
 
 
 def lr_key(lr: float) -> str:
@@ -40,7 +43,7 @@ class Tokens:
     """Every article any run or split needs, tokenised once, and the head's cached input features."""
 
     def __init__(self, plan: Plan, device: str, workdir: Path) -> None:
-        self.needed = np.unique(np.concatenate([plan.test, plan.val, *plan.train_sets.values()]))
+        self.needed = np.unique(np.concatenate([plan.val, *plan.evaluations.values(), *plan.train_sets.values()]))
         tokenizer = load_tokenizer(plan.model_dir)
         encoded = tokenizer(
             [plan.corpus.texts[i] for i in self.needed], truncation=True, max_length=plan.settings.max_length
@@ -81,10 +84,21 @@ def _on_features(method: str) -> bool:
 
 
 class Execution:
-    """Runs every unit of ``plan`` not yet in ``store``; ``rank``/``world_size`` as torchrun sets them."""
+    """Runs every unit of ``plan`` not yet in ``store``; ``rank``/``world_size`` as torchrun sets them.
 
-    def __init__(self, plan: Plan, store: Store, rank: int = 0, world_size: int = 1, progress: bool = True) -> None:
+    ``prefix`` starts every record key and adapter folder (a study of several plans in one store); ``report``
+    rebuilds the results document after each unit (default: :func:`kradapter.finetune.report.document`).
+    """
+
+    def __init__(
+        self, plan: Plan, store: Store, rank: int = 0, world_size: int = 1, progress: bool = True, *,
+        prefix: tuple[str, ...] = (), report: Callable[[], Any] | None = None, desc: str = "finetune",
+        tokens: Tokens | None = None,
+    ) -> None:  # fmt: skip
         self.plan = plan
+        self.prefix = prefix
+        self.report = report
+        self.desc = desc
         self.settings = plan.settings
         self.store = store
         self.rank = rank
@@ -92,12 +106,15 @@ class Execution:
         self.progress = progress and rank == 0
         self.workdir = store.directory / TRAINER_DIR
         store.written(TRAINER_DIR)  # the Trainer's scratch folder: a killed run leaves it, --overwrite removes it
-        self.tokens = Tokens(plan, self.settings.device, self.workdir)
+        self.tokens = tokens if tokens is not None else Tokens(plan, self.settings.device, self.workdir)
         self.trained = 0
 
     # -- units ----------------------------------------------------------------------------------------------------
+    def key(self, *parts: Any) -> tuple[Any, ...]:
+        return (*self.prefix, *parts)
+
     def adapter_dir(self, method: str, seed: int, lr: float) -> Path:
-        return self.store.directory / ADAPTERS_DIR / method / f"seed{seed}_lr{lr_key(lr)}"
+        return self.store.directory.joinpath(ADAPTERS_DIR, *self.prefix, method, f"seed{seed}_lr{lr_key(lr)}")
 
     def train_unit(self, method: str, seed: int, lr: float, evals: dict[str, np.ndarray]) -> dict[str, Any]:
         """Train ``method`` on the k-shot set of ``seed`` at ``lr``, evaluate on ``evals``, save and reload-check."""
@@ -112,6 +129,8 @@ class Execution:
         collator = self.tokens.collator(method)
         record: dict[str, Any] = {"seed": seed, "lr": lr, "trainable_params": trainable}
         record.update(fit(model, self.tokens.dataset(method, plan.train_sets[seed]), collator, args))
+        if registry.METHODS[method].is_adapter:  # what it learned: spectrum and effective rank per layer
+            record["updates"] = analyse_updates(model, top=UPDATE_SPECTRUM)
         for name, indices in evals.items():
             logits = predict(model, self.tokens.dataset(method, indices), collator, args)
             record[name] = classification_metrics(logits, plan.corpus.labels[indices], plan.num_labels)
@@ -134,7 +153,7 @@ class Execution:
 
     def test_from_sweep(self, method: str, lr: float) -> dict[str, Any] | None:
         """The first seed's run: its sweep run at the chosen ``lr``, reloaded and evaluated on the test split."""
-        swept = self.store.records[("sweep", method, lr_key(lr))]
+        swept = self.store.records[self.key("sweep", method, lr_key(lr))]
         directory = self.store.directory / swept.get("adapter_dir", "-")
         if not directory.is_dir():
             return None
@@ -142,9 +161,10 @@ class Execution:
         model = load_trained(method, directory, plan.model_dir, plan.num_labels)
         args = training_args(self.workdir, device=self.settings.device)
         collator = self.tokens.collator(method)
-        logits = predict(model, self.tokens.dataset(method, plan.test), collator, args)
         record = {k: v for k, v in swept.items() if k != "val"}
-        record["test"] = classification_metrics(logits, plan.corpus.labels[plan.test], plan.num_labels)
+        for name, indices in plan.evaluations.items():
+            logits = predict(model, self.tokens.dataset(method, indices), collator, args)
+            record[name] = classification_metrics(logits, plan.corpus.labels[indices], plan.num_labels)
         record["from_sweep"] = True
         return record
 
@@ -153,39 +173,42 @@ class Execution:
         s = self.settings
         out: list[tuple[str, str, Any]] = []
         for method in s.methods:
-            out += [("sweep", method, lr_key(lr)) for lr in s.grid(method)]
-            out += [("run", method, seed) for seed in s.seeds]
+            out += [self.key("sweep", method, lr_key(lr)) for lr in s.grid(method)]
+            out += [self.key("run", method, seed) for seed in s.seeds]
         return out
 
     def save(self) -> None:
-        self.store.write_json(RESULTS_FILE, document(self.store, self.plan, self.tokens.feature_seconds), indent=1)
+        if self.report is not None:
+            self.report()
+        else:
+            self.store.write_json(RESULTS_FILE, document(self.store, self.plan, self.tokens.feature_seconds), indent=1)
 
-    def run(self) -> dict[str, Any]:
-        """Run every unit not already in the store; returns the results document (also written to disk)."""
+    def run(self) -> None:
+        """Run every unit not already in the store, rebuilding the results document after each."""
         s = self.settings
         units = self.units()
         self.save()
-        bar = tqdm(total=len(units), initial=sum(self.store.done(u) for u in units), desc="finetune", unit="run",
+        bar = tqdm(total=len(units), initial=sum(self.store.done(u) for u in units), desc=self.desc, unit="run",
                    disable=not self.progress)  # fmt: skip
         for method in s.methods:
             grid = s.grid(method)
             for lr in grid:
-                if self.store.done(("sweep", method, lr_key(lr))):
+                if self.store.done(self.key("sweep", method, lr_key(lr))):
                     continue
                 bar.set_postfix_str(f"{method} sweep lr={lr_key(lr)}")
                 evals = {"val": self.plan.val} if len(grid) > 1 else {}  # one rate: nothing to choose
-                self.store.add(("sweep", method, lr_key(lr)), self.train_unit(method, s.sweep_seed, lr, evals))
+                self.store.add(self.key("sweep", method, lr_key(lr)), self.train_unit(method, s.sweep_seed, lr, evals))
                 self.save()
                 bar.update()
-            chosen = choose(self.store, method, grid)
+            chosen = choose(self.store, method, grid, self.prefix)
             for seed in s.seeds:
-                if self.store.done(("run", method, seed)):
+                if self.store.done(self.key("run", method, seed)):
                     continue
                 bar.set_postfix_str(f"{method} seed={seed} lr={lr_key(chosen)}")
                 record = self.test_from_sweep(method, chosen) if seed == s.sweep_seed else None
                 if record is None:
-                    record = self.train_unit(method, seed, chosen, {"test": self.plan.test})
-                self.store.add(("run", method, seed), record)
+                    record = self.train_unit(method, seed, chosen, dict(self.plan.evaluations))
+                self.store.add(self.key("run", method, seed), record)
                 self.save()
                 bar.update()
                 if self.progress:
@@ -195,7 +218,6 @@ class Execution:
         self.save()
         if self.rank == 0:
             shutil.rmtree(self.workdir, ignore_errors=True)
-        return document(self.store, self.plan, self.tokens.feature_seconds)
 
     def prune_sweep(self, method: str, chosen: float) -> None:
         """Delete the saved adapters of the learning rates not chosen (full fine-tuning saves whole models)."""
@@ -206,13 +228,13 @@ class Execution:
                 shutil.rmtree(self.adapter_dir(method, self.settings.sweep_seed, lr), ignore_errors=True)
 
 
-def choose(store: Store, method: str, grid: tuple[float, ...]) -> float:
+def choose(store: Store, method: str, grid: tuple[float, ...], prefix: tuple[Any, ...] = ()) -> float:
     """The grid's learning rate with the best validation accuracy (ties: macro-F1, then loss)."""
     if len(grid) == 1:
         return grid[0]
 
     def score(lr: float) -> tuple[float, float, float]:
-        val = store.records[("sweep", method, lr_key(lr))]["val"]
+        val = store.records[(*prefix, "sweep", method, lr_key(lr))]["val"]
         return val["accuracy"], val["macro_f1"], -val["loss"]
 
     return max(grid, key=score)
