@@ -496,7 +496,7 @@ _ENTRIES = (
         count_knobs=("r",),
         rank_knob="r",
         default=False,
-        lr_grid=(1e-3, 3e-3, 1e-2),
+        lr_grid=(3e-3, 1e-2, 3e-2),  # its update is W0 * (B A): entries ~W0 (0.05) times smaller than LoRA's
         build=_hira_config,
         counter=_lora_count,
         candidates=_rank_candidates(_lora_count, _smallest_side),
@@ -523,7 +523,7 @@ _ENTRIES = (
         count_knobs=("block_size",),
         tolerance=0.10,  # its count moves in steps of d k / b: on MiniLM's layers the closest is +6.7% (b = 12)
         default=False,
-        lr_grid=(1e-3, 3e-3, 1e-2),
+        lr_grid=(1e-2, 3e-2, 1e-1),  # PEFT divides its output by the input width
         build=_c3a_config,
         counter=_c3a_count,
         candidates=_c3a_candidates,

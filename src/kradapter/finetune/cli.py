@@ -1,4 +1,5 @@
-"""``kradapter finetune``: fine-tune a pretrained text model on BBC News with every method at an equal budget.
+"""``kradapter finetune``: fine-tune a pretrained text model on BBC News with every method at an equal budget;
+``--study shift``: train on a source domain, test in and out of distribution (:mod:`kradapter.finetune.shift`).
 
 Flags, the model folder, the data folder and the output folder are checked before torch, transformers or PEFT
 load; the data and the model are then read once (the plan) before any training.
@@ -25,11 +26,18 @@ from .protocol import (
     parse_methods,
     world,
 )
+from .shift import BENCHMARKS, PRESETS
 
 EPILOG = """\
 methods: head (classifier head only), full (full fine-tuning), lora, kronecker (PEFT's LoKr; 'lokr' accepted),
-randlora (PEFT), kradapter, sinlora. Each adapter trains KRAdapter's parameter count on the target layers, plus
-the head. Several processes: torchrun --nproc_per_node 2 -m kradapter.cli finetune ...
+randlora (PEFT), kradapter, sinlora; also loha, shira, hira, gralora, c3a (PEFT's high-rank relatives). Each
+adapter trains KRAdapter's parameter count on the target layers, plus the head.
+Several processes: torchrun --nproc_per_node 2 -m kradapter.cli finetune ...
+
+--study shift (distribution shift): sentiment (train on movie reviews; test on held-out movie reviews, Amazon
+reviews, tweets, NYT editorials) and topic (train on BBC News; test on held-out BBC and 20 Newsgroups). Presets:
+reduced (default: lora, kradapter, loha; 32 shots; 5 seeds; about 20 minutes on 2 CPU cores) and full (shots 8
+32 128, budgets 1x and 4x, contenders shira hira gralora c3a); any flag overrides its preset value.
 """
 
 
@@ -49,16 +57,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = Settings(model="", data="")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="methods, space or comma separated")
-    p.add_argument("--shots", type=int, default=d.shots, help="training articles per class (k)")
-    p.add_argument("--seeds", nargs="+", type=_ints, default=[list(d.seeds)], help="seeds; the first runs the sweep")
+    p.add_argument("--methods", nargs="+", default=None, help="methods, space or comma separated")
+    p.add_argument("--shots", nargs="+", type=_ints, default=None, help="training articles per class (k)")
+    p.add_argument("--seeds", nargs="+", type=_ints, default=None, help="seeds; the first runs the sweep")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the k-shot set")
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens kept per article")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (all processes)")
     p.add_argument(
         "--val-shots", type=int, default=d.val_shots, help="validation articles per class for the sweep (0: no sweep)"
     )
-    p.add_argument("--out", default="finetune_out", help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: finetune_out, or shift_out with --study)")
     p.add_argument("--device", default=d.device, choices=DEVICES, help="where to train (auto: GPU if there is one)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the results in --out, skipping finished runs")
@@ -80,8 +88,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="replace a method's learning-rate grid (one value: no sweep)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    study = p.add_argument_group("distribution-shift study (--study shift)")
+    study.add_argument("--study", choices=("shift",), default=None, help="run the distribution-shift study")
+    study.add_argument("--preset", choices=tuple(PRESETS), default=None, help="study preset (default: reduced)")
+    study.add_argument("--benchmarks", nargs="+", default=None, help=f"of {', '.join(BENCHMARKS)}")
+    study.add_argument("--contenders", nargs="+", default=None, help="adapters run at the anchor shots and 1x only")
+    study.add_argument("--budgets", nargs="+", type=_ints, default=None, help="multiples of KRAdapter's count")
+    study.add_argument("--anchor-shots", type=int, default=None, help="shots of the learning-rate sweep cell")
+    study.add_argument("--eval-per-class", type=int, default=None, help="evaluation texts per class (0: all)")
     p.set_defaults(run=run)
     return p
+
+
+STUDY_FLAGS = ("preset", "benchmarks", "contenders", "budgets", "anchor_shots", "eval_per_class")
+
+
+def _flat(groups: list[list[int]] | None) -> tuple[int, ...] | None:
+    return None if groups is None else tuple(v for group in groups for v in group)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,13 +115,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"kradapter finetune: error: {message}", file=sys.stderr)
         return 2
 
+    if args.study:
+        return run_study(args, rank, world_size, fail)
+    given = [f"--{name.replace('_', '-')}" for name in STUDY_FLAGS if getattr(args, name) is not None]
+    if given:
+        return fail(f"{', '.join(given)} apply to --study shift only")
     try:
+        shots = _flat(args.shots) or (16,)
+        if len(shots) != 1:
+            raise SettingsError(f"--shots takes one value without --study, got {list(shots)}")
         settings = Settings(
             model=args.model,
             data=args.data,
-            methods=parse_methods(args.methods),
-            seeds=tuple(s for group in args.seeds for s in group),
-            shots=args.shots,
+            methods=parse_methods(args.methods or list(DEFAULT_METHODS)),
+            seeds=_flat(args.seeds) or (0, 1, 2),
+            shots=shots[0],
             val_shots=args.val_shots,
             epochs=args.epochs,
             batch_size=args.batch_size,
@@ -114,11 +145,85 @@ def run(args: argparse.Namespace) -> int:
         corpus = load_corpus(data_dir)  # a data folder without two classes of .txt files stops here
         spec = settings.run_spec(file_hash(model_dir), file_hash(data_dir))
         mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
-        store = _open_store(args.out, spec, mode, rank, world_size, settings.device)
+        store = _open_store(args.out or "finetune_out", spec, mode, rank, world_size, settings.device)
     except (SettingsError, MissingPackageError, StoreError, ValueError) as exc:
         return fail(str(exc))
     with store:
         return _run(settings, store, model_dir, corpus, rank, world_size, not args.quiet, fail)
+
+
+def run_study(args: argparse.Namespace, rank: int, world_size: int, fail: Any) -> int:
+    """``--study shift``: settings, data and model checked, then every cell planned, before any training."""
+    from .shift import StudySettings
+
+    preset = PRESETS[args.preset or "reduced"]
+    try:
+        if args.data:
+            raise SettingsError("--data does not apply to --study shift: its benchmarks are fixed (--benchmarks)")
+        base = Settings(
+            model=args.model,
+            data="",
+            methods=("kradapter",),
+            val_shots=args.val_shots,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            targets=tuple(args.targets) if args.targets else None,
+            device=args.device,
+        )
+        settings = StudySettings(
+            base,
+            benchmarks=tuple(args.benchmarks or preset["benchmarks"]),
+            methods=tuple(args.methods or preset["methods"]),
+            contenders=tuple(args.contenders if args.contenders is not None else preset["contenders"]),
+            seeds=_flat(args.seeds) or preset["seeds"],
+            shots=_flat(args.shots) or preset["shots"],
+            anchor_shots=args.anchor_shots,
+            budgets=_flat(args.budgets) or preset["budgets"],
+            eval_per_class=preset["eval_per_class"] if args.eval_per_class is None else args.eval_per_class,
+            lr_grids=parse_lr_grid(args.lr_grid),
+        )
+        if base.batch_size % world_size:
+            raise SettingsError(f"--batch-size {base.batch_size} is not divisible by the {world_size} processes")
+        model_dir = check_model_dir(base.model) if base.model else minilm_dir()
+    except (SettingsError, MissingPackageError, ValueError) as exc:
+        return fail(str(exc))
+    from .shift import benchmark_data, data_hash
+    from .shift_data import load_benchmark
+
+    try:
+        data = {b: benchmark_data(load_benchmark(b), settings.eval_per_class) for b in settings.benchmarks}
+        inputs = {"model": file_hash(model_dir), **{f"data.{b}": data_hash(d) for b, d in data.items()}}
+        mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
+        store = _open_store(args.out or "shift_out", settings.run_spec(inputs), mode, rank, world_size, base.device)
+    except (MissingPackageError, StoreError, ValueError) as exc:
+        return fail(str(exc))
+    with store:
+        return _run_study(settings, store, model_dir, data, rank, world_size, not args.quiet, fail)
+
+
+def _run_study(
+    settings: Any, store: Store, model_dir: Path, data: Any, rank: int, world_size: int, progress: bool, fail: Any
+) -> int:
+    from ..records import environment
+    from .shift import RESULTS_FILE, Study, document, write_reports
+
+    started = time.perf_counter()
+    store.set_environment({**environment(), "world_size": world_size})
+    try:
+        study = Study(settings, model_dir, Path(settings.base.model).name if settings.base.model else MODEL_NAME, data)
+    except (SettingsError, ValueError) as exc:
+        return fail(str(exc))
+    if progress and rank == 0:
+        print(f"shift study: {len(study.cells)} cells, {study.units()} trainings or evaluations", file=sys.stderr)
+    study.run(store, rank, world_size, progress)
+    store.finish(wall_s=round(time.perf_counter() - started, 3))
+    if rank == 0:
+        results = document(store, study)
+        store.write_json(RESULTS_FILE, results, indent=1)
+        print(write_reports(results, store))
+        print(f"results: {store.path(RESULTS_FILE)}")
+    return 0
 
 
 def _open_store(out: str, spec: Any, mode: str, rank: int, world_size: int, device: str) -> Store:

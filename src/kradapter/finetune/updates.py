@@ -143,6 +143,21 @@ def summarise_updates(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def save_figure(fig: Any, path: Path | str, dpi: int = 130) -> Path:
+    """Write a matplotlib figure as PNG atomically (a reader never sees half a file) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from ..store import write_atomic
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+    return Path(path)
+
+
 def _short(name: str) -> str:
     """``base_model.model.encoder.layer.3.attention.self.query`` -> ``3.attention.self.query``."""
     parts = name.split(".")
@@ -177,10 +192,7 @@ def plot_effective_rank(results: Mapping[str, Sequence[Mapping[str, Any]]], path
     ax.set_title(title or "Effective rank of the learned update per layer")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_spectra(
@@ -224,7 +236,4 @@ def plot_spectra(
     axes[0][0].set_ylabel("singular value / largest")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
