@@ -67,7 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seeds": (0, 1, 2, 3, 4),
         "shots": (8, 32, 128),
         "budgets": (1, 4),
-        "eval_per_class": 300,
+        "eval_per_class": 200,
     },
 }
 
@@ -354,7 +354,7 @@ def _updates_summary(runs: list[Mapping[str, Any]]) -> dict[str, float]:
 
 def document(store: Store, study: Study) -> dict[str, Any]:
     """The results document, rebuilt from the store's records (finished units only)."""
-    from ..stats import paired_table
+    from ..stats import paired_difference
     from .runner import choose
 
     s = study.settings
@@ -415,16 +415,16 @@ def document(store: Store, study: Study) -> dict[str, Any]:
         }
         paired: dict[str, Any] = {}
         for metric in ["id", "ood", "gap", *domains]:
-            scores = {REFERENCE: {k: v[metric] for k, v in reference.items()}}
             for name, by_seed in runs.items():
-                if name != REFERENCE:
-                    scores[name] = {k: r["scores"][metric] for k, r in by_seed.items() if k in reference}
-            scores = {k: v for k, v in scores.items() if k == REFERENCE or len(v) >= 2}
-            if len(reference) >= 2 and len(scores) > 1:
-                paired[metric] = paired_table(scores, REFERENCE)
-                for entry in paired[metric].values():
-                    if entry["n"] < MIN_PAIRS:
-                        entry["verdict"] = NO_VERDICT
+                common = [k for k in by_seed if k in reference]  # seeds both have finished (a run may be partial)
+                if name == REFERENCE or len(common) < 2:
+                    continue
+                entry = paired_difference(
+                    {k: reference[k][metric] for k in common}, {k: by_seed[k]["scores"][metric] for k in common}
+                ).to_dict()
+                if entry["n"] < MIN_PAIRS:
+                    entry["verdict"] = NO_VERDICT
+                paired.setdefault(metric, {})[name] = entry
         benchmarks[cell.benchmark]["cells"][cell.id] = {
             "shots": cell.shots,
             "budget": cell.budget,
@@ -471,7 +471,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                 continue
             lines += [f"### {b}, {cell['shots']} shots per class, {cell['budget']}x KRAdapter's count", ""]
             head = ["method", "setting", "trainable", "lr", "ID %", *[f"{d} %" for d in domains], "OOD %",
-                    "OOD - ID", "eff. rank", "train s"]  # fmt: skip
+                    "OOD - ID", "eff. rank", "train s", "peak MB"]  # fmt: skip
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for name, row in cell["summary"].items():
                 info = cell["methods"][name]
@@ -481,7 +481,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                         registry.label(name), info["describe"], f"{row['trainable_params']:,}",
                         f"{info.get('lr', float('nan')):g}", _pct(row["id"]), *[_pct(row[d]) for d in domains],
                         _pct(row["ood"]), _pct(row["gap"]), f"{rank:.1f}" if rank is not None else "-",
-                        f"{row['train_time_s_mean']:.1f}",
+                        f"{row['train_time_s_mean']:.1f}", f"{row['peak_memory_mb_max']:.0f}",
                     ]) + " |"
                 )  # fmt: skip
             if cell["paired"]:

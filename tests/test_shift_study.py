@@ -1,0 +1,202 @@
+"""``kradapter finetune --study shift``: settings, cells, data assembly, and a whole study on MiniLM and a small
+synthetic benchmark (fresh random texts per run) checked against independent recomputations."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kradapter import stats
+from kradapter.cli import main
+from kradapter.finetune.protocol import Settings, SettingsError
+from kradapter.finetune.shift import (
+    NO_VERDICT,
+    RESULTS_FILE,
+    BenchmarkData,
+    StudySettings,
+    benchmark_data,
+    data_hash,
+    run_scores,
+)
+from kradapter.finetune.shift_data import LabelledTexts, ShiftBenchmark
+
+WORDS = {
+    "negative": "bad awful boring dull weak poor terrible waste worst mess",
+    "positive": "good great superb fine lovely brilliant best moving fun gem",
+}
+FILLER = {"movie": "film plot actor scene the a of", "shop": "product price delivery box item the a of"}
+BASE = Settings(model="", data="", epochs=3, batch_size=4, max_length=32, val_shots=2, device="cpu")
+
+
+def texts(domain: str, per_class: int, rng: random.Random) -> LabelledTexts:
+    out, labels = [], []
+    for label, words in enumerate(WORDS.values()):
+        for _ in range(per_class):
+            pick = [rng.choice((words if rng.random() < 0.5 else FILLER[domain]).split()) for _ in range(10)]
+            out.append(" ".join(pick) + f" {rng.randrange(10**9)}")  # unique texts
+            labels.append(label)
+    return LabelledTexts(domain, tuple(out), np.array(labels), tuple(WORDS))
+
+
+def synthetic() -> ShiftBenchmark:
+    rng = random.Random()
+    pool, test, shop = texts("movie", 12, rng), texts("movie", 8, rng), texts("shop", 8, rng)
+    return ShiftBenchmark("sentiment", tuple(WORDS), pool, test, {"shop": shop})
+
+
+def study_settings(**overrides) -> StudySettings:
+    return StudySettings(BASE, **({"benchmarks": ("sentiment",), "methods": ("lora", "kradapter")} | overrides))
+
+
+# -- settings -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"benchmarks": ("sentiment", "images")}, "--benchmarks: unknown ['images']"),
+        ({"methods": ("lora", "loha")}, "--methods must include kradapter"),
+        ({"methods": ("kradapter",)}, "at least one other adapter"),
+        ({"methods": ("kradapter", "head")}, "compares adapters; ['head'] are not"),
+        ({"contenders": ("lora",)}, "['lora'] given both in --methods and in --contenders"),
+        ({"seeds": (3,)}, "paired intervals need at least 2 seeds, got [3]"),
+        ({"seeds": (1, 1)}, "--seeds has duplicates"),
+        ({"shots": (8, 32), "anchor_shots": 16}, "--anchor-shots 16 is not one of --shots [8, 32]"),
+        ({"budgets": (2, 4)}, "--budgets must include 1"),
+        ({"budgets": (1, 0)}, "--budgets must be an integer >= 1, got 0"),
+        ({"eval_per_class": -1}, "--eval-per-class must be an integer >= 0, got -1"),
+        ({"lr_grids": {"loha": (1e-3,)}}, "--lr-grid names 'loha', which is not in --methods"),
+        ({"methods": ("lora", "kradapter", "dora")}, "unknown method 'dora'"),
+    ],
+)
+def test_bad_settings_are_named(overrides, message) -> None:
+    with pytest.raises(SettingsError) as caught:
+        study_settings(**overrides)
+    assert message in str(caught.value)
+
+
+def test_cells_anchor_first_kradapter_only_at_its_own_count() -> None:
+    s = study_settings(shots=(128, 8, 32), budgets=(4, 1), methods=("lora", "kradapter", "loha"), contenders=("c3a",))
+    assert s.shots == (8, 32, 128) and s.anchor_shots == 32 and s.anchor == "k32_x1"
+    cells = [(c.id, c.methods) for c in s.cells("topic")]
+    assert cells == [
+        ("k32_x1", ("lora", "kradapter", "loha", "c3a")),  # contenders in the anchor cell only
+        ("k8_x1", ("lora", "kradapter", "loha")),
+        ("k128_x1", ("lora", "kradapter", "loha")),
+        ("k32_x4", ("lora", "loha")),  # KRAdapter has no knob to reach 4x its count
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["finetune", "--benchmarks", "topic"], "--benchmarks apply to --study shift only"),
+        (["finetune", "--shots", "8", "32"], "--shots takes one value without --study, got [8, 32]"),
+        (["finetune", "--study", "shift", "--data", "x"], "--data does not apply to --study shift"),
+        (["finetune", "--study", "shift", "--benchmarks", "news"], "--benchmarks: unknown ['news']"),
+        (["finetune", "--study", "shift", "--seeds", "0"], "paired intervals need at least 2 seeds"),
+        (["finetune", "--study", "shift", "--budgets", "4"], "--budgets must include 1"),
+    ],
+)
+def test_command_line_errors_before_any_work(argv, message, tmp_path: Path, capsys) -> None:
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+
+
+def test_benchmark_data_keeps_sets_apart_and_caps_evaluation() -> None:
+    bench = synthetic()
+    data = benchmark_data(bench, per_class=5)
+    corpus = data.corpus
+    assert list(data.evals) == ["test", "shop"] and data.domains == ["shop"]
+    assert [corpus.texts[i] for i in data.pool] == list(bench.pool.texts)  # the pool is never capped
+    for name, idx in data.evals.items():
+        assert np.bincount(corpus.labels[idx]).tolist() == [5, 5], name
+        source = bench.test if name == "test" else bench.shifted[name]
+        lookup = dict(zip(source.texts, source.labels.tolist(), strict=True))
+        assert all(lookup[corpus.texts[i]] == corpus.labels[i] for i in idx)  # labels travel with their texts
+    spans = [set(data.pool.tolist()), *(set(i.tolist()) for i in data.evals.values())]
+    assert sum(map(len, spans)) == len(set().union(*spans)) == len(corpus.texts)
+    assert data_hash(data) == data_hash(benchmark_data(bench, per_class=5))
+    assert data_hash(data) != data_hash(benchmark_data(bench, per_class=4))
+    assert len(benchmark_data(bench, per_class=0).evals["test"]) == len(bench.test)  # 0: uncapped
+
+
+def test_run_scores_by_hand() -> None:
+    record = {"test": {"accuracy": 0.9}, "a": {"accuracy": 0.6}, "b": {"accuracy": 0.8}}
+    assert run_scores(record, ["a", "b"]) == pytest.approx({"id": 0.9, "a": 0.6, "b": 0.8, "ood": 0.7, "gap": -0.2})
+
+
+# -- a whole study ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
+    from kradapter.finetune.models import load_trained
+    from kradapter.finetune.shift import Study, document, write_reports
+    from kradapter.finetune.updates import analyse_updates
+    from kradapter.store import Store
+
+    seeds = (0, 1, 2, 3, 4)
+    settings = study_settings(
+        seeds=seeds, shots=(2, 4), anchor_shots=4, budgets=(1, 4), eval_per_class=6,
+        lr_grids={"lora": (3e-3, 3e-2), "kradapter": (1e-2,)},
+    )  # fmt: skip
+    data: dict[str, BenchmarkData] = {"sentiment": benchmark_data(synthetic(), settings.eval_per_class)}
+    model = Path(minilm_path)
+    spec = settings.run_spec({"data.sentiment": data_hash(data["sentiment"])})
+    with Store.open(tmp_path / "out", spec, "new") as store:
+        study = Study(settings, model, "minilm", data)
+        study.run(store, progress=False)
+        results = document(store, study)
+        write_reports(results, store)
+        finished = dict(store.records)
+    bench = results["benchmarks"]["sentiment"]
+    assert list(bench["cells"]) == ["k4_x1", "k2_x1", "k4_x4"]
+    anchor, small, large = (bench["cells"][c] for c in ("k4_x1", "k2_x1", "k4_x4"))
+    chosen = anchor["methods"]["lora"]["lr"]
+    assert chosen in (3e-3, 3e-2)
+    for cell in (anchor, small, large):
+        for method, by_seed in cell["runs"].items():
+            assert sorted(by_seed) == [str(s) for s in seeds], method
+            for record in by_seed.values():
+                scores = record["scores"]
+                assert set(record) >= {"test", "shop", "updates"}
+                assert scores["gap"] == pytest.approx(scores["ood"] - scores["id"])
+                assert record["lr"] == (chosen if method == "lora" else 1e-2)  # the anchor's rate everywhere
+    # budgets: LoRA at 4x trains four times KRAdapter's count; KRAdapter is not in the 4x cell
+    assert large["methods"]["lora"]["adapter_params"] == 4 * anchor["methods"]["kradapter"]["adapter_params"]
+    assert "kradapter" not in large["runs"] and large["reference_cell"] == "k4_x1"
+    # paired differences: KRAdapter (of the reference cell) minus the other, seed by seed, recomputed here
+    for cell in (anchor, small, large):
+        reference = bench["cells"][cell["reference_cell"]]["runs"]["kradapter"]
+        for metric in ("id", "ood", "gap", "shop"):
+            entry = cell["paired"][metric]["lora"]
+            mine = [reference[str(s)]["scores"][metric] - cell["runs"]["lora"][str(s)]["scores"][metric] for s in seeds]
+            assert entry["differences"] == pytest.approx(mine)
+            assert entry["mean_difference"] == pytest.approx(np.mean(mine))
+            assert entry["low"] <= entry["mean_difference"] <= entry["high"]
+            assert entry["verdict"] == stats.verdict(entry["low"], entry["high"]) != NO_VERDICT
+    # the learned updates: LoRA's effective rank is at most its rank; KRAdapter's is far higher; the record is
+    # what the saved adapter gives
+    r = anchor["methods"]["lora"]["knobs"]["r"]
+    lora_ranks = [row["effective_rank"] for rec in anchor["runs"]["lora"].values() for row in rec["updates"]]
+    kr_ranks = [row["effective_rank"] for rec in anchor["runs"]["kradapter"].values() for row in rec["updates"]]
+    assert max(lora_ranks) <= r + 1e-3 and min(kr_ranks) > 2 * r
+    record = anchor["runs"]["kradapter"]["1"]
+    again = analyse_updates(load_trained("kradapter", tmp_path / "out" / record["adapter_dir"], model, 2), top=32)
+    assert [row["effective_rank"] for row in again] == pytest.approx([row["effective_rank"] for row in record["updates"]])
+    for name in ("shift_table.md", "shift_sentiment_kshot.png", "shift_sentiment_rank.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    # resumed: nothing is trained again and nothing changes
+    with Store.open(tmp_path / "out", spec, "resume") as store:
+        Study(settings, model, "minilm", data).run(store, progress=False)
+        assert store.records == finished
+    assert (tmp_path / "out" / RESULTS_FILE).is_file()
