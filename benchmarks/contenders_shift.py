@@ -6,11 +6,12 @@
 
 Every contender adapts every attention and MLP ``nn.Linear`` of all-MiniLM-L6-v2 (384x384, 1536x384, 384x1536;
 random weights of the same architecture when the asset package is absent: step time does not depend on the
-values) at KRAdapter's trainable count times ``--budget-factor`` (LoRA, LoHa, SHiRA, GraLoRA, HiRA by their rank,
-C3A by one block size per layer shape; counts printed). One training step = forward, MSE loss on the mean-pooled
-output, backward, AdamW. Contenders are built from copies of one model, warmed up (2 steps), measured for memory
-(one step each, see ``measure.py``), then timed in rounds that run every contender once in a rotating order;
-medians and ratios to LoRA are reported. Results go to ``--out`` (JSON).
+values) at KRAdapter's trainable count times ``--budget-factor``, sized by :func:`kradapter.registry.plan`
+(LoRA, LoHa, SHiRA, GraLoRA, HiRA by their rank, C3A by one block size for the model; counts printed). One
+training step = forward, MSE loss on the mean-pooled output, backward, AdamW. Contenders are built from copies of
+one model, warmed up (2 steps), measured for memory (one step each, see ``measure.py``), then timed in rounds that
+run every contender once in a rotating order; medians and ratios to LoRA are reported. Results go to ``--out``
+(JSON).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from kradapter.records import environment
 from kradapter.store import write_json
 
 TARGETS = ("query", "key", "value", "dense")
-NAMES = ("lora", "kradapter", "loha", "shira", "gralora", "hira")  # C3A: not in the registry yet
+NAMES = ("lora", "kradapter", "loha", "shira", "gralora", "hira", "c3a")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

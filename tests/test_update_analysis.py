@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from peft import C3AConfig, LoHaConfig, RandLoraConfig, get_peft_model
+from peft import LoHaConfig, RandLoraConfig, get_peft_model
 from torch import nn
 
 from kradapter import registry
@@ -119,7 +119,7 @@ def test_gpt2_conv1d_updates(method: str, generator: torch.Generator) -> None:
 
 
 CONTENDERS = {
-    "c3a": lambda t: C3AConfig(target_modules=t, block_size=5, init_weights=False),
+    "c3a": lambda t: registry.get("c3a").config(t, block_size=5, init_weights=False),
     "shira": lambda t: registry.get("shira").config(t, r=2, init_weights=False),
     "gralora": lambda t: registry.get("gralora").config(t, r=3, gralora_k=3, init_weights=False),
     "hira": lambda t: registry.get("hira").config(t, r=2, init_weights=False),

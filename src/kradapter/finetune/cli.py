@@ -92,7 +92,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     study.add_argument("--study", choices=("shift",), default=None, help="run the distribution-shift study")
     study.add_argument("--preset", choices=tuple(PRESETS), default=None, help="study preset (default: reduced)")
     study.add_argument("--benchmarks", nargs="+", default=None, help=f"of {', '.join(BENCHMARKS)}")
-    study.add_argument("--contenders", nargs="+", default=None, help="adapters run at the anchor shots and 1x only")
+    study.add_argument("--contenders", nargs="+", default=None, help="anchor-cell-only adapters ('none': none)")
     study.add_argument("--budgets", nargs="+", type=_ints, default=None, help="multiples of KRAdapter's count")
     study.add_argument("--anchor-shots", type=int, default=None, help="shots of the learning-rate sweep cell")
     study.add_argument("--eval-per-class", type=int, default=None, help="evaluation texts per class (0: all)")
@@ -175,7 +175,7 @@ def run_study(args: argparse.Namespace, rank: int, world_size: int, fail: Any) -
             base,
             benchmarks=tuple(args.benchmarks or preset["benchmarks"]),
             methods=tuple(args.methods or preset["methods"]),
-            contenders=tuple(args.contenders if args.contenders is not None else preset["contenders"]),
+            contenders=tuple(c for c in (args.contenders or preset["contenders"]) if c.lower() != "none"),
             seeds=_flat(args.seeds) or preset["seeds"],
             shots=_flat(args.shots) or preset["shots"],
             anchor_shots=args.anchor_shots,
@@ -188,15 +188,16 @@ def run_study(args: argparse.Namespace, rank: int, world_size: int, fail: Any) -
         model_dir = check_model_dir(base.model) if base.model else minilm_dir()
     except (SettingsError, MissingPackageError, ValueError) as exc:
         return fail(str(exc))
-    from .shift import benchmark_data, data_hash
+    from .shift import benchmark_data, check_data, data_hash
     from .shift_data import load_benchmark
 
     try:
         data = {b: benchmark_data(load_benchmark(b), settings.eval_per_class) for b in settings.benchmarks}
+        check_data(settings, data)  # shots that a class cannot supply stop here, before the folder is touched
         inputs = {"model": file_hash(model_dir), **{f"data.{b}": data_hash(d) for b, d in data.items()}}
         mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
         store = _open_store(args.out or "shift_out", settings.run_spec(inputs), mode, rank, world_size, base.device)
-    except (MissingPackageError, StoreError, ValueError) as exc:
+    except (MissingPackageError, StoreError, SettingsError, ValueError) as exc:
         return fail(str(exc))
     with store:
         return _run_study(settings, store, model_dir, data, rank, world_size, not args.quiet, fail)

@@ -244,6 +244,17 @@ def data_hash(data: BenchmarkData) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
+def check_data(settings: StudySettings, data: Mapping[str, BenchmarkData]) -> None:
+    """A SettingsError naming the benchmark, class and numbers when a pool cannot supply the largest shots."""
+    for b in settings.benchmarks:
+        if b not in data:
+            raise SettingsError(f"no data for benchmark {b!r}")
+        try:
+            check_shots(data[b].corpus, data[b].pool, max(settings.shots), settings.base.val_shots)
+        except ValueError as exc:
+            raise SettingsError(f"benchmark {b}: {exc}") from None
+
+
 # -- execution ---------------------------------------------------------------------------------------------------
 
 
@@ -262,12 +273,9 @@ class Study:
         self.probes: dict[str, ModelProbe] = {}
         self.budgets: dict[str, int] = {}
         self.cells = [cell for b in settings.benchmarks for cell in settings.cells(b)]
+        check_data(settings, self.data)
         for b in settings.benchmarks:
             corpus = self.data[b].corpus
-            try:
-                check_shots(corpus, self.data[b].pool, max(settings.shots), settings.base.val_shots)
-            except ValueError as exc:
-                raise SettingsError(f"benchmark {b}: {exc}") from None
             self.probes[b] = probe_model(model_dir, len(corpus.classes), settings.base.targets)
             self.budgets[b] = registry.kradapter_budget(list(self.probes[b].layers.values()))
         self.sizes = {(c.benchmark, c.id): self._size(c) for c in self.cells}  # every method fits, or stop here
@@ -419,12 +427,12 @@ def document(store: Store, study: Study) -> dict[str, Any]:
                 common = [k for k in by_seed if k in reference]  # seeds both have finished (a run may be partial)
                 if name == REFERENCE or len(common) < 2:
                     continue
-                entry = paired_difference(
+                pair = paired_difference(
                     {k: reference[k][metric] for k in common}, {k: by_seed[k]["scores"][metric] for k in common}
                 ).to_dict()
-                if entry["n"] < MIN_PAIRS:
-                    entry["verdict"] = NO_VERDICT
-                paired.setdefault(metric, {})[name] = entry
+                if len(common) < MIN_PAIRS:
+                    pair["verdict"] = NO_VERDICT
+                paired.setdefault(metric, {})[name] = pair
         benchmarks[cell.benchmark]["cells"][cell.id] = {
             "shots": cell.shots,
             "budget": cell.budget,
