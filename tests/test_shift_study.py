@@ -99,6 +99,7 @@ def test_cells_anchor_first_kradapter_only_at_its_own_count() -> None:
         (["finetune", "--study", "shift", "--benchmarks", "news"], "--benchmarks: unknown ['news']"),
         (["finetune", "--study", "shift", "--seeds", "0"], "paired intervals need at least 2 seeds"),
         (["finetune", "--study", "shift", "--budgets", "4"], "--budgets must include 1"),
+        (["finetune", "--study", "shift", "--benchmarks", "topic", "--shots", "400"], "benchmark topic: --shots 400"),
     ],
 )
 def test_command_line_errors_before_any_work(argv, message, tmp_path: Path, capsys) -> None:
