@@ -202,3 +202,16 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
         Study(settings, model, "minilm", data).run(store, progress=False)
         assert store.records == finished
     assert (tmp_path / "out" / RESULTS_FILE).is_file()
+
+
+@pytest.mark.parametrize(
+    ("variable", "engine"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
+)
+@pytest.mark.parametrize("study", [[], ["--study", "shift"]], ids=["finetune", "shift"])
+def test_a_sharded_accelerate_launch_is_refused(variable, engine, study, tmp_path: Path, capsys, monkeypatch) -> None:
+    """accelerate would run an FSDP config as DDP on CPUs without a word: finetune refuses it, naming why."""
+    monkeypatch.setenv(variable, "true")
+    assert main(["finetune", *study, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"launched with a {engine} config ({variable}=true): kradapter finetune does not shard" in err
+    assert not (tmp_path / "out").exists()

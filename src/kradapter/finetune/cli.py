@@ -21,6 +21,7 @@ from .protocol import (
     DEVICES,
     Settings,
     SettingsError,
+    check_launch,
     check_model_dir,
     parse_lr_grid,
     parse_methods,
@@ -115,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"kradapter finetune: error: {message}", file=sys.stderr)
         return 2
 
+    try:
+        check_launch()
+    except SettingsError as exc:
+        return fail(str(exc))
     if args.study:
         return run_study(args, rank, world_size, fail)
     given = [f"--{name.replace('_', '-')}" for name in STUDY_FLAGS if getattr(args, name) is not None]

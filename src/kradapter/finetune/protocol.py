@@ -35,6 +35,23 @@ class SettingsError(ValueError):
     """A flag or a combination of flags that cannot run; the message names it."""
 
 
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}  # set by accelerate launch
+
+
+def check_launch() -> None:
+    """Refuse an ``accelerate launch`` with an FSDP or DeepSpeed config, naming why: ``finetune`` runs in one
+    process or data-parallel (torchrun, or accelerate's multi-CPU/multi-GPU DDP config). On CPUs accelerate turns
+    an FSDP config into DDP without a word, and the Trainer's sharded saving of a PEFT adapter (which PEFT 0.21
+    gets wrong under FSDP1) could not be checked here without a GPU."""
+    for variable, engine in SHARDED_LAUNCHES.items():
+        if os.environ.get(variable, "").lower() == "true":
+            raise SettingsError(
+                f"launched with a {engine} config ({variable}=true): kradapter finetune does not shard; run it "
+                "with torchrun or accelerate's DDP config (examples/accelerate/multi_cpu.yaml), and train sharded "
+                "with examples/fsdp_train.py (docs/sharded.md)"
+            )
+
+
 def parse_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Canonical method names in the given order (aliases such as ``lokr`` accepted); naming an unknown one."""
     try:
