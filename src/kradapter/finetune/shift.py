@@ -348,6 +348,13 @@ def _mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0}
 
 
+def _added_memory(runs: list[Mapping[str, Any]]) -> dict[str, float]:
+    """The largest memory a run's training added over what the process held before it (a long study's process
+    grows, so its whole-process peak is not comparable between methods run early and late)."""
+    added = [r["peak_memory_mb"] - r["resident_before_mb"] for r in runs if "resident_before_mb" in r]
+    return {"added_memory_mb_max": float(max(added))} if added else {}
+
+
 def _updates_summary(runs: list[Mapping[str, Any]]) -> dict[str, float]:
     rows = [row for r in runs for row in r.get("updates", [])]
     if not rows:
@@ -412,6 +419,7 @@ def document(store: Store, study: Study) -> dict[str, Any]:
                 **{m: _mean_std([r["scores"][m] for r in done]) for m in metrics},
                 "train_time_s_mean": float(np.mean([r["train_time_s"] for r in done])),
                 "peak_memory_mb_max": float(max(r["peak_memory_mb"] for r in done)),
+                **_added_memory(done),
                 "trainable_params": done[0]["trainable_params"],
                 **_updates_summary(done),
             }
@@ -479,7 +487,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                 continue
             lines += [f"### {b}, {cell['shots']} shots per class, {cell['budget']}x KRAdapter's count", ""]
             head = ["method", "setting", "trainable", "lr", "ID %", *[f"{d} %" for d in domains], "OOD %",
-                    "OOD - ID", "eff. rank", "train s", "peak MB"]  # fmt: skip
+                    "OOD - ID", "eff. rank", "train s", "peak MB", "added MB"]  # fmt: skip
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for name, row in cell["summary"].items():
                 info = cell["methods"][name]
@@ -490,6 +498,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                         f"{info.get('lr', float('nan')):g}", _pct(row["id"]), *[_pct(row[d]) for d in domains],
                         _pct(row["ood"]), _pct(row["gap"]), f"{rank:.1f}" if rank is not None else "-",
                         f"{row['train_time_s_mean']:.1f}", f"{row['peak_memory_mb_max']:.0f}",
+                        f"{row['added_memory_mb_max']:.0f}" if "added_memory_mb_max" in row else "-",
                     ]) + " |"
                 )  # fmt: skip
             if cell["paired"]:

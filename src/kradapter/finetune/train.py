@@ -111,12 +111,20 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed memory back so the next run's high-water is its own
 
 
+def _status_mb(field: str) -> float:
+    """A memory field of ``/proc/self/status`` (kB) in MiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith(f"{field}:")).split()[1]) / 1024
+
+
 @contextlib.contextmanager
 def peak_memory(cuda: bool) -> Iterator[dict[str, Any]]:
     """Peak memory of the block: CUDA ``max_memory_allocated``, or the process's resident-set high-water mark.
 
     On Linux the RSS high-water mark (``VmHWM``) is reset first (``/proc/self/clear_refs``), so it is this block's
-    peak of the whole process (model, data and Python included); elsewhere it is ``ru_maxrss`` since start.
+    peak of the whole process (model, data and Python included), and ``resident_before_mb`` is what the process
+    held when the block began (the peak minus it is what training added); elsewhere it is ``ru_maxrss`` since
+    start.
     """
     out: dict[str, Any] = {}
     if cuda:
@@ -127,6 +135,7 @@ def peak_memory(cuda: bool) -> Iterator[dict[str, Any]]:
         try:
             Path("/proc/self/clear_refs").write_text("5")
             out["memory_kind"] = "cpu_rss_peak"
+            out["resident_before_mb"] = _status_mb("VmRSS")  # what the process held before (a study grows it)
         except OSError:
             out["memory_kind"] = "cpu_maxrss_since_start"
     yield out
@@ -135,9 +144,7 @@ def peak_memory(cuda: bool) -> Iterator[dict[str, Any]]:
         out["memory_kind"] = "cuda_max_allocated"
         out["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     elif out["memory_kind"] == "cpu_rss_peak":
-        status = Path("/proc/self/status").read_text()
-        hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-        out["peak_memory_mb"] = int(hwm.split()[1]) / 1024
+        out["peak_memory_mb"] = _status_mb("VmHWM")
     else:
         scale = 1 if os.uname().sysname == "Darwin" else 1024  # bytes on macOS, KiB on Linux
         out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
