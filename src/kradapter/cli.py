@@ -17,11 +17,27 @@ COMMAND_MODULES = ("kradapter.compare.cli", "kradapter.finetune.cli", "kradapter
 # Optional quantization backends, which PEFT imports whenever they are installed, log at import time about kernels
 # this CPU or build lacks (and torch about their enum registrations): noise unrelated to the command's work.
 IMPORT_NOISE_LOGGERS = ("torchao", "bitsandbytes", "torch.utils._pytree")
+# DeepSpeed, when installed, is imported by accelerate's probing and warns that it fell back to its CPU accelerator;
+# no kradapter command runs DeepSpeed (finetune refuses a DeepSpeed launch), so that line is noise here too.
+IMPORT_NOISE_MESSAGES = {"DeepSpeed": "Setting accelerator to CPU"}
+
+
+class _Drop(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def main(argv: list[str] | None = None) -> int:
     for name in IMPORT_NOISE_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name, text in IMPORT_NOISE_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) and f.text == text for f in logger.filters):
+            logger.addFilter(_Drop(text))
     parser = argparse.ArgumentParser(prog="kradapter", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
