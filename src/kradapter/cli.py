@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 
 COMMAND_MODULES = ("kradapter.compare.cli", "kradapter.finetune.cli", "kradapter.export_cli")
 
@@ -31,7 +32,17 @@ class _Drop(logging.Filter):
         return self.text not in record.getMessage()
 
 
+# Library-internal deprecations and notices users cannot act on, raised inside training: transformers' own
+# gradient-checkpointing rename, and torch's note that PEFT's SHiRA builds sparse tensors without invariant checks.
+IGNORED_WARNINGS = (
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+    (UserWarning, r"Sparse invariant checks are implicitly disabled"),
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    for category, message in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     for name in IMPORT_NOISE_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     for name, text in IMPORT_NOISE_MESSAGES.items():

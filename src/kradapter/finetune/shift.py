@@ -53,7 +53,7 @@ BENCHMARKS = ("sentiment", "topic")
 PRESETS: dict[str, dict[str, Any]] = {
     "reduced": {
         "benchmarks": BENCHMARKS,
-        "methods": ("lora", "kradapter", "loha"),
+        "methods": ("lora", "kradapter"),
         "contenders": (),
         "seeds": (0, 1, 2, 3, 4),
         "shots": (32,),
