@@ -279,3 +279,20 @@ def test_cli_reports_bad_config_without_a_traceback(tmp_path: Path, capsys: pyte
     bad.write_text("[training]\nlr = 'fast'\n")
     assert main(["compare", "--config", str(bad), "--out", str(tmp_path)]) == 2
     assert "training.lr: expected a finite number, got 'fast'" in capsys.readouterr().err
+
+
+def test_the_high_rank_relatives_run_and_are_deterministic(tmp_path: Path) -> None:
+    """LoHa, SHiRA (a sparse update), HiRA (an update made from the base weight), GraLoRA and C3A fit in the
+    matrix study; two runs of one seed give the same numbers (HiRA's base weight is seeded, never left
+    uninitialised)."""
+    relatives = [m for m in registry.ADAPTERS if m not in ADAPTERS]
+    names = ["kradapter", *relatives]
+    out = [
+        run(small(tmp_path / str(i), matrices={"size": (24, 16)}, methods={"names": names}))["results"]["random_noise"]
+        for i in range(2)
+    ]
+    for method in relatives:
+        first, again = out[0]["methods"][method], out[1]["methods"][method]
+        assert first["error"] is None, (method, first["error"])
+        assert math.isfinite(first["relative_frobenius_error"]) and first["relative_frobenius_error"] < 1.0, method
+        assert first["relative_frobenius_error"] == again["relative_frobenius_error"], method

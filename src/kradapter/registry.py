@@ -73,6 +73,7 @@ class Method:
     tolerance: float = 0.05  # largest relative gap to the budget a study accepts
     default: bool = True  # in the studies' default method lists
     trains_base: bool = False  # a baseline that trains the whole model (else only its head)
+    update_uses_base: bool = False  # the update is made from the frozen weight (HiRA: W0 * (B A))
     rank_of: str | None = None  # a reference: the truncated SVD at this method's rank (None: rank 0, i.e. zero)
     lr_grid: tuple[float, ...] = ()  # finetune's learning-rate sweep
     study: Mapping[str, Any] = field(default_factory=dict)  # the matrix study's defaults
@@ -496,6 +497,7 @@ _ENTRIES = (
         count_knobs=("r",),
         rank_knob="r",
         default=False,
+        update_uses_base=True,
         lr_grid=(3e-3, 1e-2, 3e-2),  # its update is W0 * (B A): entries ~W0 (0.05) times smaller than LoRA's
         build=_hira_config,
         counter=_lora_count,

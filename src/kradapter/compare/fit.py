@@ -1,6 +1,7 @@
 """Fit one method's weight update to one target: the PEFT layer users inject, trained on ``||dW - T||_F``.
 
-The update is ``get_delta_weight`` of the layer ``peft.get_peft_model`` puts into ``nn.Linear(cols, rows)``:
+The update is what ``merge()`` adds to the layer ``peft.get_peft_model`` puts into ``nn.Linear(cols, rows)``
+(:func:`kradapter.finetune.updates.layer_update`: ``get_delta_weight``, dense, times the base weight for HiRA):
 no copy of any method's maths lives here. Each step evaluates the loss at the current parameters, so the loss
 seen at step ``i`` is that of the parameters after ``i`` updates; the returned update is recomputed from the
 parameters the adapter ends with (with ``keep_best``: the best ones seen, restored), so metrics are never a
@@ -21,6 +22,7 @@ from peft import get_peft_model
 from torch import nn
 
 from .. import registry
+from ..finetune.updates import layer_update
 from ..registry import Plan
 from .config import StudyConfig
 from .matrices import stable_seed
@@ -37,10 +39,14 @@ class Fit:
 
 
 class _OneLayer(nn.Module):
-    def __init__(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, rows: int, cols: int, device: torch.device, dtype: torch.dtype, base: bool = False) -> None:
         super().__init__()
-        # The base weight is never used (only the update is fitted): skip its initialisation.
-        self.layer = nn.utils.skip_init(nn.Linear, cols, rows, bias=False, device=device, dtype=dtype)
+        # The update alone is fitted, so the base weight's initialisation is skipped, unless the method's update is
+        # made from it (HiRA's W0 * (B A)): then it is nn.Linear's own random initialisation, from the cell's seed.
+        if base:
+            self.layer = nn.Linear(cols, rows, bias=False, device=device, dtype=dtype)
+        else:
+            self.layer = nn.utils.skip_init(nn.Linear, cols, rows, bias=False, device=device, dtype=dtype)
 
 
 class _FrobeniusLoss(torch.autograd.Function):
@@ -118,7 +124,8 @@ def inject(plan: Plan, rows: int, cols: int, seed: int, device: torch.device, dt
         settings.setdefault(method.seed_setting, cell_seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cell_seed)
-        return get_peft_model(_OneLayer(rows, cols, device, dtype), method.config(["layer"], **settings))
+        base = _OneLayer(rows, cols, device, dtype, base=method.update_uses_base)
+        return get_peft_model(base, method.config(["layer"], **settings))
 
 
 def fit_method(
@@ -149,7 +156,7 @@ def fit_method(
     track = stop.enabled or t.keep_best or log is not None or record
     start = time.perf_counter()
     for step in range(t.iterations):
-        loss = frobenius_loss(layer.get_delta_weight("default"), target, squared)
+        loss = frobenius_loss(layer_update(layer, "default"), target, squared)
         if track:
             value = float(loss.detach())
             if record:
@@ -171,10 +178,10 @@ def fit_method(
         optimizer.zero_grad(set_to_none=True)
         steps = step + 1
     with torch.no_grad():
-        update = layer.get_delta_weight("default").detach()
+        update = layer_update(layer, "default").detach()
         final = float(frobenius_loss(update, target, squared))
         if t.keep_best and best is not None and best_loss < final:
             torch._foreach_copy_(params, best)
-            update = layer.get_delta_weight("default").detach()
+            update = layer_update(layer, "default").detach()
             final = float(frobenius_loss(update, target, squared))
     return Fit(update, sum(p.numel() for p in params), time.perf_counter() - start, steps, history, final)
