@@ -37,7 +37,7 @@ Several processes: torchrun --nproc_per_node 2 -m kradapter.cli finetune ...
 
 --study shift (distribution shift): sentiment (train on movie reviews; test on held-out movie reviews, Amazon
 reviews, tweets, NYT editorials) and topic (train on BBC News; test on held-out BBC and 20 Newsgroups). Presets:
-reduced (default: lora, kradapter; 32 shots; 5 seeds; about 20 minutes on 2 CPU cores) and full (adds loha;
+reduced (default: lora, kradapter; 32 shots; 5 seeds; 17 minutes on 2 CPU cores) and full (adds loha;
 shots 8 32 128, budgets 1x and 4x, contenders shira hira gralora c3a); any flag overrides its preset value.
 """
 

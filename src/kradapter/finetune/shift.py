@@ -49,7 +49,7 @@ MIN_PAIRS = 5  # fewer seeds give an interval (the bootstrap's min..max of a han
 NO_VERDICT = f"no verdict (n < {MIN_PAIRS})"
 BENCHMARKS = ("sentiment", "topic")
 
-# Two presets: ``reduced`` (the default; about 20 minutes on 2 CPU cores) and ``full`` (the findings page).
+# Two presets: ``reduced`` (the default; 17 minutes on 2 CPU cores) and ``full`` (the findings page's settings).
 PRESETS: dict[str, dict[str, Any]] = {
     "reduced": {
         "benchmarks": BENCHMARKS,
