@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import registry
 from ..store import Store, write_atomic
+from .shift import updates_summary
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -120,9 +121,7 @@ def summarize(results: dict[str, Any], methods: tuple[str, ...], seeds: tuple[in
             "adapter_bytes": int(np.mean([r["adapter_bytes"] for r in runs if "adapter_bytes" in r] or [0])),
             "knobs": info["knobs"],
         }
-        ranks = [row["effective_rank"] for r in runs for row in r.get("updates", [])]
-        if ranks:  # the learned update's effective rank, mean over layers and seeds
-            summary[method]["update_effective_rank_mean"] = float(np.mean(ranks))
+        summary[method] |= {k: v for k, v in updates_summary(runs).items() if k == "update_effective_rank_mean"}
     return summary
 
 

@@ -24,7 +24,6 @@ shifted domain (OOD). Training, evaluation and method sizing are ``kradapter fin
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -344,8 +343,9 @@ def run_scores(record: Mapping[str, Any], domains: list[str]) -> dict[str, float
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0}
+    from ..stats import mean_std
+
+    return dict(zip(("mean", "std"), mean_std(values), strict=True))
 
 
 def _added_memory(runs: list[Mapping[str, Any]]) -> dict[str, float]:
@@ -355,22 +355,21 @@ def _added_memory(runs: list[Mapping[str, Any]]) -> dict[str, float]:
     return {"added_memory_mb_max": float(max(added))} if added else {}
 
 
-def _updates_summary(runs: list[Mapping[str, Any]]) -> dict[str, float]:
+def updates_summary(runs: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Means over the layers of every run of the learned updates' effective rank, stable rank and relative norm
+    (:func:`kradapter.finetune.updates.summarise_updates`), as ``update_<metric>_mean``."""
+    from .updates import summarise_updates
+
     rows = [row for r in runs for row in r.get("updates", [])]
-    if not rows:
-        return {}
-    out = {}
-    for key in ("effective_rank", "stable_rank", "relative_norm"):
-        values = [float(row[key]) for row in rows if key in row and math.isfinite(float(row[key]))]
-        if values:
-            out[f"update_{key}_mean"] = float(np.mean(values))
-    return out
+    means = summarise_updates(rows) if rows else {}
+    keys = ("effective_rank", "stable_rank", "relative_norm")
+    return {f"update_{k}_mean": means[f"mean_{k}"] for k in keys if f"mean_{k}" in means}
 
 
 def document(store: Store, study: Study) -> dict[str, Any]:
     """The results document, rebuilt from the store's records (finished units only)."""
     from ..stats import paired_difference
-    from .runner import choose
+    from .runner import choose, lr_key
 
     s = study.settings
     environments = [i["environment"] for i in store.meta.get("invocations", []) if "environment" in i]
@@ -403,7 +402,7 @@ def document(store: Store, study: Study) -> dict[str, Any]:
             entry = {"knobs": size.settings, "adapter_params": size.count, "budget_ratio": size.budget_ratio,
                      "describe": registry.METHODS[name].describe(size.settings)}  # fmt: skip
             anchor_prefix = (cell.benchmark, s.anchor)
-            if all(store.done((*anchor_prefix, "sweep", name, f"{lr:g}")) for lr in s.grid(name)):
+            if all(store.done((*anchor_prefix, "sweep", name, lr_key(lr))) for lr in s.grid(name)):
                 entry["lr"] = choose(store, name, s.grid(name), anchor_prefix)
             methods[name] = entry
             for seed in s.seeds:
@@ -421,7 +420,7 @@ def document(store: Store, study: Study) -> dict[str, Any]:
                 "peak_memory_mb_max": float(max(r["peak_memory_mb"] for r in done)),
                 **_added_memory(done),
                 "trainable_params": done[0]["trainable_params"],
-                **_updates_summary(done),
+                **updates_summary(done),
             }
         reference_prefix = prefix if REFERENCE in cell.methods else (cell.benchmark, cell_id(cell.shots, 1))
         reference = {
