@@ -264,6 +264,64 @@ def test_a_second_run_from_another_process_fails_at_once_naming_its_pid(tmp_path
         pass
 
 
+# A process that holds the folder's flock with the lock file still empty (the moments just after a run locks and
+# just before it unlocks), then, told on stdin, writes its name, or unlocks.
+BARE_HOLDER = textwrap.dedent(
+    """
+    import fcntl, sys
+    handle = open(sys.argv[1], "a+")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    if sys.stdin.readline().strip() == "name":
+        handle.write("pid 4242 on elsewhere, started then: compare\\n")
+        handle.flush()
+    else:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    print("done", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+@pytest.mark.parametrize("then", ["name", "unlock", "nothing"])
+def test_a_run_refused_in_the_holders_first_or_last_moment_still_names_it_or_gets_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, then: str
+) -> None:
+    """The race two concurrent runs met: the lock file is empty while held. A refused run looks again for the holder's
+    name; the folder comes free while it looks, it takes it; a holder that never names itself is 'another process'."""
+    import threading
+
+    import kradapter.store as store_module
+
+    monkeypatch.setattr(store_module, "HOLDER_WAIT_S", 5.0 if then != "nothing" else 0.3)
+    with Store.open(tmp_path, spec()):
+        pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c", BARE_HOLDER, str(tmp_path / LOCK_FILE)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdin is not None and holder.stdout is not None
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        if then != "nothing":
+            timer = threading.Timer(0.3, lambda: (holder.stdin.write(then + "\n"), holder.stdin.flush()))  # type: ignore[union-attr]
+            timer.start()
+        if then == "unlock":
+            with Store.open(tmp_path, spec(), "resume"):
+                pass
+        else:
+            expected = r"pid 4242 on elsewhere" if then == "name" else "another process"
+            with pytest.raises(StoreError, match=rf"in use by another run \({expected}"):
+                Store.open(tmp_path, spec(), "resume")
+        if then != "nothing":
+            timer.join()
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+
+
 def test_files_have_ordinary_modes(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:

@@ -31,6 +31,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
 LOCK_FILE = ".lock"
+HOLDER_WAIT_S = 2.0  # how long a refused run looks for the name of a holder that is just taking or leaving the lock
 MODES = ("new", "resume", "overwrite")
 
 Key = tuple[str | int, ...]
@@ -126,18 +128,28 @@ class FolderLock:
         self.handle: TextIO | None = None
 
     def acquire(self) -> None:
+        """Take the lock or name its holder. The holder writes its name just after it locks and clears it just before
+        it unlocks, so an empty file while locked means one of those moments: look again for up to ``HOLDER_WAIT_S``
+        seconds (taking the lock if it comes free) rather than naming no one."""
         handle = self.path.open("a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise
+        deadline = time.monotonic() + HOLDER_WAIT_S
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    handle.close()
+                    raise
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise StoreError(
-                f"{self.path.parent} is in use by another run ({holder}); wait for it or use another folder"
-            ) from None
+            holder = handle.read().strip()
+            if holder or time.monotonic() > deadline:
+                handle.close()
+                raise StoreError(
+                    f"{self.path.parent} is in use by another run ({holder or 'another process'}); "
+                    "wait for it or use another folder"
+                )
+            time.sleep(0.02)
         handle.seek(0)
         handle.truncate()
         started = dt.datetime.now().isoformat(timespec="seconds")
