@@ -225,3 +225,11 @@ def test_c3a_block_size_must_divide_every_side() -> None:
     found = plan("c3a", shapes, 96 * 48 // 6 + 48 * 144 // 6)
     assert found.settings == {"block_size": 6}
     assert found.count == built_count(get("c3a").config(targets(shapes), **found.settings), shapes)
+
+
+def test_c3a_count_without_a_block_size_is_that_of_peft_s_default() -> None:
+    """The closed form and PEFT agree when the setting is left to PEFT (its default block size, 256)."""
+    shapes = [(512, 256), (256, 768)]
+    assert get("c3a").count(shapes) == built_count(get("c3a").config(targets(shapes)), shapes) == 512 + 768
+    with pytest.raises(MethodError, match=r"c3a block_size=256 must divide both sides"):
+        get("c3a").count([(384, 384)])

@@ -368,8 +368,14 @@ def _gralora_candidates(layers: list[Shape], fixed: Settings) -> list[list[Candi
 
 
 def _c3a_count(layers: list[Shape], s: Settings) -> int:
-    """One circulant kernel per ``b x b`` block: ``d k / b`` per layer; ``b`` must divide both sides."""
-    b = positive_int("block_size", s.get("block_size", math.gcd(*(v for shape in layers for v in shape))))
+    """One circulant kernel per ``b x b`` block: ``d k / b`` per layer; ``b`` (PEFT's default unless given) must
+    divide both sides."""
+    if "block_size" in s:
+        b = positive_int("block_size", s["block_size"])
+    else:
+        from peft import C3AConfig
+
+        b = C3AConfig.block_size
     if any(d % b or k % b for d, k in layers):
         raise MethodError(f"c3a block_size={b} must divide both sides of every layer {layers}")
     return sum(d * k // b for d, k in layers)

@@ -98,6 +98,20 @@ def write_json(path: Path | str, data: Any, indent: int | None = None) -> None:
     write_atomic(path, dumps(data, indent))
 
 
+def write_figure(fig: Any, path: Path | str, **savefig: Any) -> Path:
+    """A matplotlib figure written atomically (format from the suffix, PNG without one), then closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", **savefig)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
 def file_hash(path: Path | str) -> str:
     """``sha256:<hex>`` of a file's bytes, or of a folder's files (relative names and contents, sorted)."""
     path = Path(path)

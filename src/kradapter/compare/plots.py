@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
 
 from .. import registry
-from ..store import write_atomic
+from ..store import write_figure
 from .config import StudyConfig
 
 
@@ -45,13 +44,8 @@ def _pyplot(config: StudyConfig):
 
 
 def _save(fig, path: Path, config: StudyConfig, rect: tuple[float, ...] = (0, 0, 1, 1)) -> None:
-    import matplotlib.pyplot as plt
-
     fig.tight_layout(rect=rect)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", dpi=config.output.dpi, bbox_inches="tight")
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
+    write_figure(fig, path, dpi=config.output.dpi, bbox_inches="tight")
 
 
 def _bars(ax, rows, columns, metric, config, relative_to=None):

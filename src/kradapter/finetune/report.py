@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import registry
-from ..store import Store, write_atomic
-from .shift import updates_summary
+from ..stats import mean_std
+from ..store import Store, write_figure
+from .updates import updates_summary
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -19,12 +19,6 @@ RESULTS_FILE = "finetune_results.json"
 PLOT_FILE = "finetune_pareto.png"
 TABLE_FILE = "finetune_table.md"
 FORMAT = 2
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (ddof=1; 0 for a single seed)."""
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
 def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> dict[str, Any]:
@@ -102,8 +96,8 @@ def summarize(results: dict[str, Any], methods: tuple[str, ...], seeds: tuple[in
             )
         if not runs:
             continue
-        acc = _mean_std([r["test"]["accuracy"] for r in runs])
-        f1 = _mean_std([r["test"]["macro_f1"] for r in runs])
+        acc = mean_std([r["test"]["accuracy"] for r in runs])
+        f1 = mean_std([r["test"]["macro_f1"] for r in runs])
         info = results["methods"][method]
         summary[method] = {
             "seeds": [r["seed"] for r in runs],
@@ -223,10 +217,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
+    write_figure(fig, path, dpi=120)
 
 
 def write_reports(results: dict[str, Any], store: Store) -> str:

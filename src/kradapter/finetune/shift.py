@@ -355,21 +355,11 @@ def _added_memory(runs: list[Mapping[str, Any]]) -> dict[str, float]:
     return {"added_memory_mb_max": float(max(added))} if added else {}
 
 
-def updates_summary(runs: list[Mapping[str, Any]]) -> dict[str, float]:
-    """Means over the layers of every run of the learned updates' effective rank, stable rank and relative norm
-    (:func:`kradapter.finetune.updates.summarise_updates`), as ``update_<metric>_mean``."""
-    from .updates import summarise_updates
-
-    rows = [row for r in runs for row in r.get("updates", [])]
-    means = summarise_updates(rows) if rows else {}
-    keys = ("effective_rank", "stable_rank", "relative_norm")
-    return {f"update_{k}_mean": means[f"mean_{k}"] for k in keys if f"mean_{k}" in means}
-
-
 def document(store: Store, study: Study) -> dict[str, Any]:
     """The results document, rebuilt from the store's records (finished units only)."""
     from ..stats import paired_difference
     from .runner import choose, lr_key
+    from .updates import updates_summary
 
     s = study.settings
     environments = [i["environment"] for i in store.meta.get("invocations", []) if "environment" in i]
@@ -521,7 +511,8 @@ def plot_kshot(results: Mapping[str, Any], benchmark: str, path: Path) -> Path |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .updates import save_figure
+    from ..store import write_figure
+    from .updates import FIGURE_DPI
 
     cells = [c for c in results["benchmarks"][benchmark]["cells"].values() if c["budget"] == 1 and c["summary"]]
     if len({c["shots"] for c in cells}) < 2:
@@ -539,7 +530,7 @@ def plot_kshot(results: Mapping[str, Any], benchmark: str, path: Path) -> Path |
         ax.set_ylabel("accuracy %")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return write_figure(fig, path, dpi=FIGURE_DPI)
 
 
 def write_reports(results: Mapping[str, Any], store: Store) -> str:
@@ -558,8 +549,8 @@ def write_reports(results: Mapping[str, Any], store: Store) -> str:
         first = {registry.label(m): next(iter(r.values()))["updates"] for m, r in runs.items()
                  if r and "updates" in next(iter(r.values()))}  # fmt: skip
         if first:
-            for name, plot in (("rank", plot_effective_rank), ("spectra", plot_spectra)):
-                path = store.path(f"shift_{b}_{name}.png")
-                plot(first, path) if name == "spectra" else plot(first, path, f"{b}: effective rank of dW per layer")
-                store.written(path.name)
+            store.written(f"shift_{b}_rank.png")
+            store.written(f"shift_{b}_spectra.png")
+            plot_effective_rank(first, store.path(f"shift_{b}_rank.png"), f"{b}: effective rank of dW per layer")
+            plot_spectra(first, store.path(f"shift_{b}_spectra.png"))
     return table

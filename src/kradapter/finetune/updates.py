@@ -32,8 +32,10 @@ import torch
 from torch import nn
 
 from ..compare.metrics import effective_rank, singular_values
+from ..store import write_figure
 
 SPECTRUM_TOP = 64
+FIGURE_DPI = 130
 RESOLUTION = 1e-6  # singular values below this fraction of the largest are numerical zeros (float64 Gram matrix)
 
 
@@ -143,19 +145,13 @@ def summarise_updates(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def save_figure(fig: Any, path: Path | str, dpi: int = 130) -> Path:
-    """Write a matplotlib figure as PNG atomically (a reader never sees half a file) and close it."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    from ..store import write_atomic
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
-    return Path(path)
+def updates_summary(runs: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Means over the layers of every run of the learned updates' effective rank, stable rank and relative norm
+    (:func:`summarise_updates`), as ``update_<metric>_mean``."""
+    rows = [row for r in runs for row in r.get("updates", [])]
+    means = summarise_updates(rows) if rows else {}
+    keys = ("effective_rank", "stable_rank", "relative_norm")
+    return {f"update_{k}_mean": means[f"mean_{k}"] for k in keys if f"mean_{k}" in means}
 
 
 def _short(name: str) -> str:
@@ -192,7 +188,7 @@ def plot_effective_rank(results: Mapping[str, Sequence[Mapping[str, Any]]], path
     ax.set_title(title or "Effective rank of the learned update per layer")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return write_figure(fig, path, dpi=FIGURE_DPI)
 
 
 def plot_spectra(
@@ -236,4 +232,4 @@ def plot_spectra(
     axes[0][0].set_ylabel("singular value / largest")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return write_figure(fig, path, dpi=FIGURE_DPI)
