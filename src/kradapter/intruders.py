@@ -14,9 +14,10 @@ Details fixed here:
 
 - The absolute cosine makes the count independent of the sign of each singular vector (an SVD's signs are
   arbitrary).
-- Both SVDs are taken in float64 (``numpy.linalg.svd``). Singular vectors of (numerically) zero singular values are arbitrary, so only
-  those above ``max(m, n) * eps * sigma_max`` (``numpy.linalg.matrix_rank``'s tolerance) count: on the
-  pre-trained side as references, on the fine-tuned side as candidates (``k`` is capped at that rank).
+- Both SVDs are taken in float64 (``numpy.linalg.svd``). Singular vectors of (numerically) zero singular
+  values are arbitrary, so only those above ``max(m, n) * eps * sigma_max`` (``numpy.linalg.matrix_rank``'s
+  tolerance) count: on the pre-trained side as references, on the fine-tuned side as candidates (``k`` is
+  capped at that rank).
 - The comparison is against the thin SVD (``min(m, n)`` vectors), as in the authors' code; for a tall matrix's
   left side a direction outside the pre-trained column space has cosine 0 with every reference.
 - With repeated pre-trained singular values the singular vectors within a repeated group are not unique; the
