@@ -24,6 +24,9 @@ Calibrated tools for small ``n`` (the powered study's statistics)
     - :func:`two_way_bootstrap`: interval of an accuracy difference resampling seeds and test items together.
     - :func:`mcnemar_exact`: exact McNemar test of two classifiers' per-item correctness on one seed.
     - :func:`endpoint_verdict`: ``"supported"``, ``"contradicted"`` or ``"not detected (MDE x points)"``.
+
+SciPy provides the distributions and the root finder; it is imported inside the functions that use it, so the
+percentile bootstrap and the summaries import nothing beyond NumPy.
 """
 
 from __future__ import annotations
@@ -36,8 +39,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
-from scipy import optimize
-from scipy import stats as sps
 
 CONFIDENCE = 0.95
 RESAMPLES = 10_000
@@ -274,6 +275,8 @@ def paired_t_interval(
     The p-value is two-sided for a mean difference of 0. Exact under normal differences; with identical
     differences the interval is the single point and the p-value 0 (or 1 when every difference is 0).
     """
+    from scipy import stats as sps
+
     _check_confidence(confidence)
     _, d = differences_of(a, b)
     n = d.size
@@ -465,6 +468,8 @@ def paired_t_power(difference: float, sd: float, n: int, *, alpha: float = ALPHA
     ``n`` pairs whose differences have standard deviation ``sd``: the statistic follows a noncentral t with
     ``n - 1`` degrees of freedom and noncentrality ``difference * sqrt(n) / sd``; both rejection tails count.
     """
+    from scipy import stats as sps
+
     n = _check_count("n", n, 2)
     if not (math.isfinite(sd) and sd > 0):
         raise ValueError(f"sd must be a positive number, got {sd!r}")
@@ -485,6 +490,8 @@ def minimum_detectable_difference(sd: float, n: int, *, power: float = POWER, al
     on the noncentral t power (:func:`paired_t_power`) with ``scipy.optimize.brentq``. Same units as ``sd``;
     0 when ``sd`` is 0.
     """
+    from scipy import optimize
+
     n = _check_count("n", n, 2)
     if not (math.isfinite(sd) and sd >= 0):
         raise ValueError(f"sd must be a non-negative number, got {sd!r}")
@@ -564,6 +571,8 @@ def two_way_bootstrap(
     seed), because with few seeds the seed component's spread is itself uncertain. The percentile interval is
     in ``details`` for reference only (it is too narrow below :data:`PERCENTILE_MIN_PAIRS` seeds).
     """
+    from scipy import stats as sps
+
     _check_confidence(confidence)
     resamples = _check_count("resamples", resamples, 2)
     va, vb = _score_matrix("a", a), _score_matrix("b", b)
@@ -622,6 +631,8 @@ def mcnemar_exact(correct_a: Any, correct_b: Any) -> McNemarTest:
     either, so ``a_only ~ Binomial(a_only + b_only, 1/2)``; the p-value is ``scipy.stats.binomtest``'s two-sided
     one (1 when no item is discordant). ``difference`` is the accuracy of ``a`` minus that of ``b``.
     """
+    from scipy import stats as sps
+
     ca, cb = np.asarray(correct_a), np.asarray(correct_b)
     if ca.ndim != 1 or ca.shape != cb.shape or ca.size == 0:
         raise ValueError(f"correct_a and correct_b must be equal-length 1-D arrays, got {ca.shape} and {cb.shape}")
