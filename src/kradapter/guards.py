@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -90,3 +90,18 @@ def int_list(name: str, text: str, *, minimum: int = 1, error: type[Exception] =
     for value in values:
         positive_int(name, value, minimum=minimum, error=error)
     return values
+
+
+def cli_int(minimum: int = 1) -> Callable[[str], int]:
+    """An argparse ``type=``: the argument as an ``int`` >= ``minimum``; otherwise argparse's one-line usage error
+    (exit 2) naming the flag and the value."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        return positive_int("the value", value, minimum=minimum, error=argparse.ArgumentTypeError)
+
+    return parse
