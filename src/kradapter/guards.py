@@ -102,6 +102,8 @@ def cli_int(minimum: int = 1) -> Callable[[str], int]:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        return positive_int("the value", value, minimum=minimum, error=argparse.ArgumentTypeError)
+        if not is_int(value, minimum):
+            raise argparse.ArgumentTypeError(f"must be {_integer_phrase(minimum)}, got {value}")
+        return value
 
     return parse

@@ -12,6 +12,15 @@ Library defaults applied to every config, where PEFT's would blur a comparison: 
 (``alpha = r``), RandLoRA at PEFT's recommended scale 20 (``randlora_alpha = 20 r``). ``study`` holds the extra
 defaults of the matrix study (the published code's toy methods all had scale 1, SinLoRA ``sin(20 B A)``).
 
+Membership and roles are tags on the entries (:data:`TAGS`), read with :func:`tagged`: the default ``--methods``
+of each study (``compare-default``, ``finetune-default``), the shift study's presets, the budget method
+(:func:`budget_method`), the shift study's anchor (:func:`anchor`), the adapter others are shown relative to
+(:func:`reference_adapter`) and the adapters ``kradapter export`` reads. A list keeps registry order unless its
+entries give ``positions`` for its tag (finetune's list is ordered baselines first). Help texts come from
+:func:`methods_help`, and the derived lists (``ADAPTERS``, ``DEFAULT_ADAPTERS``, ...) are computed when read, so a
+method added to :data:`METHODS` is at once in every list, every ``--help`` and both studies
+(``tests/compare/test_method_facts.py`` proves it, and fails on a quoted method name anywhere else in the code).
+
 Importing this module loads no heavy library: names, settings and checks answer at once; counts and configs
 import PEFT and torch only when called.
 """
@@ -28,7 +37,7 @@ from .shape import FACTORIZATIONS, Factorization, KhatriRaoShape
 
 Shape = tuple[int, int]
 Settings = dict[str, Any]
-COMMON_SETTINGS = ("modules_to_save",)  # PEFT config fields every adapter takes
+COMMON_SETTINGS = ("modules_to_save", "task_type")  # PEFT config fields every adapter takes
 
 
 class MethodError(ValueError):
@@ -422,7 +431,7 @@ _ENTRIES = (
         "SinLoRA",
         "adapter",
         tags=frozenset({"compare-default", "finetune-default", "export-source"}),
-        positions={"finetune-default": 6},
+        positions={"finetune-default": 6, "export-source": 1},
         settings=("r", "alpha", "frequency", "dropout", "init_weights", "amplitude"),
         count_knobs=("r",),
         rank_knob="r",
@@ -448,7 +457,7 @@ _ENTRIES = (
                 "export-source",
             }
         ),
-        positions={"finetune-default": 5},
+        positions={"finetune-default": 5, "export-source": 0},
         settings=("scaling", "factorization", "execution", "dropout", "init_weights"),
         count_knobs=("factorization",),
         lr_grid=(1e-3, 3e-3, 1e-2),
