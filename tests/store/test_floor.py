@@ -105,6 +105,21 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> 
     assert target.read_bytes() == b"new" and _mode(target) == 0o640
 
 
+def test_replace_dir_swaps_a_whole_folder(tmp_path: Path) -> None:
+    target, staging = tmp_path / "model", tmp_path / "model.tmp"
+    files.replace_dir(_folder(staging, {"a.bin": b"1", "sub/b.bin": b"2"}), target)
+    files.replace_dir(_folder(staging, {"c.bin": b"3"}), target)
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == ["c.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def _folder(path: Path, contents: dict[str, bytes]) -> Path:
+    for name, data in contents.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
+    return path
+
+
 def test_json_hash_and_sizes(tmp_path: Path) -> None:
     files.write_json(tmp_path / "a.json", {"x": [1, math.nan]})
     assert (tmp_path / "a.json").read_text() == '{"x":[1,NaN]}\n'
