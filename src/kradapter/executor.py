@@ -27,7 +27,7 @@ import os
 import pickle
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -266,8 +266,12 @@ class Executor:
     def close(self) -> None:
         """Release what :meth:`start` took."""
 
-    def outcomes(self, units: Iterable[Unit]) -> Iterator[Outcome]:
+    def outcomes(self, units: Iterable[Unit]) -> Generator[Outcome]:
         raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """The executor's settings, for the run's environment record."""
+        return {"executor": self.name}
 
     def run(
         self,
@@ -304,8 +308,9 @@ class Executor:
             bar.set_postfix(counts, refresh=True)
 
         self._on_running = show
+        outcomes = self.outcomes(units)
         try:
-            for outcome in self.outcomes(units):
+            for outcome in outcomes:
                 if outcome.error is None:
                     on_result(outcome.key, outcome.record, dict(outcome.artifacts))
                     summary.finished.append(outcome.key)
@@ -317,7 +322,9 @@ class Executor:
                     counts["failed"] += 1
                 bar.update(1)
                 bar.set_postfix(counts, refresh=True)
+            show(0)
         finally:
+            outcomes.close()  # at once, so a stopped run cancels the units in flight before the error propagates
             self._on_running = None
             bar.close()
         return summary
@@ -337,7 +344,10 @@ class SequentialExecutor(Executor):
     def __init__(self, threads_per_unit: int | None = None) -> None:
         self.threads_per_unit = threads_per_unit
 
-    def outcomes(self, units: Iterable[Unit]) -> Iterator[Outcome]:
+    def describe(self) -> dict[str, Any]:
+        return {"executor": self.name, "threads_per_unit": self.threads_per_unit}
+
+    def outcomes(self, units: Iterable[Unit]) -> Generator[Outcome]:
         for unit in units:
             self._running(1)
             try:
@@ -420,6 +430,15 @@ class RayExecutor(Executor):
             self._owned = False
         self._task = None
 
+    def describe(self) -> dict[str, Any]:
+        return {
+            "executor": self.name,
+            "workers": self.workers,
+            "threads_per_unit": self.threads_per_unit,
+            "address": self.address,
+            "max_retries": self.max_retries,
+        }
+
     def _capacity(self) -> int:
         if self.workers is not None:
             return self.workers
@@ -427,7 +446,7 @@ class RayExecutor(Executor):
         return max(1, int(cpus) // self.threads_per_unit)
 
     # -- running ------------------------------------------------------------------------------------------------
-    def outcomes(self, units: Iterable[Unit]) -> Iterator[Outcome]:
+    def outcomes(self, units: Iterable[Unit]) -> Generator[Outcome]:
         if self._task is None:
             raise ExecutorError("RayExecutor.start() (or `with executor:`) must come before running units")
         ray = _import_ray()
