@@ -55,12 +55,13 @@ def child(executor: str, units: int, steps: int, workers: int) -> None:
 
 
 def steps_for(seconds: float) -> int:
-    """Adam steps that take about ``seconds`` at one thread here (measured on 50 steps)."""
+    """Adam steps that take about ``seconds`` at one thread here (measured on 50 steps after a warm-up)."""
     if seconds <= 0:
         return 0
     import torch
 
     torch.set_num_threads(1)
+    fit_unit(0, 5)  # first-call costs (autograd, optimiser imports) are not per-step costs
     t = time.perf_counter()
     fit_unit(0, 50)
     return max(1, round(50 * seconds / (time.perf_counter() - t)))

@@ -19,6 +19,7 @@ Only the standard library is imported here; Ray and torch load when a run starts
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -189,6 +190,12 @@ class Fingerprint:
         return cls(package_versions(), dict(inputs or {}), probe)
 
 
+@functools.cache
+def _worker_versions() -> dict[str, str | None]:
+    """This process's versions, looked up once (installed packages do not change under a running worker)."""
+    return package_versions()
+
+
 _PROBED: dict[str, dict[str, str]] = {}  # a worker hashes its inputs once per process
 
 
@@ -205,7 +212,7 @@ def _probe_inputs(probe: Callable[[], Mapping[str, str]]) -> dict[str, str]:
 def check_environment(expected: Fingerprint) -> None:
     """Raise :class:`EnvironmentMismatchError` naming the first differences between this process and ``expected``."""
     problems = []
-    mine = package_versions()
+    mine = _worker_versions()
     for name, version in expected.packages.items():
         if mine.get(name) != version:
             problems.append(f"{name} {mine.get(name)} (driver {version})")
