@@ -120,10 +120,11 @@ def test_threads_pinned_in_ray_tasks(ray_cluster):
 
 @pytest.mark.slow
 def test_completion_order(ray_cluster):
-    # two at once: the long unit starts first and finishes last; the short ones overtake it
+    # two at once: the long unit starts first and finishes last; the short ones (0.3 s apart) overtake it
     todo = [Unit(("long",), units.sleep_unit, ("long", 3.0))]
-    todo += [Unit((f"short{i}",), units.sleep_unit, (f"short{i}", 0.05)) for i in range(3)]
+    todo += [Unit((f"short{i}",), units.sleep_unit, (f"short{i}", 0.3)) for i in range(3)]
     with RayExecutor(workers=2) as ex:
+        collect(ex, [Unit(("warm", i), units.sleep_unit, ("warm", 0.5)) for i in range(2)])  # two live workers
         results, _, _ = collect(ex, todo)
     delivered = [k[0] for k, _, _ in results]
     assert delivered[-1] == "long"
