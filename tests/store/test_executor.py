@@ -326,3 +326,19 @@ def test_no_ray_log_lines_in_a_command_run():
     assert lines, "the progress bar should be on stderr"
     assert [line for line in lines if noise.search(line)] == []
     assert all("units" in line for line in lines), lines  # only the tqdm bar
+
+
+@pytest.mark.slow
+def test_callback_error_cancels_units_in_flight(ray_cluster):
+    todo = [Unit(("long",), units.sleep_unit, ("long", 30.0)), Unit(("short",), units.sleep_unit, ("short", 0.1))]
+
+    def on_result(key, record, artifacts):
+        raise OSError("disk full")
+
+    with RayExecutor(workers=2) as ex:
+        start = time.monotonic()
+        with pytest.raises(OSError, match="disk full"):
+            ex.run(todo, on_result, progress=False)
+        assert time.monotonic() - start < 25  # the 30 s unit was not waited for
+        results, failures, _ = collect(ex, [Unit(("after",), units.sleep_unit, ("after", 0.0))])
+    assert [k for k, _, _ in results] == [("after",)] and not failures  # the executor is still usable
