@@ -29,8 +29,7 @@ SEED_ENV = "KRADAPTER_TEST_SEED"
 SEED_PROPERTY = "random_seed"
 SESSION_SEED = pytest.StashKey[int]()
 
-# Odd shapes: square, tall, wide, primes, larger side not a product r*r2.
-ODD_SHAPES = [(1, 1), (1, 7), (7, 1), (5, 5), (13, 29), (29, 13), (72, 130), (130, 72), (97, 389), (64, 100)]
+ODD_SHAPES = support.ODD_SHAPES  # kept here for tests that import it from conftest
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -56,9 +55,20 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SESSION_SEED] = seed
 
 
-def pytest_report_header(config: pytest.Config) -> str:
+def _seed_line(config: pytest.Config) -> str:
     seed = config.stash[SESSION_SEED]
     return f"random inputs: session seed {seed} (replay with --seed {seed} or {SEED_ENV}={seed})"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return _seed_line(config)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under ``-q`` (the default here) pytest prints no header: the seed line is printed anyway."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and session.config.get_verbosity() < 0:
+        reporter.write_line(_seed_line(session.config))
 
 
 def seed_of(request: pytest.FixtureRequest) -> int:
@@ -69,7 +79,6 @@ def seed_of(request: pytest.FixtureRequest) -> int:
     if (SEED_PROPERTY, seed) not in request.node.user_properties:
         request.node.user_properties.append((SEED_PROPERTY, seed))
     return seed
-
 
 
 @pytest.hookimpl(wrapper=True)

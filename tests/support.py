@@ -25,6 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 EXAMPLES = ROOT / "examples"
 
+# Odd shapes: square, tall, wide, primes, larger side not a product r*r2.
+ODD_SHAPES = [(1, 1), (1, 7), (7, 1), (5, 5), (13, 29), (29, 13), (72, 130), (130, 72), (97, 389), (64, 100)]
+
+
+def reference_delta(u: Any, v: Any, out_features: int, in_features: int) -> Any:
+    """KRAdapter's update from numpy factors, independently of the package: row ``i`` is ``kron(V[i], U[i])``,
+    cropped to ``max(d, k)``, with the ``m`` side along the smaller dimension."""
+    import numpy as np
+
+    big = max(out_features, in_features)
+    rows = np.stack([np.kron(v[i], u[i])[:big] for i in range(u.shape[0])])
+    return rows.T if out_features > in_features else rows
+
 
 # -- optional packages --------------------------------------------------------------------------------------------
 
@@ -38,12 +51,15 @@ def installed(distribution: str) -> bool:
     return True
 
 
-def requires(*distributions: str, pip: str | None = None) -> pytest.MarkDecorator:
-    """A skip mark for a test that needs installed ``distributions``; the skip reason names each missing one and how
-    to install it (``pip``, or ``pip install NAME``)."""
-    missing = [name for name in distributions if not installed(name)]
-    how = pip or "pip install " + " ".join(missing)
-    return pytest.mark.skipif(bool(missing), reason=f"needs package(s) {', '.join(missing)} not installed: {how}")
+def requires(*packages: str | tuple[str, str]) -> pytest.MarkDecorator:
+    """A skip mark for a test that needs installed packages, each a distribution name or ``(name, install line)``;
+    the skip reason names each missing one and how to install it (default ``pip install NAME``)."""
+    missing = []
+    for package in packages:
+        name, pip = package if isinstance(package, tuple) else (package, f"pip install {package}")
+        if not installed(name):
+            missing.append(f"package {name} is not installed ({pip})")
+    return pytest.mark.skipif(bool(missing), reason="; ".join(missing))
 
 
 # -- tiny models built from configs (no download) ---------------------------------------------------------------
@@ -114,10 +130,11 @@ def tiny_llama(seed: int = 0, dtype: Any = None, **overrides: Any) -> Any:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a child process: offline, one thread, unbuffered, this checkout's ``src`` first."""
+    """The environment of a child process: offline, one thread, unbuffered, this checkout's ``src`` first on the
+    path, then its root (a test file run as a script, e.g. by ``torchrun``, imports ``tests.support``)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), str(ROOT), env.get("PYTHONPATH")]))
     return env | extra
 
 
