@@ -1,4 +1,5 @@
-# Two entry points: `make run` (set up, then run the default matrix-approximation study) and `make test`.
+# Entry points: `make run` (set up, then run the default matrix-approximation study), `make test` (lint and the
+# everyday tests: everything not marked slow) and `make test-all` (lint and every test; what CI runs, .ci/run).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-build-isolation -c constraints.txt $(SOURCE_BUILT)
 	touch $@
 
-.PHONY: setup run test lint bench
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="tests/core -x --seed 123"`.
+PYTEST_ARGS ?=
+# pytest's exit code 5 means it collected no test (a wrong path, or a selection that matches none): say so.
+NO_TESTS = { code=$$?; [ $$code -ne 5 ] || echo "pytest collected no tests (exit 5): check the paths and -m/-k" >&2; \
+	exit $$code; }
+
+.PHONY: setup run test test-all lint bench
 setup: $(VENV)/.installed
 
 run: setup
@@ -31,7 +38,10 @@ lint: setup
 	$(BIN)/mypy
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS) || $(NO_TESTS)
+
+test-all: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS) || $(NO_TESTS)
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

@@ -5,7 +5,7 @@ orients it, then runs two dense matmuls, ``x @ dW^T * scaling + base(x)``. Autog
 uncropped product's graph) alive until backward, and backward runs three matmuls of the base's size. This
 module reproduces exactly that execution so the library's paths can be timed against it; only the factor sizes
 come from the library's shape rule. It is not used by the library. Its output equals the library's
-(``tests/test_execution_paths.py`` checks it).
+(``tests/tuners/test_execution_paths.py`` checks it).
 """
 
 from __future__ import annotations

@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from kradapter.store import (
     file_hash,
     write_atomic,
 )
+from tests import support
 
 SETTINGS = {"training.lr": 0.1, "training.iterations": 5, "runtime.dtype": "float32"}
 
@@ -46,11 +44,7 @@ def spec(
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file's bytes, by relative name (the lock file aside: it names the current holder)."""
-    return {
-        str(p.relative_to(directory)): p.read_bytes()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != LOCK_FILE
-    }
+    return support.snapshot(directory, skip=(LOCK_FILE,))
 
 
 def finished(directory: Path, run: RunSpec | None = None) -> dict[str, bytes]:
@@ -223,64 +217,20 @@ def test_a_second_open_in_this_process_fails_at_once_naming_the_holder(tmp_path:
         pass
 
 
-HOLDER = textwrap.dedent(
-    """
-    import sys, time
-    from kradapter.store import RunSpec, Store
-    store = Store.open(sys.argv[1], RunSpec("compare", {"x": 1}), sys.argv[2])
-    print("locked", flush=True)
-    sys.stdin.readline()
-    store.close()
-    """
-)
-
-
 def test_a_second_run_from_another_process_fails_at_once_naming_its_pid(tmp_path: Path) -> None:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(tmp_path), "new"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        with pytest.raises(StoreError, match=rf"in use by another run \(pid {holder.pid} on "):
-            Store.open(tmp_path, RunSpec("compare", {"x": 1}), "resume")
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.write("\n")
-        holder.stdin.close()
-        assert holder.wait(timeout=60) == 0
+    with (
+        support.store_held(tmp_path, "new") as holder,
+        pytest.raises(StoreError, match=rf"in use by another run \(pid {holder.pid} on "),
+    ):
+        Store.open(tmp_path, RunSpec("compare", {"x": 1}), "resume")
     with Store.open(tmp_path, RunSpec("compare", {"x": 1}), "resume"):  # free once the holder closed
         pass
     # A holder killed outright releases the lock too (the kernel drops flock with the process).
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(tmp_path), "resume"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    holder = support.start_holder(support.STORE_HOLDER, tmp_path, "resume")
     holder.kill()
     holder.wait(timeout=60)
     with Store.open(tmp_path, RunSpec("compare", {"x": 1}), "resume"):
         pass
-
-
-# A process that holds the folder's flock with the lock file still empty (the moments just after a run locks and
-# just before it unlocks), then, told on stdin, writes its name, or unlocks.
-BARE_HOLDER = textwrap.dedent(
-    """
-    import fcntl, sys
-    handle = open(sys.argv[1], "a+")
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    print("locked", flush=True)
-    if sys.stdin.readline().strip() == "name":
-        handle.write("pid 4242 on elsewhere, started then: compare\\n")
-        handle.flush()
-    else:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    print("done", flush=True)
-    sys.stdin.readline()
-    """
-)
 
 
 @pytest.mark.parametrize("then", ["name", "unlock", "nothing"])
@@ -296,15 +246,8 @@ def test_a_run_refused_in_the_holders_first_or_last_moment_still_names_it_or_get
     monkeypatch.setattr(store_module, "HOLDER_WAIT_S", 5.0 if then != "nothing" else 0.3)
     with Store.open(tmp_path, spec()):
         pass
-    holder = subprocess.Popen(
-        [sys.executable, "-c", BARE_HOLDER, str(tmp_path / LOCK_FILE)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdin is not None and holder.stdout is not None
+    holder = support.start_holder(support.BARE_HOLDER, tmp_path / LOCK_FILE)  # holds the lock, names no one yet
     try:
-        assert holder.stdout.readline().strip() == "locked"
         if then != "nothing":
             timer = threading.Timer(0.3, lambda: (holder.stdin.write(then + "\n"), holder.stdin.flush()))  # type: ignore[union-attr]
             timer.start()

@@ -17,8 +17,7 @@ from kradapter import KRAdapterConfig, SinLoRAConfig
 from kradapter.khatri_rao import ConvGeometry, khatri_rao_conv
 from kradapter.shape import KhatriRaoShape
 from kradapter.tuners.base import DeltaLayer
-
-from .test_khatri_rao import reference_delta
+from tests.support import reference_delta
 
 # (id, conv factory, input spatial size): odd kernels, stride, padding (numbers, "same", reflect), dilation, groups
 CONVS = [

@@ -16,6 +16,7 @@ import kradapter
 from kradapter import KRAdapterConfig
 from kradapter.khatri_rao import KhatriRaoShape
 from kradapter.tuners.kradapter import KRAdapterLayer
+from tests import support
 
 TARGETS = ["query", "value", "intermediate.dense", "output.dense"]
 
@@ -149,10 +150,7 @@ def test_half_precision_base_keeps_fp32_adapter(tiny_bert, generator, dtype):
 
 def test_conv1d_targets(generator):
     """GPT-2 style ``Conv1D`` layers store the weight as (in, out)."""
-    from transformers import GPT2Config, GPT2Model
-
-    torch.manual_seed(0)
-    base = GPT2Model(GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=1, n_head=2)).eval()
+    base = support.tiny_gpt2(seed=0, n_embd=24)
     model = get_peft_model(base, KRAdapterConfig(target_modules=["c_attn", "c_fc"], init_weights=False))
     for layer in adapted_layers(model).values():
         conv = layer.get_base_layer()
@@ -192,18 +190,10 @@ def test_same_api_as_peft_lora(tiny_bert, generator):
 
 
 def test_trainer_lowers_loss(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    from transformers import BertForSequenceClassification, Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=97,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
+    config = support.tiny_bert_config(hidden_size=32, num_labels=3)
     model = get_peft_model(
         BertForSequenceClassification(config), KRAdapterConfig(target_modules=TARGETS, modules_to_save=["classifier"])
     )

@@ -16,8 +16,9 @@ from kradapter.compare.config import (
     load_config,
     with_changes,
 )
+from tests import support
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "study.toml"
+EXAMPLE = support.EXAMPLES / "study.toml"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

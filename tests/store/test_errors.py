@@ -7,6 +7,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from kradapter import KRAdapterConfig
+from tests import support
 
 
 def test_target_that_matches_nothing(tiny_bert):
@@ -32,12 +33,10 @@ def test_bad_choice_is_named(field, value):
 
 
 def test_loading_onto_a_base_of_other_shapes(tiny_bert, tmp_path):
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
     get_peft_model(tiny_bert(), KRAdapterConfig(target_modules=["query"])).save_pretrained(tmp_path)
-    other = BertModel(
-        BertConfig(vocab_size=97, hidden_size=40, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
-    )
+    other = BertModel(support.tiny_bert_config(hidden_size=40))
     with pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention\.self\.query.*40x40"):
         PeftModel.from_pretrained(other, tmp_path)
 

@@ -12,6 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from kradapter import KRAdapterConfig, SinLoRAConfig
 from kradapter.tuners.base import DeltaLayer
+from tests import support
 
 VOCAB = 67
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -23,22 +24,7 @@ METHODS = {
 
 def llama(seed: int = 0, dtype: torch.dtype = torch.float32):
     """Two layers, hidden 24, MLP 37 (odd), grouped-query attention (4 heads, 2 key/value heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=24,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return support.tiny_llama(seed, dtype, vocab_size=VOCAB)
 
 
 def tokens(generator: torch.Generator, batch: int = 3, length: int = 11) -> torch.Tensor:
@@ -90,6 +76,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(method, reentrant, gene
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # 15 training steps with checkpointing: 3-18 s (busy 2-core machine)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_training_lowers_the_loss_with_checkpointing(method, generator):
     base = llama()
@@ -177,6 +164,7 @@ def test_bf16_base_with_fp32_adapters(method, generator):
     torch.testing.assert_close(logits(plain, ids).float(), want, rtol=0.05, atol=0.05)
 
 
+@pytest.mark.slow  # a Dynamo + AOTAutograd trace of a training step: 6-10 s (busy 2-core machine)
 @pytest.mark.parametrize("method", ["lora", *METHODS])
 def test_torch_compile_fullgraph(method, generator):
     """The adapted model compiles as one graph (forward and backward), as PEFT's LoRA does, with the same results.

@@ -11,6 +11,7 @@ from peft import get_peft_model
 from torch import nn
 
 from kradapter import KRAdapterConfig, SinLoRAConfig
+from tests import support
 
 METHODS = {
     "kradapter": lambda seed, **kw: KRAdapterConfig(init_weights=False, scaling=1.0 + seed, **kw),
@@ -31,9 +32,7 @@ class ConvNet(nn.Module):
 
 
 def gpt2():
-    from transformers import GPT2Config, GPT2Model
-
-    return GPT2Model(GPT2Config(vocab_size=50, n_positions=16, n_embd=12, n_layer=1, n_head=2))
+    return support.tiny_gpt2()
 
 
 # (id, model factory, targets of each adapter, input maker): adapters on partly different layers

@@ -20,6 +20,7 @@ from torch import nn
 
 from kradapter import KRAdapterConfig, SinLoRAConfig
 from kradapter.tuners import quantized
+from tests import support
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -56,16 +57,11 @@ def llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Output sizes are multiples of 32 and input sizes of 64: bitsandbytes' CPU 4-bit inference kernel repacks the
     weight in blocks of 32 rows and 64 columns and asserts on other shapes.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=192,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+    # LlamaConfig's own token ids (no padding row): the merge tolerances were measured on these weights
+    config = support.tiny_llama_config(
+        vocab_size=101, hidden_size=64, intermediate_size=192, pad_token_id=None, bos_token_id=1, eos_token_id=2
     )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("llama") / "tiny"

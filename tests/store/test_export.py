@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2Model
+from transformers import BertConfig, BertForSequenceClassification, GPT2Model
 
 import kradapter
 from kradapter.export import ExportError, check_request, export_lora
+from tests import support
 
 SRC = Path(kradapter.__file__).parent
 BERT_TARGETS = ["query", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
@@ -23,15 +24,7 @@ BERT_TARGETS = ["query", "value", "attention.output.dense", "intermediate.dense"
 
 def bert(seed: int = 0) -> BertForSequenceClassification:
     """Odd sizes: 30x30 attention, 37x30 and 30x37 MLP, a 3-class head."""
-    config = BertConfig(
-        vocab_size=97,
-        hidden_size=30,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        max_position_embeddings=32,
-        num_labels=3,
-    )
+    config = support.tiny_bert_config(num_labels=3)
     torch.manual_seed(seed)
     return BertForSequenceClassification(config).eval()
 
@@ -145,7 +138,7 @@ def test_full_rank_export_reproduces_source_and_is_reported(trained, tmp_path, g
 
 def test_gpt2_conv1d_layers_and_model_object(tmp_path, generator) -> None:
     """Conv1D (fan_in_fan_out) layers of a tall/wide GPT-2, the base given as a model object left unchanged."""
-    config = GPT2Config(vocab_size=53, n_embd=22, n_layer=2, n_head=2, n_positions=16, n_inner=41)
+    config = support.tiny_gpt2_config(vocab_size=53, n_embd=22, n_layer=2, n_inner=41)
     torch.manual_seed(0)
     base = GPT2Model(config).eval()
     before = {k: v.clone() for k, v in base.state_dict().items()}
@@ -203,7 +196,7 @@ def test_bad_requests_are_refused_before_any_work(trained, tmp_path) -> None:
     wider = BertForSequenceClassification(BertConfig(**{**bert().config.to_dict(), "hidden_size": 32}))
     with pytest.raises(ExportError, match=r"does not fit the base model: .*query.*\(32x32\)"):
         export_lora(adapter_dir, tmp_path / "misfit", rank=2, base=wider)
-    gpt2 = GPT2Model(GPT2Config(vocab_size=53, n_embd=22, n_layer=1, n_head=2, n_positions=16))
+    gpt2 = GPT2Model(support.tiny_gpt2_config(vocab_size=53, n_embd=22))
     with pytest.raises(ExportError, match="does not fit the base model: Target modules"):
         export_lora(adapter_dir, tmp_path / "misfit", rank=2, base=gpt2)
 
