@@ -215,7 +215,7 @@ def _compare(results: dict[str, Any], folder: str) -> ReportData:
                     "index": len(rows),
                     "layer": label,
                     "effective_rank": result.get("effective_rank"),
-                }  # fmt: skip
+                }
             )
             table_rows.append(
                 [
@@ -225,7 +225,7 @@ def _compare(results: dict[str, Any], folder: str) -> ReportData:
                     result.get("nuclear_error"),
                     result.get("effective_rank"),
                     result.get("seeds"),
-                ]  # fmt: skip
+                ]
             )
         rows.append(label)
         data.paired += _pair_runs(label, "relative Frobenius error", by_method)
@@ -255,7 +255,7 @@ def _updates(data: ReportData, method: str, seed: str, group: str, updates: Any)
                 "index": index,
                 "layer": layer,
                 "effective_rank": row.get("effective_rank"),
-            }  # fmt: skip
+            }
         )
         for i, value in enumerate(row.get("singular_values") or []):  # one seed per method: its first
             data.spectra.append(
@@ -321,7 +321,7 @@ def _finetune(results: dict[str, Any], folder: str) -> ReportData:
                 s.get("train_time_s_mean"),
                 s.get("peak_memory_mb_max"),
                 len(s.get("seeds") or []),
-            ]  # fmt: skip
+            ]
         )
     data.tables.append({"title": f"BBC News test set ({group})", "columns": columns, "rows": rows})
     return data
@@ -384,6 +384,11 @@ def _shift(results: dict[str, Any], folder: str) -> ReportData:
                 rows.append(
                     [_label(method)] + [_pm((s.get(m) or {}).get("mean"), (s.get(m) or {}).get("std")) for m in metrics]
                 )
-            data.tables.append({"title": f"{benchmark}, cell {cell_id}: accuracy per domain", "columns": ["method", *metrics],
-                                "rows": rows})  # fmt: skip
+            data.tables.append(
+                {
+                    "title": f"{benchmark}, cell {cell_id}: accuracy per domain",
+                    "columns": ["method", *metrics],
+                    "rows": rows,
+                }
+            )
     return data

@@ -106,7 +106,7 @@ def pareto_chart(data: ReportData) -> tuple[Any, int]:
                     "x": float(r["costs"][cost]),
                     "value": float(r["metrics"][data.primary]),
                     "front": flag,
-                }  # fmt: skip
+                }
                 for r, flag in zip(members, flags, strict=True)
             ]
     costs = [c for c in data.costs if any(row["cost"] == c for row in rows)]
@@ -156,8 +156,9 @@ def forest_chart(data: ReportData) -> tuple[Any, int]:
         alt.Tooltip("n:Q", title="paired seeds"),
         alt.Tooltip("verdict:N"),
     ]
-    rules = base.mark_rule(strokeWidth=2).encode(x=alt.X("low:Q", title="difference, 95% interval"), x2="high:Q",
-                                                 color=alt.Color("verdict:N"), tooltip=tooltip)  # fmt: skip
+    rules = base.mark_rule(strokeWidth=2).encode(
+        x=alt.X("low:Q", title="difference, 95% interval"), x2="high:Q", color=alt.Color("verdict:N"), tooltip=tooltip
+    )
     points = base.mark_point(filled=True, size=POINT_SIZE, color="black").encode(x="mean:Q", tooltip=tooltip)
     zero = alt.Chart(alt.Data(values=[{"zero": 0}])).mark_rule(strokeDash=[2, 2], color="gray").encode(x="zero:Q")
     chart = (zero + rules + points).properties(
@@ -184,7 +185,7 @@ def layers_chart(data: ReportData) -> tuple[Any, int]:
                 sort=None,
                 title="layer" if data.kind != "compare" else "matrix",
                 axis=alt.Axis(labels=data.kind == "compare"),
-            ),  # fmt: skip
+            ),
             y=alt.Y("effective_rank:Q", title="effective rank"),
             color=alt.Color("method:N"),
             tooltip=[
@@ -192,7 +193,7 @@ def layers_chart(data: ReportData) -> tuple[Any, int]:
                 alt.Tooltip("seed:N"),
                 alt.Tooltip("layer:N"),
                 alt.Tooltip("effective_rank:Q", format=".2f"),
-            ],  # fmt: skip
+            ],
         )
         .add_params(group)
         .transform_filter(alt.datum.group == group)
@@ -222,7 +223,7 @@ def spectra_chart(data: ReportData) -> tuple[Any, int]:
                 alt.Tooltip("layer:N"),
                 alt.Tooltip("index:Q"),
                 alt.Tooltip("value:Q", format=".4g"),
-            ],  # fmt: skip
+            ],
         )
         .add_params(layer)
         .transform_filter(alt.datum.layer == layer)
