@@ -41,7 +41,7 @@ def compare_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "1",
             "--quiet",
             "--no-plots",
-        ],  # fmt: skip
+        ],
         check=True,
         env=env,
         capture_output=True,

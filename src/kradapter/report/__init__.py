@@ -16,7 +16,7 @@ def build_report(results_dir: str | os.PathLike[str], out: str | os.PathLike[str
     return its path; a ReportError names a folder that is not a results folder."""
     from .page import render
 
-    data = load(results_dir)
+    data = load(Path(results_dir))
     path = Path(out) if out is not None else Path(results_dir) / "report.html"
     page = render(data)
     tmp = path.with_name(f".{path.name}.tmp")

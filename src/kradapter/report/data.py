@@ -143,7 +143,7 @@ def _pair_runs(group: str, endpoint: str, by_method: dict[str, dict[str, float]]
     """KRAdapter minus each other method over the seeds both have (``kradapter.stats.paired_difference``)."""
     from ..stats import paired_difference
 
-    out = []
+    out: list[dict[str, Any]] = []
     ref = by_method.get(REFERENCE)
     if not ref:
         return out
@@ -177,7 +177,7 @@ def _compare(results: dict[str, Any], folder: str) -> ReportData:
         metrics=COMPARE_METRICS,
         costs=["seconds", "params"],
     )
-    rows = []
+    rows: list[str] = []
     for matrix, entry in results["results"].items():
         label = entry.get("label", matrix)
         target = entry.get("target") or {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import json
-from typing import Any
+from typing import Any, cast
 
 from .data import ReportData
 
@@ -112,8 +112,8 @@ def pareto_chart(data: ReportData) -> tuple[Any, int]:
     costs = [c for c in data.costs if any(row["cost"] == c for row in rows)]
     if not costs:
         return None, 0
-    cost = alt.param(name="cost", value=costs[0], bind=alt.binding_select(options=costs, name="cost axis "))
-    base = alt.Chart(alt.Data(values=rows)).transform_filter(alt.datum.cost == cost)
+    chosen = alt.param(name="cost", value=costs[0], bind=alt.binding_select(options=costs, name="cost axis "))
+    base = alt.Chart(alt.Data(values=rows)).transform_filter(alt.datum.cost == chosen)
     points = base.mark_point(filled=True, size=POINT_SIZE).encode(
         x=alt.X("x:Q", title="cost (the chosen axis)", scale=alt.Scale(zero=False)),
         y=alt.Y("value:Q", title=data.primary, scale=alt.Scale(zero=False)),
@@ -130,7 +130,7 @@ def pareto_chart(data: ReportData) -> tuple[Any, int]:
     )
     chart = (
         (front + points)
-        .add_params(cost)
+        .add_params(chosen)
         .properties(width=WIDTH, title=f"Pareto front: {data.primary} against time, memory, parameters")
     )
     return chart, sum(1 for row in rows if row["cost"] == costs[0])
@@ -264,7 +264,7 @@ def render(data: ReportData) -> str:
     import vl_convert
 
     version = alt.SCHEMA_VERSION.rsplit(".", 1)[0]
-    bundle = vl_convert.javascript_bundle(vl_version=version)
+    bundle = cast(Any, vl_convert).javascript_bundle(vl_version=version)  # its stub wants a snippet
     parts = [f"<h1>{html.escape(data.title)}</h1>", f"<p>Results folder: <code>{html.escape(data.folder)}</code></p>"]
     if data.running:
         parts.append(
