@@ -12,7 +12,7 @@ import logging
 import sys
 import warnings
 
-COMMAND_MODULES = ("kradapter.compare.cli", "kradapter.finetune.cli", "kradapter.export_cli")
+COMMAND_MODULES = ("kradapter.compare.cli", "kradapter.finetune.cli", "kradapter.export_cli", "kradapter.report.cli")
 
 
 # Optional quantization backends, which PEFT imports whenever they are installed, log at import time about kernels

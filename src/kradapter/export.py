@@ -297,7 +297,7 @@ def run_export(request: Request, model: nn.Module) -> ExportReport:
         exported, tensors, fan_in_fan_out = [], {}, False
         with torch.no_grad():
             for name, layer in layers.items():
-                delta = layer.get_delta_weight("default").double()
+                delta = cast(Any, layer).delta_matrix("default").double()  # (out, in), whatever the weight layout
                 layer_export, a, b = truncate(name, delta, request.rank, request.max_error)
                 exported.append(layer_export)
                 tensors[f"{MODEL_PREFIX}{name}.lora_A.weight"] = a

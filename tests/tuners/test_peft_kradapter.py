@@ -155,7 +155,7 @@ def test_conv1d_targets(generator):
     for layer in adapted_layers(model).values():
         conv = layer.get_base_layer()
         x = torch.randn(2, 3, layer.in_features, generator=generator)
-        want = x @ (conv.weight + layer.get_delta_weight("default").T) + conv.bias
+        want = x @ (conv.weight + layer.get_delta_weight("default")) + conv.bias  # PEFT's layout: (in, out)
         torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
     x = torch.randint(0, 50, (2, 7), generator=generator)
     with torch.no_grad():

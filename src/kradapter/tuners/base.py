@@ -1,6 +1,6 @@
 """What KRAdapter and SinLoRA share as PEFT tuners: config fields, merge/unmerge, injection, per-sample adapters.
 
-A method only supplies its factors (``update_layer``), its scaled update (``get_delta_weight``), what one adapter
+A method only supplies its factors (``update_layer``), its scaled update (``delta_matrix``), what one adapter
 adds to the base layer's output (``adapter_term``) and, optionally, a fused forward (``adapted_forward``).
 Linear layers, transformers ``Conv1D`` and ``nn.Conv1d/2d/3d`` differ only in how the ``update_shape`` matrix
 maps onto the weight (:meth:`DeltaLayer.to_weight_layout`) and which operation applies it
@@ -107,7 +107,7 @@ class DeltaLayer(BaseTunerLayer):
         self.conv = conv_geometry(base) if isinstance(base, CONV_BASE_LAYERS) else None
 
     # -- supplied by each method -------------------------------------------------------------
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+    def delta_matrix(self, adapter: str) -> torch.Tensor:
         """The scaled update of ``adapter`` as an ``update_shape`` matrix, in the adapter's dtype."""
         raise NotImplementedError
 
@@ -123,6 +123,20 @@ class DeltaLayer(BaseTunerLayer):
         return result
 
     # -- shared -------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """PEFT's contract, as LoRA's layers keep it: the scaled update in the base weight's layout, i.e.
+        ``(in, out)`` for a transformers ``Conv1D``; a convolution's is its ``update_shape`` matrix view (which
+        :meth:`supports_lora_conversion` keeps away from PEFT's LoRA conversion)."""
+        delta = self.delta_matrix(adapter)
+        return delta.T if self.fan_in_fan_out and self.conv is None else delta
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Opt in to ``peft.tuners.lora.conversion`` (``convert_to_lora``, ``save_as_lora``), which cuts each
+        layer's :meth:`get_delta_weight` to a truncated SVD. PEFT 0.21's conversion handles linear and ``Conv1D``
+        layers only (it would split a kernel into a batch of matrices), so a convolution says no and PEFT refuses the
+        model with its own ``TypeError``."""
+        return self.conv is None
+
     @property
     def update_shape(self) -> tuple[int, int]:
         """``(out, in)`` of the update matrix: ``(out_channels, in_channels / groups * prod(kernel))`` for a conv."""
@@ -219,7 +233,7 @@ class DeltaLayer(BaseTunerLayer):
                 quantized.add_update(self, adapter, 1, safe_merge)
                 self.merged_adapters.append(adapter)
                 continue
-            delta = self.to_weight_layout(self.get_delta_weight(adapter)).to(weight.dtype)
+            delta = self.to_weight_layout(self.delta_matrix(adapter)).to(weight.dtype)
             if safe_merge:
                 merged = weight + delta
                 if not torch.isfinite(merged).all():
@@ -240,7 +254,7 @@ class DeltaLayer(BaseTunerLayer):
             if adapter in getattr(self, self.adapter_layer_names[0]) and self.quantization_backend is not None:
                 quantized.add_update(self, adapter, -1)  # approximate: requantizing rounds again
             elif adapter in getattr(self, self.adapter_layer_names[0]):
-                weight.sub_(self.to_weight_layout(self.get_delta_weight(adapter)).to(weight.dtype))
+                weight.sub_(self.to_weight_layout(self.delta_matrix(adapter)).to(weight.dtype))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Refuse, naming the module, an adapter trained for a base layer of another shape."""
@@ -304,6 +318,19 @@ class DeltaTuner(BaseTuner):
     layer_cls: type[DeltaLayer]
     conv_cls: type[DeltaLayer]
     target_module_mapping = cast(Any, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)
+    # Why a weighted sum of two adapters of this method is not an adapter of this method (for the refusal below).
+    not_closed_under_sums: str = "a weighted sum of two updates is not an update of the same form"
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **kwargs: Any) -> None:
+        """Refused: PEFT's LoRA combines adapters by stacking or re-factorising ``B A`` factors, and no such
+        combination exists here. The route that works: convert each adapter to LoRA
+        (``peft.tuners.lora.conversion.convert_to_lora``), load them as LoRA adapters, combine those."""
+        method = type(self).__name__.removesuffix("Model")
+        raise NotImplementedError(
+            f"{method} does not support add_weighted_adapter: {self.not_closed_under_sums}. Convert each adapter "
+            "to LoRA (peft.tuners.lora.conversion.save_as_lora), load them with PeftModel.from_pretrained / "
+            "load_adapter, and combine those with add_weighted_adapter"
+        )
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:

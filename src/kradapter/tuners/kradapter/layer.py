@@ -49,7 +49,7 @@ class KRAdapterLayer(DeltaLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+    def delta_matrix(self, adapter: str) -> torch.Tensor:
         shape = self.kradapter_shape[adapter]
         return self.kradapter_scaling[adapter] * delta_weight(
             self.kradapter_u[adapter], self.kradapter_v[adapter], shape

@@ -11,3 +11,6 @@ class KRAdapterModel(DeltaTuner):
     tuner_layer_cls = KRAdapterLayer
     layer_cls = Linear
     conv_cls = Conv
+    not_closed_under_sums = (
+        "a weighted sum of two Khatri-Rao products U * V is not a Khatri-Rao product of factors of the same shapes"
+    )

@@ -48,7 +48,7 @@ class SinLoRALayer(DeltaLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+    def delta_matrix(self, adapter: str) -> torch.Tensor:
         return sinlora_delta(
             self.sinlora_A[adapter],
             self.sinlora_B[adapter],
@@ -58,7 +58,7 @@ class SinLoRALayer(DeltaLayer):
 
     def adapter_term(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """The adapter's output alone, ``dropout(x) @ dW^T`` (or its convolution)."""
-        delta = self.get_delta_weight(adapter).to(x.dtype)
+        delta = self.delta_matrix(adapter).to(x.dtype)
         return self.apply_update(self.sinlora_dropout[adapter](x), delta)
 
 

@@ -11,3 +11,4 @@ class SinLoRAModel(DeltaTuner):
     tuner_layer_cls = SinLoRALayer
     layer_cls = Linear
     conv_cls = Conv
+    not_closed_under_sums = "its update, a sine of the product B A, is not linear in the factors"
