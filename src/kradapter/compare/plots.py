@@ -9,6 +9,7 @@ from typing import Any
 from .. import registry
 from ..store import write_figure
 from .config import StudyConfig
+from .results import columns
 
 
 def _rows(results: dict[str, Any], config: StudyConfig) -> list[tuple[str, dict[str, Any]]]:
@@ -17,12 +18,13 @@ def _rows(results: dict[str, Any], config: StudyConfig) -> list[tuple[str, dict[
 
 
 def _columns(config: StudyConfig) -> list[str]:
-    return [*config.methods.names, *(registry.REFERENCES if config.methods.references else ())]
+    return columns(config.methods.names, config.methods.references)
 
 
 def _plotted(config: StudyConfig) -> list[str]:
-    """The columns drawn in the figures: every method and the rank-r reference, not the all-zero one."""
-    return [c for c in _columns(config) if registry.METHODS[c].is_adapter or registry.METHODS[c].rank_of]
+    """The columns drawn in the figures: every method, the rank-r reference and the optima, not the all-zero one."""
+    entries = registry.METHODS
+    return [c for c in _columns(config) if entries[c].is_adapter or entries[c].rank_of or entries[c].optimum_of]
 
 
 def _value(entry: dict[str, Any], method: str, metric: str) -> float | None:
@@ -187,7 +189,8 @@ def summary_table(results: dict[str, Any], config: StudyConfig) -> str:
     rows = _rows(results, config)
     head = f"{'matrix':<22}{'shape':>11}  " + "".join(f"{registry.label(c)[:16]:>17}" for c in columns)
     lines = [
-        "Relative Frobenius error ||W_fit - W||_F / ||W||_F  |  nuclear error (% of LoRA's)",
+        "Relative Frobenius error ||W_fit - W||_F / ||W||_F  |  nuclear error (% of LoRA's)  |  "
+        "||W_fit - W||_F above the method's optimum's (% of it)",
         head,
         "-" * len(head),
     ]
@@ -199,6 +202,7 @@ def summary_table(results: dict[str, Any], config: StudyConfig) -> str:
             continue
         line1 = f"{row:<22}{(f'{shape[0]}x{shape[1]}' if shape else ''):>11}  "
         line2 = f"{'':<22}{'':>11}  "
+        line3 = f"{'':<22}{'':>11}  "
         lora = _value(entry, registry.RELATIVE_TO, "nuclear_error")
         for c in columns:
             record = entry.get("methods", {}).get(c, {})
@@ -208,9 +212,11 @@ def summary_table(results: dict[str, Any], config: StudyConfig) -> str:
                 line2 += f"{'(see JSON)':>17}"
                 continue
             line1 += f"{rel:>17.4f}" if rel is not None else f"{'-':>17}"
+            gap = _value(entry, c, "relative_gap_to_optimum")
+            line3 += f"{f'+{100 * gap:.2f}% of opt.':>17}" if gap is not None else f"{'':>17}"
             pct = f" ({100 * nuc / lora:.0f}%)" if nuc is not None and lora else ""
             line2 += f"{(f'{nuc:.3g}{pct}' if nuc is not None else '-'):>17}"
-        lines += [line1, line2]
+        lines += [line1, line2] + ([line3] if line3.strip() else [])
     lines.append("")
     lines.append("Trainable parameters (budget = KRAdapter's count at the matrix's shape):")
     for name, entry in rows:
