@@ -69,9 +69,9 @@ def _bars(ax, rows, columns, metric, config, relative_to=None):
             stds.append(std * scale)
             labels.append(f"{value:.3g}")
         xs = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(rows))]
-        color = config.output.colors[i % len(config.output.colors)]
+        color, style = _style(method, columns, config)
         error = stds if config.output.show_error_bars and any(stds) else None
-        bars = ax.bar(xs, heights, width, label=registry.label(method), color=color, yerr=error, capsize=2)
+        bars = ax.bar(xs, heights, width, label=registry.label(method), color=color, yerr=error, capsize=2, **style)
         for bar, text in zip(bars, labels, strict=True):
             ax.annotate(
                 text,
@@ -87,6 +87,15 @@ def _bars(ax, rows, columns, metric, config, relative_to=None):
     ax.set_xticklabels([_row_label(n, e) for n, e in rows], rotation=20, ha="right")
     ax.grid(True, axis="y", alpha=0.3)
     ax.margins(y=0.15)
+
+
+def _style(method: str, columns: list[str], config: StudyConfig) -> tuple[str, dict[str, Any]]:
+    """A column's colour; an optimum row takes its method's colour, hatched and lighter, so the pair reads as one."""
+    colors = config.output.colors
+    of = registry.METHODS[method].optimum_of
+    if of in columns:
+        return colors[columns.index(of) % len(colors)], {"hatch": "//", "alpha": 0.45, "edgecolor": "black"}
+    return colors[columns.index(method) % len(colors)], {}
 
 
 def _row_label(name: str, entry: dict[str, Any]) -> str:
@@ -130,11 +139,12 @@ def spectra_plot(results: dict[str, Any], config: StudyConfig, path: Path) -> No
         target = entry.get("target", {}).get("singular_values")
         if target:
             ax.semilogy(_positive(target), color="black", linewidth=2, label="Target")
-        for i, method in enumerate(_plotted(config)):
+        for method in _plotted(config):
             record = entry.get("methods", {}).get(method, {})
             if record.get("singular_values") and not record.get("error"):
-                color = config.output.colors[i % len(config.output.colors)]
-                ax.semilogy(_positive(record["singular_values"]), color=color, label=registry.label(method))
+                color, style = _style(method, _plotted(config), config)
+                line = "--" if style else "-"
+                ax.semilogy(_positive(record["singular_values"]), line, color=color, label=registry.label(method))
         ax.set_title(_row_label(name, entry).replace("\n", " "), fontsize=config.output.font_size)
         ax.set_xlabel("index")
         ax.grid(True, alpha=0.3)
