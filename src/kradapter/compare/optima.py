@@ -337,10 +337,12 @@ def nearest_kronecker(
 
 def lokr_factors(layer: Any, name: str = "default") -> tuple[tuple[Any, Any], tuple[int | None, int | None]]:
     """PEFT LoKr layer's factor shapes ``(w1, w2)`` and their ranks (``None``: a full factor)."""
-    shapes, ranks = [], []
+    shapes: list[tuple[Any, Any]] = []
+    ranks: list[int | None] = []
     for full, a, b in (("lokr_w1", "lokr_w1_a", "lokr_w1_b"), ("lokr_w2", "lokr_w2_a", "lokr_w2_b")):
         if name in getattr(layer, full):
-            shapes.append(tuple(getattr(layer, full)[name].shape))
+            rows, cols = getattr(layer, full)[name].shape
+            shapes.append((rows, cols))
             ranks.append(None)
         else:
             shapes.append((getattr(layer, a)[name].shape[0], getattr(layer, b)[name].shape[1]))
