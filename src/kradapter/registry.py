@@ -86,6 +86,7 @@ class Method:
     trains_base: bool = False  # a baseline that trains the whole model (else only its head)
     update_uses_base: bool = False  # the update is made from the frozen weight (HiRA: W0 * (B A))
     rank_of: str | None = None  # a reference: the truncated SVD at this method's rank (None: rank 0, i.e. zero)
+    optimum_of: str | None = None  # a reference: this method's best update on the target (compare/optima.py)
     lr_grid: tuple[float, ...] = ()  # finetune's learning-rate sweep
     study: Mapping[str, Any] = field(default_factory=dict)  # the matrix study's defaults
     build: Callable[[Any, Settings], Any] | None = None  # (target_modules, settings) -> PeftConfig
@@ -571,6 +572,8 @@ _ENTRIES = (
         describe=lambda s: f"block {s.get('block_size')}",
     ),
     Method("svd", "Truncated SVD", "reference", rank_of="lora"),
+    Method("kradapter_optimum", "KRAdapter optimum", "reference", optimum_of="kradapter"),
+    Method("kronecker_optimum", "LoKr optimum", "reference", optimum_of="kronecker"),
     Method("zero", "Zero", "reference"),
     Method(
         "head",

@@ -117,7 +117,7 @@ def test_resume_twice_keeps_the_results(tmp_path: Path, capsys: pytest.CaptureFi
     out = tmp_path / "results"
     assert compare(capsys, *TINY, "--out", out, "--resume")[0] == 0
     first = results(out)
-    assert {m for _, m in cells(out)} == {"lora", "kradapter", "svd", "zero"}
+    assert {m for _, m in cells(out)} == {"lora", "kradapter", "svd", "kradapter_optimum", "zero"}
     assert compare(capsys, *TINY, "--out", out, "--resume")[0] == 0
     assert results(out)["results"] == first["results"]
     # --overwrite starts again and leaves files of the user's alone.

@@ -113,7 +113,20 @@ def run(args: argparse.Namespace) -> int:
         return _run(config, store, not args.quiet, fail)
 
 
+# Optional quantisation back-ends that PEFT and transformers import when installed. The matrix study fits plain
+# nn.Linear layers and never uses them; bitsandbytes alone (through transformers' FSDP helpers) is about a sixth of
+# the command's import time (BENCHMARKS.md). Marked absent in this process only, and only if not yet imported.
+UNUSED_BY_THE_STUDY = ("bitsandbytes", "torchao")
+
+
+def skip_unused_imports() -> None:
+    """Make ``import bitsandbytes`` / ``import torchao`` fail fast (PEFT treats them as not installed)."""
+    for name in UNUSED_BY_THE_STUDY:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+
+
 def _run(config: StudyConfig, store: Store, progress: bool, fail: Any) -> int:
+    skip_unused_imports()
     from ..records import environment
     from .matrices import MatrixError
     from .study import run_study

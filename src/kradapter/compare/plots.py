@@ -9,6 +9,7 @@ from typing import Any
 from .. import registry
 from ..plotting import pyplot, write_figure
 from .config import StudyConfig
+from .results import columns
 
 
 def _rows(results: dict[str, Any], config: StudyConfig) -> list[tuple[str, dict[str, Any]]]:
@@ -17,12 +18,13 @@ def _rows(results: dict[str, Any], config: StudyConfig) -> list[tuple[str, dict[
 
 
 def _columns(config: StudyConfig) -> list[str]:
-    return [*config.methods.names, *(registry.REFERENCES if config.methods.references else ())]
+    return columns(config.methods.names, config.methods.references)
 
 
 def _plotted(config: StudyConfig) -> list[str]:
-    """The columns drawn in the figures: every method and the rank-r reference, not the all-zero one."""
-    return [c for c in _columns(config) if registry.METHODS[c].is_adapter or registry.METHODS[c].rank_of]
+    """The columns drawn in the figures: every method, the rank-r reference and the optima, not the all-zero one."""
+    entries = registry.METHODS
+    return [c for c in _columns(config) if entries[c].is_adapter or entries[c].rank_of or entries[c].optimum_of]
 
 
 def _value(entry: dict[str, Any], method: str, metric: str) -> float | None:
@@ -61,9 +63,9 @@ def _bars(ax, rows, columns, metric, config, relative_to=None):
             stds.append(std * scale)
             labels.append(f"{value:.3g}")
         xs = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(rows))]
-        color = config.output.colors[i % len(config.output.colors)]
+        color, style = _style(method, columns, config)
         error = stds if config.output.show_error_bars and any(stds) else None
-        bars = ax.bar(xs, heights, width, label=registry.label(method), color=color, yerr=error, capsize=2)
+        bars = ax.bar(xs, heights, width, label=registry.label(method), color=color, yerr=error, capsize=2, **style)
         for bar, text in zip(bars, labels, strict=True):
             ax.annotate(
                 text,
@@ -79,6 +81,15 @@ def _bars(ax, rows, columns, metric, config, relative_to=None):
     ax.set_xticklabels([_row_label(n, e) for n, e in rows], rotation=20, ha="right")
     ax.grid(True, axis="y", alpha=0.3)
     ax.margins(y=0.15)
+
+
+def _style(method: str, columns: list[str], config: StudyConfig) -> tuple[str, dict[str, Any]]:
+    """A column's colour; an optimum row takes its method's colour, hatched and lighter, so the pair reads as one."""
+    colors = config.output.colors
+    of = registry.METHODS[method].optimum_of
+    if of in columns:
+        return colors[columns.index(of) % len(colors)], {"hatch": "//", "alpha": 0.45, "edgecolor": "black"}
+    return colors[columns.index(method) % len(colors)], {}
 
 
 def _row_label(name: str, entry: dict[str, Any]) -> str:
@@ -122,11 +133,12 @@ def spectra_plot(results: dict[str, Any], config: StudyConfig, path: Path) -> No
         target = entry.get("target", {}).get("singular_values")
         if target:
             ax.semilogy(_positive(target), color="black", linewidth=2, label="Target")
-        for i, method in enumerate(_plotted(config)):
+        for method in _plotted(config):
             record = entry.get("methods", {}).get(method, {})
             if record.get("singular_values") and not record.get("error"):
-                color = config.output.colors[i % len(config.output.colors)]
-                ax.semilogy(_positive(record["singular_values"]), color=color, label=registry.label(method))
+                color, style = _style(method, _plotted(config), config)
+                line = "--" if style else "-"
+                ax.semilogy(_positive(record["singular_values"]), line, color=color, label=registry.label(method))
         ax.set_title(_row_label(name, entry).replace("\n", " "), fontsize=config.output.font_size)
         ax.set_xlabel("index")
         ax.grid(True, alpha=0.3)
@@ -181,7 +193,8 @@ def summary_table(results: dict[str, Any], config: StudyConfig) -> str:
     rows = _rows(results, config)
     head = f"{'matrix':<22}{'shape':>11}  " + "".join(f"{registry.label(c)[:16]:>17}" for c in columns)
     lines = [
-        "Relative Frobenius error ||W_fit - W||_F / ||W||_F  |  nuclear error (% of LoRA's)",
+        "Relative Frobenius error ||W_fit - W||_F / ||W||_F  |  nuclear error (% of LoRA's)  |  "
+        "||W_fit - W||_F above the method's optimum's (% of it)",
         head,
         "-" * len(head),
     ]
@@ -193,6 +206,7 @@ def summary_table(results: dict[str, Any], config: StudyConfig) -> str:
             continue
         line1 = f"{row:<22}{(f'{shape[0]}x{shape[1]}' if shape else ''):>11}  "
         line2 = f"{'':<22}{'':>11}  "
+        line3 = f"{'':<22}{'':>11}  "
         lora = _value(entry, registry.RELATIVE_TO, "nuclear_error")
         for c in columns:
             record = entry.get("methods", {}).get(c, {})
@@ -202,9 +216,11 @@ def summary_table(results: dict[str, Any], config: StudyConfig) -> str:
                 line2 += f"{'(see JSON)':>17}"
                 continue
             line1 += f"{rel:>17.4f}" if rel is not None else f"{'-':>17}"
+            gap = _value(entry, c, "relative_gap_to_optimum")
+            line3 += f"{f'+{100 * gap:.2f}% of opt.':>17}" if gap is not None else f"{'':>17}"
             pct = f" ({100 * nuc / lora:.0f}%)" if nuc is not None and lora else ""
             line2 += f"{(f'{nuc:.3g}{pct}' if nuc is not None else '-'):>17}"
-        lines += [line1, line2]
+        lines += [line1, line2] + ([line3] if line3.strip() else [])
     lines.append("")
     lines.append("Trainable parameters (budget = KRAdapter's count at the matrix's shape):")
     for name, entry in rows:

@@ -2,16 +2,22 @@
 
 Each finished unit is one record (:mod:`kradapter.store`): ``("target", MATRIX, SEED)`` holds the target's
 spectrum, ``("cell", MATRIX, METHOD, SEED)`` one fitted cell (or ``{"error": ...}``, tried again on resume).
-``experimental_results.json`` is rebuilt from them after every unit (``schema_version`` 2, ``docs/compare.md``)::
+``experimental_results.json`` is rebuilt from them after every unit (``schema_version`` 3, ``docs/compare.md``)::
 
-    {"schema_version": 2, "config": {...}, "environment": {...},
+    {"schema_version": 3, "config": {...}, "environment": {...},
      "results": {MATRIX: {"label", "source", "error",
                           "target": {"shape", "frobenius_norm", "effective_rank", "singular_values", "std", "runs"},
                           "methods": {METHOD: {"params", "nuclear_error", "relative_frobenius_error",
                                                "frobenius_error", "effective_rank", "spectral_energy_ratio",
                                                "seconds", "iterations", "singular_values", "error", "notes",
                                                "settings", "budget", "budget_ratio", "rank", "seeds",
+                                               "gap_to_optimum", "relative_gap_to_optimum", "optimum",
                                                "std": {...}, "runs": {SEED: {...}}}}}}}
+
+Version 3 added the optimum rows (``kradapter_optimum``, ``kronecker_optimum``: also ``exact``, ``converged``,
+``solver``, ``lower_bound_frobenius_error``) and each fitted method's gap to its optimum, derived here from the
+two records of a seed: ``gap_to_optimum`` (``||dW - T||_F`` above the optimum's) and
+``relative_gap_to_optimum`` (that gap over the optimum's error).
 
 Each metric is the mean over the finished seeds, its standard deviation (``ddof=1``; 0 for one seed) is under
 ``std``, and each seed's own record under ``runs``.
@@ -26,7 +32,7 @@ from typing import Any
 from .. import registry
 from ..store import Store
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 METRICS = (
     "params",
     "nuclear_error",
@@ -37,6 +43,9 @@ METRICS = (
     "seconds",
     "iterations",
     "budget_ratio",
+    "gap_to_optimum",
+    "relative_gap_to_optimum",
+    "lower_bound_frobenius_error",
 )
 TARGET_METRICS = ("frobenius_norm", "effective_rank", "svd_seconds")
 
@@ -58,6 +67,35 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def columns(names: list[str] | tuple[str, ...], references: bool = True) -> list[str]:
+    """The study's columns: the methods, then the references (an optimum row only beside its method)."""
+    refs = [r for r in registry.REFERENCES if registry.METHODS[r].optimum_of in (None, *names)] if references else []
+    return [*names, *refs]
+
+
+def optimum_row(method: str) -> str | None:
+    """The reference holding ``method``'s optimum, if there is one."""
+    return next((r for r in registry.REFERENCES if registry.METHODS[r].optimum_of == method), None)
+
+
+def with_gaps(runs: dict[str, dict[str, Any]], optima: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each seed's run with its gap to the same seed's optimum (absolute and relative ``||dW - T||_F``)."""
+    out = {}
+    for seed, run in runs.items():
+        best = optima.get(seed)
+        fit, opt = run.get("frobenius_error"), (best or {}).get("frobenius_error")
+        if run.get("error") or not isinstance(fit, int | float) or not isinstance(opt, int | float):
+            out[seed] = run
+            continue
+        gap = fit - opt
+        out[seed] = {
+            **run,
+            "gap_to_optimum": _round(gap),
+            "relative_gap_to_optimum": _round(gap / opt) if opt else math.nan,
+        }
+    return out
+
+
 def summary(store: Store, config: dict[str, Any]) -> dict[str, Any]:
     """The results document of every record in ``store``, matrices and methods in the order first run."""
     axes = store.meta.get("axes", {})
@@ -72,6 +110,9 @@ def summary(store: Store, config: dict[str, Any]) -> dict[str, Any]:
         entry["methods"] = {}
         for method in [*axes.get("methods", []), *registry.REFERENCES]:
             runs = {str(k[3]): r for k, r in store.matching("cell", matrix, method)}
+            row = optimum_row(method)
+            if runs and row:
+                runs = with_gaps(runs, {str(k[3]): r for k, r in store.matching("cell", matrix, row)})
             if runs:
                 entry["methods"][method] = {"runs": runs, **_aggregate(runs, METRICS)}
         out[matrix] = entry
@@ -100,6 +141,8 @@ def _aggregate(runs: dict[str, dict[str, Any]], metrics: tuple[str, ...]) -> dic
     spectra = [r["singular_values"] for r in ok if r.get("singular_values")]
     out["singular_values"] = [_round(statistics.fmean(col)) for col in zip(*spectra, strict=True)] if spectra else None
     out["notes"] += sorted({r["note"] for r in ok if r.get("note")})
-    for name in ("settings", "rank", "budget"):
+    if any(r.get("converged") is False for r in ok):
+        out["notes"].append("the alternating method did not settle within its step limit on some seeds")
+    for name in ("settings", "rank", "budget", "exact", "solver"):
         out[name] = next((r[name] for r in ok if name in r), None)
     return out

@@ -6,7 +6,8 @@ SinLoRA tuners, PEFT's own LoRA, RandLoRA and LoKr — so every number is about 
 adapter's trainable parameters are fitted by the configured optimiser on the published objective,
 ``||dW - T||_F`` (or its square), and the metrics come from the final parameters. Each cell seeds the random
 streams itself (adapter initialisation and RandLoRA's bases), so results do not depend on the order of cells.
-Two references join every table: the truncated SVD at LoRA's rank (the optimum of rank ``r``) and zero.
+References join every table: the truncated SVD at LoRA's rank (the optimum of rank ``r``), zero, and beside
+KRAdapter and LoKr their own optimum at the same settings (:mod:`kradapter.compare.optima`).
 Methods, their settings and their sizing come from :mod:`kradapter.registry`.
 """
 
@@ -26,6 +27,7 @@ from .config import StudyConfig
 from .fit import fit_method, inject
 from .matrices import Target, load_target
 from .metrics import effective_rank, fit_metrics, nuclear_error, singular_values
+from .results import columns as study_columns
 from .results import jsonable, summary
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
@@ -114,7 +116,7 @@ def run_study(config: StudyConfig, store: Store, progress: bool = True) -> tuple
     preflight(config, device, dtype)
     config_dict = jsonable(config.to_dict())
     names = config.matrices.selected()
-    columns = [*config.methods.names, *(registry.REFERENCES if config.methods.references else ())]
+    columns = study_columns(config.methods.names, config.methods.references)
     cells = [(seed, name, method) for seed in config.training.seeds for name in names for method in columns]
     todo = [c for c in cells if not store.done(("cell", c[1], c[2], c[0]))]
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not progress, leave=True)
@@ -169,7 +171,10 @@ def _cell(
 ) -> dict[str, Any]:
     matrix = target.matrix
     shape = (matrix.shape[0], matrix.shape[1])
-    if not registry.get(method, kinds=("adapter", "reference")).is_adapter:
+    entry = registry.get(method, kinds=("adapter", "reference"))
+    if entry.optimum_of:
+        return optimum_metrics(entry.optimum_of, target, s_target, config, seed)
+    if not entry.is_adapter:
         return reference_metrics(s_target, reference_rank(method, shape, config))
     plan = plan_method(method, shape, config)
     fit = fit_method(plan, matrix, config, seed, log)
@@ -206,4 +211,30 @@ def reference_metrics(s_target: torch.Tensor, rank: int) -> dict[str, Any]:
     }
     if rank > 0:
         record["rank"] = rank
+    return record
+
+
+def optimum_metrics(
+    method: str, target: Target, s_target: torch.Tensor, config: StudyConfig, seed: int
+) -> dict[str, Any]:
+    """Metrics of ``method``'s best update on the target, at the settings its fit uses, solved in its PEFT layer."""
+    from .optima import optimum
+
+    matrix = target.matrix
+    plan = plan_method(method, (matrix.shape[0], matrix.shape[1]), config)
+    model: Any = inject(plan, matrix.shape[0], matrix.shape[1], seed, matrix.device, matrix.dtype)
+    found = optimum(model.base_model.model.layer, matrix)
+    record = fit_metrics(found.update, matrix, s_target)
+    norm = float(torch.linalg.vector_norm(matrix.double()))
+    record.update(
+        params=plan.count,
+        seconds=found.seconds,
+        iterations=found.iterations,
+        exact=found.exact,
+        converged=found.converged,
+        solver=found.solver,
+        lower_bound_frobenius_error=found.lower_bound,
+        relative_lower_bound=found.lower_bound / norm if norm > 0 else math.nan,
+        settings=plan.settings,
+    )
     return record

@@ -1,0 +1,381 @@
+"""The best update a structured method can reach on a target: KRAdapter's and LoKr's optima beside the fits.
+
+Each solver takes the PEFT layer users inject (:func:`kradapter.compare.fit.inject`), computes the factors that
+minimise ``||dW - T||_F`` over the method's updates, writes them into that layer, and returns the update its
+``merge()`` then adds: orientation, cropping and scaling are the layer's own, not a copy of them.
+
+**KRAdapter.** In the ``K`` layout (``m x M``, :mod:`kradapter.khatri_rao`), row ``i`` of the update is
+``kron(V[i], U[i])`` cropped to ``M`` entries: seen as an ``r2 x r`` matrix (``khatri_rao._padded``'s blocks),
+it is the rank-1 matrix ``V[i] U[i]^T``. The error splits into one best-rank-1 problem per row.
+
+- ``r * r2 == M`` (no crop): Eckart-Young, one top singular pair per row. Computed as the top eigenvector of
+  each row's ``r x r`` Gram matrix (batched ``eigh``, float32), then refined in float64 by alternating least
+  squares (power iteration on that row) until the objective moves less than ``tol`` (relative): exact to
+  float64 rounding, and certified by the top eigenvalue (``lower_bound`` equals the error).
+- ``r * r2 > M``: the last block's cropped entries are unobserved, so each row is a rank-1 fit with missing
+  entries, which has no closed form. Solved by alternating least squares on the observed entries (each half step
+  exact, the objective never rises) from the zero-filled row's top singular pair, to convergence: a stationary
+  point, reported with a certified lower bound (the same rows' best rank-1 fit with the partial block dropped).
+
+**LoKr.** ``dW = s * kron(w1, w2)``. With full factors the optimum is the nearest Kronecker product (Van Loan &
+Pitsianis 1993): the top singular pair of the target rearranged so each ``(out_k x in_n)`` block is a row. With a
+low-rank ``w2`` (or ``w1``, ``decompose_both``), alternating exact half steps (given ``w1``, the best ``w2`` is the
+rank-``r`` truncation of a weighted sum of the target's blocks; given ``w2``, the best ``w1`` likewise), started
+from the full-factor optimum, run to convergence: the best found, not proven optimal; its lower bound is the
+full-factor optimum (the low-rank updates are a subset of those).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import khatri_rao
+from ..shape import KhatriRaoShape
+
+TOL = 1e-13  # relative change of the squared error at which an alternating method stops
+MAX_ITERATIONS = 5000
+
+
+@dataclass
+class Optimum:
+    update: torch.Tensor  # what the layer's merge() adds with the optimum's factors written into it
+    lower_bound: float  # a certified lower bound on ||dW - T||_F over the method's updates
+    iterations: int  # alternating steps taken (0 for a closed form)
+    converged: bool  # the objective moved less than ``tol`` (relative) in the last step
+    exact: bool  # the optimum is proven (closed form); else the best found by a convergent alternating method
+    solver: str  # how it was found, in words
+    seconds: float
+
+
+def optimum(layer: Any, target: torch.Tensor, tol: float = TOL, max_iterations: int = MAX_ITERATIONS) -> Optimum:
+    """The optimum of ``layer``'s method on ``target`` (``(out, in)``), written into ``layer`` (adapter ``default``).
+
+    ``layer`` is a KRAdapter or LoKr linear layer from ``get_peft_model``; anything else is a ``TypeError``.
+    """
+    from peft.tuners.lokr import LoKrLayer
+
+    from ..tuners.kradapter.layer import KRAdapterLayer
+
+    start = time.perf_counter()
+    if isinstance(layer, KRAdapterLayer):
+        found = _kradapter(layer, target, tol, max_iterations)
+    elif isinstance(layer, LoKrLayer):
+        found = _lokr(layer, target, tol, max_iterations)
+    else:
+        raise TypeError(f"no optimum solver for {type(layer).__name__}")
+    found.seconds = time.perf_counter() - start
+    return found
+
+
+def _write(param: torch.Tensor, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def _update(layer: Any) -> torch.Tensor:
+    from ..finetune.updates import layer_update
+
+    with torch.no_grad():
+        return layer_update(layer, "default").detach()
+
+
+# -- KRAdapter -------------------------------------------------------------------------------------------------------
+
+
+def kradapter_rows(target: torch.Tensor, shape: KhatriRaoShape) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target's rows in ``K``'s layout as ``(m, r2, r)`` float64 blocks (cropped entries zero), and the mask of
+    observed entries (``None`` when nothing is cropped), through :mod:`kradapter.khatri_rao`'s own layout."""
+    blocks, view = khatri_rao._padded(shape, torch.float64, target.device)
+    view.copy_(khatri_rao._k_view(target.detach(), shape))
+    if not shape.blocks[1]:
+        return blocks, None
+    mask, mask_view = khatri_rao._padded(shape, torch.float64, target.device)
+    mask_view.fill_(1.0)
+    return blocks, mask
+
+
+# The top eigenvalue of a row's float32 Gram matrix is off by up to ~sqrt(r2) float32 epsilons of the row's squared
+# norm; the lower bound subtracts this fraction of the squared norm, so that it stays a bound.
+EIGENVALUE_SLACK = 1e-5
+
+
+ALS_WARMUP = 50  # alternating steps before Newton's, per start
+STARTS = 4  # alternating least squares with cropped entries starts from this many top singular vectors per row
+
+
+def _gram_eigh(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each ``(rows, r)`` block's right singular vectors, largest first (float32 ``eigh`` of its Gram matrix, as
+    float64), and the squared singular values."""
+    single = rows.float()
+    values, vectors = torch.linalg.eigh(single.mT @ single)
+    return vectors.flip(-1).double(), values.flip(-1).double().clamp_min(0)
+
+
+def _als(
+    rows: torch.Tensor, mask: torch.Tensor | None, u: torch.Tensor, tol: float, max_iterations: int, check: bool = True
+):
+    """Alternating least squares for per-row rank-1 fits from ``u``: ``(u, v, per-row squared error, steps,
+    converged)``. Without a mask this is power iteration. ``check=False`` runs all steps without measuring."""
+    tiny = torch.finfo(rows.dtype).tiny
+    total = max(float((rows * rows).sum()), tiny)
+    previous, steps, converged = math.inf, 0, False
+    v = rows.new_zeros(rows.shape[:2])
+    errors = rows.new_zeros(rows.shape[0])
+    for steps in range(1, max_iterations + 1):
+        if mask is None:
+            v = (rows @ u.unsqueeze(2)).squeeze(2) / (u * u).sum(1, keepdim=True).clamp_min(tiny)
+            u = (rows.mT @ v.unsqueeze(2)).squeeze(2) / (v * v).sum(1, keepdim=True).clamp_min(tiny)
+        else:
+            v = (rows @ u.unsqueeze(2)).squeeze(2) / (mask @ (u * u).unsqueeze(2)).squeeze(2).clamp_min(tiny)
+            u = (rows.mT @ v.unsqueeze(2)).squeeze(2) / (mask.mT @ (v * v).unsqueeze(2)).squeeze(2).clamp_min(tiny)
+        if not check and steps < max_iterations:
+            continue
+        fit = v.unsqueeze(2) * u.unsqueeze(1)
+        residual = rows - (fit if mask is None else fit * mask)
+        errors = (residual * residual).sum((1, 2))
+        error = float(errors.sum())
+        if previous - error <= tol * total:
+            converged = True
+            break
+        previous = error
+    return u, v, errors, steps, converged
+
+
+def _profile(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor):
+    """Per row, ``g(u) = u'Gu / u'u + (c'x)^2 / x'x`` (``x = u[:tail]``; the squared error is ``||R_obs||^2 - g``),
+    its gradient and Hessian: the masked rank-1 problem with the best ``v`` for ``u`` substituted in."""
+    tail = last.shape[1]
+    s = (u * u).sum(1, keepdim=True)
+    gu = (gram @ u.unsqueeze(2)).squeeze(2)
+    f1 = (u * gu).sum(1, keepdim=True) / s
+    d1 = 2 * (gu - f1 * u) / s
+    eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
+    h = 2 * (gram - f1.unsqueeze(2) * eye) - 2 * (u.unsqueeze(2) * d1.unsqueeze(1) + d1.unsqueeze(2) * u.unsqueeze(1))
+    h = h / s.unsqueeze(2)
+    x = u[:, :tail]
+    s2 = (x * x).sum(1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+    cx = (last * x).sum(1, keepdim=True)
+    f2 = cx * cx / s2
+    d2 = 2 * (cx * last - f2 * x) / s2
+    cc = last.unsqueeze(2) * last.unsqueeze(1)
+    eye2 = eye[:tail, :tail]
+    h2 = 2 * (cc - f2.unsqueeze(2) * eye2) - 2 * (x.unsqueeze(2) * d2.unsqueeze(1) + d2.unsqueeze(2) * x.unsqueeze(1))
+    h[:, :tail, :tail] += h2 / s2.unsqueeze(2)
+    grad = d1.clone()
+    grad[:, :tail] += d2
+    return (f1 + f2).squeeze(1), grad, h
+
+
+def _newton(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, steps: int = 30) -> tuple[torch.Tensor, int]:
+    """Safeguarded Newton ascent of :func:`_profile` per row from ``u``: a row takes a step only if ``g`` rises.
+    Quadratic convergence from the alternating method's point; returns ``u`` (unit rows) and the steps."""
+    u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+    value, grad, hess = _profile(gram, last, u)
+    damping = torch.full_like(value, 1e-6) * value.abs().clamp_min(1e-300)
+    eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
+    taken = 0
+    for _ in range(steps):
+        taken += 1
+        # g is scale invariant (its Hessian is singular along u): -u u' fixes that direction. Levenberg-Marquardt
+        # damping turns a step that would not rise into a shorter, gradient-like one.
+        system = hess - u.unsqueeze(2) * u.unsqueeze(1) - damping[:, None, None] * eye
+        step = torch.linalg.solve(system, -grad.unsqueeze(2)).squeeze(2)
+        candidate = u + step
+        candidate = candidate / torch.linalg.vector_norm(candidate, dim=1, keepdim=True).clamp_min(1e-300)
+        new_value, new_grad, new_hess = _profile(gram, last, candidate)
+        value_before = value
+        better = (new_value >= value) & torch.isfinite(new_value)
+        keep = better.unsqueeze(1)
+        u = torch.where(keep, candidate, u)
+        value = torch.where(better, new_value, value)
+        grad = torch.where(keep, new_grad, grad)
+        hess = torch.where(keep.unsqueeze(2), new_hess, hess)
+        damping = torch.where(better, damping / 10, damping * 10)
+        if float((new_value - value_before).abs().max()) <= 1e-13 * float(value.abs().max()):
+            break
+    return u, taken
+
+
+def kradapter_factors(
+    rows: torch.Tensor, mask: torch.Tensor | None, tol: float = TOL, max_iterations: int = MAX_ITERATIONS
+) -> tuple[torch.Tensor, torch.Tensor, int, bool, float]:
+    """Per row, ``v`` (``r2``) and ``u`` (``r``) minimising ``||mask * (rows - v u^T)||_F``, summed over rows.
+
+    Without a mask: the top singular pair of each row (float32 ``eigh`` of the Gram matrix), refined in float64 by
+    power iteration. With a mask (cropped entries, all in the last block) the problem has local minima: from each
+    of the fully observed blocks' top ``STARTS`` right singular vectors, ``ALS_WARMUP`` steps of float64
+    alternating least squares (``v = R u / M u^2``, ``u = R^T v / M^T v^2``), then safeguarded Newton steps on the
+    profile over ``u`` (:func:`_profile`) to a stationary point; each row keeps its best. Returns ``u, v``, the
+    steps, whether the result is stationary (relative squared error settled within ``tol``), and a lower bound on
+    the squared error: the fully observed blocks' best rank-1 error (Eckart-Young; the partial block only adds a
+    non-negative term).
+    """
+    full = rows if mask is None else rows[:, :-1]
+    vectors, values = _gram_eigh(full)
+    energy = float((full * full).sum())
+    bound = max(energy - float(values[:, 0].sum()) - EIGENVALUE_SLACK * energy, 0.0)
+    if mask is None:
+        u, v, _, steps, converged = _als(rows, None, vectors[..., 0], tol, max_iterations)
+        return u, v, steps, converged, bound
+    gram = full.mT @ full
+    tail = int(mask[0, -1].sum())
+    last = rows[:, -1, :tail]
+    best_u = best_value = None
+    total_steps = 0
+    for k in range(min(STARTS, vectors.shape[-1])):
+        u, _, _, steps, _ = _als(rows, mask, vectors[..., k], tol, min(ALS_WARMUP, max_iterations), check=False)
+        u, newton = _newton(gram, last, u)
+        total_steps += steps + newton
+        value = _profile(gram, last, u)[0]
+        if best_value is None or best_u is None:
+            best_u, best_value = u, value
+        else:
+            better = value > best_value
+            best_u = torch.where(better.unsqueeze(1), u, best_u)
+            best_value = torch.where(better, value, best_value)
+    assert best_u is not None
+    # One exact alternating step from the best u gives v (and keeps the error from rising); its change is the test.
+    u, v, _, _, converged = _als(rows, mask, best_u, tol, 2)
+    return u, v, total_steps, converged, bound
+
+
+def _kradapter(layer: Any, target: torch.Tensor, tol: float, max_iterations: int) -> Optimum:
+    shape: KhatriRaoShape = layer.kradapter_shape["default"]
+    scaling = layer.kradapter_scaling["default"]
+    if scaling == 0:
+        raise ValueError("KRAdapter with scaling 0 has only the zero update")
+    rows, mask = kradapter_rows(target, shape)
+    u, v, steps, converged, bound = kradapter_factors(rows, mask, tol, max_iterations)
+    _write(layer.kradapter_u["default"], u / scaling)
+    _write(layer.kradapter_v["default"], v)
+    exact = mask is None
+    solver = (
+        "per-row best rank-1 (Eckart-Young): float32 Gram eigh, float64 power-iteration refinement"
+        if exact
+        else "per-row rank-1 with the cropped entries unobserved: float64 alternating least squares to convergence"
+    )
+    return Optimum(_update(layer), math.sqrt(max(bound, 0.0)), steps, converged, exact, solver, 0.0)
+
+
+# -- LoKr ------------------------------------------------------------------------------------------------------------
+
+
+def _truncate(matrix: torch.Tensor, rank: int | None) -> torch.Tensor:
+    if rank is None or rank >= min(matrix.shape):
+        return matrix
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def _split(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a (p x rank)``, ``b (rank x q)`` with ``a @ b == matrix`` (of rank <= ``rank``), balanced."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, s, vh = u[:, :rank], s[:rank].sqrt(), vh[:rank]
+    a, b = u * s, s.unsqueeze(1) * vh
+    if a.shape[1] < rank:  # fewer singular values than the rank: zero columns
+        a = torch.cat([a, a.new_zeros(a.shape[0], rank - a.shape[1])], 1)
+        b = torch.cat([b, b.new_zeros(rank - b.shape[0], b.shape[1])], 0)
+    return a, b
+
+
+def nearest_kronecker(
+    target: torch.Tensor,
+    first: tuple[int, int],
+    second: tuple[int, int],
+    ranks: tuple[int | None, int | None] = (None, None),
+    tol: float = TOL,
+    max_iterations: int = MAX_ITERATIONS,
+) -> tuple[torch.Tensor, torch.Tensor, int, bool, float]:
+    """``A`` (``first``) and ``B`` (``second``) minimising ``||T - kron(A, B)||_F`` with ``rank(A) <= ranks[0]``,
+    ``rank(B) <= ranks[1]`` (``None``: full), in float64.
+
+    ``R``, the target rearranged so row ``(i, j)`` is block ``T_ij`` flattened, has ``kron(A, B)`` as
+    ``vec(A) vec(B)^T``: without rank limits the optimum is ``R``'s top singular pair (Van Loan & Pitsianis). With
+    them, exact alternating half steps from that pair. Returns ``A, B``, the steps, convergence, and the squared
+    error of the full-factor optimum (a lower bound).
+    """
+    (p, q), (s, t) = first, second
+    if target.shape != (p * s, q * t):
+        raise ValueError(f"a {tuple(target.shape)} target is not kron of {first} and {second} factors")
+    rearranged = target.detach().double().reshape(p, s, q, t).permute(0, 2, 1, 3).reshape(p * q, s * t)
+    total = float((rearranged * rearranged).sum())
+    small = rearranged @ rearranged.T if p * q <= s * t else rearranged.T @ rearranged
+    values, vectors = torch.linalg.eigh(small)
+    top, sigma2 = vectors[:, -1], float(values[-1].clamp_min(0))
+    if p * q <= s * t:  # a unit top left singular vector: its best partner is R^T a
+        a = top
+        b = a @ rearranged
+    else:  # a unit top right singular vector b: its best partner is R b
+        b = top
+        a = rearranged @ b
+    bound = max(total - sigma2, 0.0)
+    a_mat, b_mat = a.reshape(p, q), b.reshape(s, t)
+    steps, converged = 0, True
+    if ranks != (None, None):
+        converged = False
+        a_mat = _truncate(a_mat, ranks[0])
+        previous = math.inf
+        for _ in range(max_iterations):
+            steps += 1
+            a_vec = a_mat.reshape(-1)
+            b_mat = _truncate((a_vec @ rearranged).reshape(s, t) / a_vec.dot(a_vec).clamp_min(1e-300), ranks[1])
+            b_vec = b_mat.reshape(-1)
+            a_mat = _truncate((rearranged @ b_vec).reshape(p, q) / b_vec.dot(b_vec).clamp_min(1e-300), ranks[0])
+            a_vec = a_mat.reshape(-1)
+            error = total - 2 * float(a_vec @ rearranged @ b_vec) + float(a_vec.dot(a_vec) * b_vec.dot(b_vec))
+            if previous - error <= tol * max(total, 1e-300):
+                converged = True
+                break
+            previous = error
+    return a_mat, b_mat, steps, converged, bound
+
+
+def lokr_factors(layer: Any, name: str = "default") -> tuple[tuple[Any, Any], tuple[int | None, int | None]]:
+    """PEFT LoKr layer's factor shapes ``(w1, w2)`` and their ranks (``None``: a full factor)."""
+    shapes: list[tuple[Any, Any]] = []
+    ranks: list[int | None] = []
+    for full, a, b in (("lokr_w1", "lokr_w1_a", "lokr_w1_b"), ("lokr_w2", "lokr_w2_a", "lokr_w2_b")):
+        if name in getattr(layer, full):
+            rows, cols = getattr(layer, full)[name].shape
+            shapes.append((rows, cols))
+            ranks.append(None)
+        else:
+            shapes.append((getattr(layer, a)[name].shape[0], getattr(layer, b)[name].shape[1]))
+            ranks.append(int(getattr(layer, a)[name].shape[1]))
+    return (shapes[0], shapes[1]), (ranks[0], ranks[1])
+
+
+def _lokr(layer: Any, target: torch.Tensor, tol: float, max_iterations: int) -> Optimum:
+    name = "default"
+    scale = float(layer.scaling[name])
+    if scale == 0:
+        raise ValueError("LoKr with scale 0 has only the zero update")
+    if name in layer.lokr_t2:
+        raise ValueError("no optimum for LoKr's effective-conv2d factorisation")
+    (first, second), (rank1, rank2) = lokr_factors(layer)
+    full1, full2 = rank1 is None, rank2 is None
+    a, b, steps, converged, bound = nearest_kronecker(target, first, second, (rank1, rank2), tol, max_iterations)
+    b = b / scale
+    if full1:
+        _write(layer.lokr_w1[name], a)
+    else:
+        for param, value in zip((layer.lokr_w1_a[name], layer.lokr_w1_b[name]), _split(a, rank1 or 1), strict=True):
+            _write(param, value)
+    if full2:
+        _write(layer.lokr_w2[name], b)
+    else:
+        for param, value in zip((layer.lokr_w2_a[name], layer.lokr_w2_b[name]), _split(b, rank2 or 1), strict=True):
+            _write(param, value)
+    exact = full1 and full2
+    solver = (
+        "nearest Kronecker product (Van Loan-Pitsianis): top singular pair of the rearranged target, float64"
+        if exact
+        else "Kronecker product with low-rank factors: float64 alternating exact half steps from the full-factor "
+        "optimum, to convergence (best found)"
+    )
+    return Optimum(_update(layer), math.sqrt(bound), steps, converged, exact, solver, 0.0)

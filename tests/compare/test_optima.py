@@ -1,0 +1,186 @@
+"""KRAdapter's and LoKr's optima against independent float64 optimisers, through the PEFT layers users inject."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+from kradapter import registry
+from kradapter.compare.optima import lokr_factors, nearest_kronecker, optimum
+from kradapter.finetune.updates import layer_update
+from kradapter.khatri_rao import delta_weight
+from kradapter.shape import KhatriRaoShape
+
+# Tall, wide, square, primes; with and without a cropped last block in each factorisation.
+SHAPES = [(12, 12), (20, 9), (9, 20), (13, 29), (29, 13), (31, 17), (16, 30), (7, 50)]
+
+
+def _layer(method: str, rows: int, cols: int, **settings):  # type: ignore[no-untyped-def]
+    base = nn.Module()
+    base.layer = nn.utils.skip_init(nn.Linear, cols, rows, bias=False)
+    model = get_peft_model(base, registry.get(method).config(["layer"], **settings))
+    return model.base_model.model.layer
+
+
+def _lbfgs(params: list[torch.Tensor], loss_of) -> None:  # type: ignore[no-untyped-def]
+    """Minimise ``loss_of()`` over ``params`` with float64 L-BFGS to its tolerances."""
+    opt = torch.optim.LBFGS(
+        params, max_iter=1500, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe"
+    )
+
+    def closure():  # type: ignore[no-untyped-def]
+        opt.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+
+def _long_run_kradapter(target: torch.Tensor, shape: KhatriRaoShape, restarts: int, generator) -> float:  # type: ignore[no-untyped-def]
+    """Best ``||delta_weight(U, V) - T||_F`` found by float64 L-BFGS from random starts (independent of the solver)."""
+    best = float("inf")
+    for _ in range(restarts):
+        u = torch.randn(*shape.u_shape, dtype=torch.float64, generator=generator).requires_grad_()
+        v = torch.randn(*shape.v_shape, dtype=torch.float64, generator=generator).requires_grad_()
+        _lbfgs([u, v], lambda u=u, v=v: ((delta_weight(u, v, shape) - target) ** 2).sum())
+        with torch.no_grad():
+            best = min(best, float(torch.linalg.vector_norm(delta_weight(u, v, shape) - target)))
+    return best
+
+
+@pytest.mark.parametrize("factorization", ["sqrt_min", "sqrt_max"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{d}x{k}" for d, k in SHAPES])
+def test_kradapter_optimum_matches_a_long_run_optimiser(shape, factorization, generator) -> None:  # type: ignore[no-untyped-def]
+    rows, cols = shape
+    target = torch.randn(rows, cols, dtype=torch.float64, generator=generator)
+    scaling = float(torch.empty(()).uniform_(0.3, 3.0, generator=generator))
+    layer = _layer("kradapter", rows, cols, factorization=factorization, scaling=scaling)
+    layer.double()
+    found = optimum(layer, target)
+    kr_shape = layer.kradapter_shape["default"]
+    # The update is the layer's own, with the optimum's factors written into it (scaling and orientation included).
+    u, v = layer.kradapter_u["default"], layer.kradapter_v["default"]
+    assert torch.allclose(found.update, scaling * delta_weight(u, v, kr_shape).detach(), atol=1e-12)
+    assert torch.allclose(found.update, layer_update(layer, "default").detach(), atol=1e-12)
+    error = float(torch.linalg.vector_norm(found.update - target))
+    reference = _long_run_kradapter(target, kr_shape, restarts=2, generator=generator)
+    assert found.converged
+    assert found.lower_bound <= min(error, reference) * (1 + 1e-9) + 1e-12
+    assert found.exact == (kr_shape.blocks[1] == 0)
+    if found.exact:  # Eckart-Young per row: the optimum; no optimiser does better, and the bound meets it
+        assert error <= reference * (1 + 1e-9) + 1e-12
+        assert found.lower_bound >= error * (1 - 1e-4)
+    else:  # cropped entries: a stationary point of a problem with local minima, from several starts
+        assert error <= reference * (1 + 5e-3) + 1e-10
+        # stationary: one more exact alternating step moves nothing
+        from kradapter.compare.optima import _als, kradapter_rows
+
+        rows_, mask_ = kradapter_rows(target, kr_shape)
+        u_ = layer.kradapter_u["default"].detach().double() * scaling
+        _, _, errors, _, _ = _als(rows_, mask_, u_, 0.0, 1)
+        assert float(errors.sum()) ** 0.5 == pytest.approx(error, rel=1e-9)
+
+
+def test_kradapter_rows_are_eckart_young_per_row(generator) -> None:  # type: ignore[no-untyped-def]
+    """No crop (r * r2 == M): each row's error is that row's dropped singular values, by a dense float64 SVD."""
+    rows, cols = 9, 36  # sqrt_max: r = 6, r2 = 6
+    target = torch.randn(rows, cols, dtype=torch.float64, generator=generator)
+    layer = _layer("kradapter", rows, cols, factorization="sqrt_max")
+    layer.double()
+    found = optimum(layer, target)
+    expected = 0.0
+    for i in range(rows):
+        s = torch.linalg.svdvals(target[i].reshape(6, 6))  # row i = kron(V[i], U[i]): V along the slow axis
+        expected += float((s[1:] ** 2).sum())
+    assert float(torch.linalg.vector_norm(found.update - target)) == pytest.approx(expected**0.5, rel=1e-9)
+
+
+def _lokr_settings(rows: int, cols: int, factor: int, r: int, both: bool = False) -> dict:  # type: ignore[type-arg]
+    return {"r": r, "alpha": r, "decompose_factor": factor, "decompose_both": both}
+
+
+def _kron(params: list[torch.Tensor], ranks) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    it = iter(params)
+    mats = [next(it) if rank is None else next(it) @ next(it) for rank in ranks]
+    return torch.kron(mats[0], mats[1])
+
+
+def _long_run_kronecker(target, first, second, ranks, restarts, generator) -> float:  # type: ignore[no-untyped-def]
+    """Best ``||kron(A, B) - T||_F`` by float64 L-BFGS over (possibly factored) A and B from random starts."""
+    best = float("inf")
+    for _ in range(restarts):
+        shapes = []
+        for (a, b), rank in zip((first, second), ranks, strict=True):
+            shapes += [(a, b)] if rank is None else [(a, rank), (rank, b)]
+        params = [torch.randn(*sh, dtype=torch.float64, generator=generator).requires_grad_() for sh in shapes]
+        _lbfgs(params, lambda params=params: ((_kron(params, ranks) - target) ** 2).sum())
+        with torch.no_grad():
+            best = min(best, float(torch.linalg.vector_norm(_kron(params, ranks) - target)))
+    return best
+
+
+KRON = [((3, 4), (5, 2)), ((2, 7), (3, 3)), ((5, 1), (2, 13)), ((4, 4), (4, 4)), ((1, 6), (7, 1))]
+
+
+@pytest.mark.parametrize("first,second", KRON, ids=[f"{a}x{b}" for a, b in KRON])
+def test_nearest_kronecker_full_factors(first, second, generator) -> None:  # type: ignore[no-untyped-def]
+    target = torch.randn(first[0] * second[0], first[1] * second[1], dtype=torch.float64, generator=generator)
+    a, b, steps, converged, bound = nearest_kronecker(target, first, second)
+    error = float(torch.linalg.vector_norm(torch.kron(a, b) - target))
+    reference = _long_run_kronecker(target, first, second, (None, None), 3, generator)
+    assert steps == 0 and converged
+    assert error <= reference * (1 + 1e-9) + 1e-12
+    assert error == pytest.approx(bound**0.5, rel=1e-9)
+
+
+@pytest.mark.parametrize("ranks", [(None, 1), (None, 2), (1, 2), (2, 1)])
+def test_nearest_kronecker_low_rank_factors(ranks, generator) -> None:  # type: ignore[no-untyped-def]
+    first, second = (4, 5), (6, 7)
+    target = torch.randn(24, 35, dtype=torch.float64, generator=generator)
+    a, b, _, converged, bound = nearest_kronecker(target, first, second, ranks)
+    for mat, rank in zip((a, b), ranks, strict=True):
+        if rank is not None:
+            assert int(torch.linalg.matrix_rank(mat)) <= rank
+    error = float(torch.linalg.vector_norm(torch.kron(a, b) - target))
+    reference = _long_run_kronecker(target, first, second, ranks, 4, generator)
+    assert converged
+    # the best found by exact alternating half steps: low-rank factors make the problem non-convex, so it is held
+    # to the long-run optimiser's best within 0.5%, and to the full-factor bound exactly
+    assert error <= reference * (1 + 5e-3) + 1e-10
+    assert bound**0.5 <= min(error, reference) * (1 + 1e-12)
+
+
+@pytest.mark.parametrize(
+    "rows,cols,factor,r,both",
+    [
+        (24, 35, 4, 8, False),
+        (24, 35, 4, 1, False),
+        (30, 12, 3, 1, True),
+        (35, 24, -1, 2, False),
+        (29, 13, -1, 3, False),
+    ],
+)
+def test_lokr_optimum_through_peft(rows, cols, factor, r, both, generator) -> None:  # type: ignore[no-untyped-def]
+    """Written into PEFT's LoKr layer (full or low-rank factors, its scale), its merge adds the optimum."""
+    target = torch.randn(rows, cols, dtype=torch.float64, generator=generator)
+    settings = _lokr_settings(rows, cols, factor, r, both)
+    settings["alpha"] = float(torch.empty(()).uniform_(0.5, 4.0, generator=generator))
+    layer = _layer("kronecker", rows, cols, **settings)
+    layer.double()
+    found = optimum(layer, target)
+    assert torch.allclose(found.update, layer_update(layer, "default").detach(), atol=1e-12)
+    error = float(torch.linalg.vector_norm(found.update - target))
+    (first, second), ranks = lokr_factors(layer)
+    reference = _long_run_kronecker(target, first, second, ranks, 3, generator)
+    assert found.exact == (ranks == (None, None))
+    assert error <= reference * (1 + (1e-9 if found.exact else 5e-3)) + 1e-10
+    assert found.lower_bound <= min(error, reference) * (1 + 1e-12)
+
+
+def test_optimum_refuses_other_layers() -> None:
+    layer = _layer("lora", 8, 6, r=2)
+    with pytest.raises(TypeError, match="no optimum solver"):
+        optimum(layer, torch.zeros(8, 6))
