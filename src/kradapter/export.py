@@ -286,18 +286,19 @@ def load_weights(request: Request) -> dict[str, torch.Tensor]:
     return cast("dict[str, torch.Tensor]", saved)
 
 
-def run_export(request: Request, model: nn.Module) -> ExportReport:
+def run_export(request: Request, model: nn.Module, saved: Mapping[str, torch.Tensor] | None = None) -> ExportReport:
     """Load the adapter's factors onto ``model``, truncate each layer's update, write the LoRA folder, and load it
     back with ``PeftModel.from_pretrained`` to check it holds exactly the factors whose errors are reported."""
     import torch
     from peft import PeftConfig, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import set_peft_model_state_dict
+    from torch import nn
 
     from .tuners import METHODS
 
     prefix = METHODS[cast(Any, request.peft_type)][1].prefix
-    saved = load_weights(request)
+    saved = load_weights(request) if saved is None else saved
     factors = {k: v for k, v in saved.items() if prefix in k}
     copied = {k: v for k, v in saved.items() if prefix not in k}
     if not factors:
@@ -346,6 +347,9 @@ def run_export(request: Request, model: nn.Module) -> ExportReport:
                         "LoRA cannot hold its update as a truncated SVD; nothing was written"
                     )
                 delta = layer.get_delta_weight("default").double()
+                base_layer = layer.get_base_layer()
+                if isinstance(base_layer, nn.modules.conv._ConvNd):  # PEFT's LoRA holds conv factors 4-D (3-D, 5-D)
+                    delta = delta.reshape(base_layer.weight.shape)
                 if not bool(torch.isfinite(delta).all()):
                     raise ExportError(f"layer {name!r}: the adapter's update holds NaN or infinite values")
                 deltas[name] = delta
