@@ -187,6 +187,8 @@ def check_request(
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
     target = Path(out_dir)
+    if target.is_symlink() and not target.exists():
+        raise ExportError(f"output {str(target)!r} is a symbolic link to {os.readlink(target)!r}, which does not exist")
     if target.exists() and not target.is_dir():
         raise ExportError(f"output {str(target)!r} exists and is not a folder")
     if target.exists() and target.resolve() == source.resolve():
@@ -364,7 +366,10 @@ def run_export(request: Request, model: nn.Module, saved: Mapping[str, torch.Ten
     out_tensors = dict(tensors)
     out_tensors.update({k: v.detach().clone().contiguous() for k, v in copied.items()})
     lora_config = make_lora_config(request, list(ranks), r, pattern, fan_in_fan_out)
-    file_bytes = write_folder(request, lora_config, out_tensors)
+    try:
+        file_bytes = write_folder(request, lora_config, out_tensors)
+    except OSError as exc:
+        raise ExportError(f"cannot write the output folder {str(request.out_dir)!r}: {exc.strerror or exc}") from None
     check_written(request, model, exported, tensors)
 
     total = math.sqrt(sum(layer.update_norm**2 for layer in exported))

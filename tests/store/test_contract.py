@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+import kradapter
 from kradapter.store import LOCK_FILE, RECORDS_FILE, RUN_FILE, RunSpec, Store, StoreError, file_hash
 
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+SRC = str(Path(kradapter.__file__).parents[1])  # the kradapter under test, wherever it is
 
 
 def spec(kind: str = "bench", **settings: object) -> RunSpec:
