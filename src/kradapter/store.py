@@ -473,7 +473,13 @@ class Store:
     def claim(self, name: str | Path) -> str:
         """``name`` relative to the folder, after checking this run may write it: inside the folder, and not a path
         that was there before the run without a run there writing it (a StoreError names it)."""
-        relative = _relative(Path(name).relative_to(self.directory) if Path(name).is_absolute() else name)
+        path = Path(name)
+        if path.is_absolute():
+            try:
+                path = path.relative_to(self.directory.absolute())
+            except ValueError:
+                raise StoreError(f"{path} is not inside the run folder {self.directory}") from None
+        relative = _relative(path)
         if _covered(relative, self.found):
             raise StoreError(
                 f"{self.directory / relative} was in the output folder before this run, which did not write it: "
