@@ -108,9 +108,11 @@ def write_atomic(path: Path | str, data: str | bytes) -> None:
                 f.flush()
                 os.fsync(f.fileno())
                 os.fchmod(f.fileno(), 0o666 & ~_umask())  # results are ordinary files
-                if unnamed:
+                if unnamed:  # named and renamed at once: the only instant a kill can leave a temporary file
                     os.link(f"/proc/self/fd/{f.fileno()}", tmp.name, dst_dir_fd=folder, follow_symlinks=True)
-            os.replace(tmp, path)
+                    os.replace(tmp, path)
+            if not unnamed:
+                os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -232,7 +232,13 @@ def test_no_temporary_file_outlives_a_killed_run(tmp_path: Path) -> None:
         child.send_signal(signal.SIGKILL)
         child.wait()
         left = [p.name for p in tmp_path.rglob("*") if p.name not in (RUN_FILE, RECORDS_FILE, LOCK_FILE, "big.txt")]
-        assert left == [], left  # none while the data is written (an unnamed file)
+        # the data is written to an unnamed file: at most a kill in the instant between naming and renaming leaves
+        # one named temporary file, which the next opening deletes (below)
+        assert len(left) <= 1 and all(name.endswith(".kratmp") for name in left), left
+        if left:
+            with Store.open(tmp_path, RunSpec("bench", {"x": 1}), "resume"):
+                pass
+            assert not list(tmp_path.glob("*.kratmp"))
         big = tmp_path / "big.txt"
         assert not big.exists() or big.stat().st_size == 8 << 20
     (tmp_path / ".big.txt.1.abcd.kratmp").write_bytes(b"half")  # what a kill between naming and renaming leaves
