@@ -528,7 +528,7 @@ def check_written(
         ) from None
     for item in exported:
         try:
-            layer: Any = loaded.base_model.model.get_submodule(item.name)
+            layer: Any = cast(Any, loaded.base_model).model.get_submodule(item.name)
             got = layer.get_delta_weight("default").double()
         except (AttributeError, KeyError) as exc:
             raise ExportError(

@@ -111,9 +111,10 @@ def declared_shape(path: Path, key: str | None) -> tuple[int, ...] | None:
                     shape, itemsize, offset = _npy_header(f, path)
                 _check_data(path, shape, itemsize, info.file_size - offset)
         elif path.suffix == ".safetensors":
-            shape = _safetensors_shape(path, key)
-            if shape is None:
+            declared = _safetensors_shape(path, key)
+            if declared is None:
                 return None
+            shape = declared
         else:
             return None
     except (OSError, zipfile.BadZipFile, ValueError, KeyError, TypeError, struct.error) as exc:
