@@ -107,6 +107,7 @@ class ExportReport:
     copied_tensors: tuple[str, ...]
     file_bytes: int
     source_file_bytes: int
+    capped: tuple[str, ...] = ()  # layers whose requested rank was above what their update can use
 
     @property
     def max_layer_error(self) -> float:
@@ -124,8 +125,14 @@ class ExportReport:
         for layer in self.layers:
             shape = f"{layer.out_features}x{layer.in_features}"
             lines.append(f"{layer.name:<{width}}  {shape:>11}  {layer.rank:>5}  {layer.relative_error:>10.4f}")
+        if self.capped:
+            lines.append(
+                f"rank {self.rank} capped at the layer's full rank min(out, in) for {len(self.capped)} layer(s) "
+                "(rank_pattern): a larger rank adds nothing"
+            )
         lines.append(
-            f"{len(self.layers)} layers; relative error: overall {self.global_relative_error:.4f}, "
+            f"{len(self.layers)} layers; relative error of the stored {self.dtype} factors: "
+            f"overall {self.global_relative_error:.4f}, "
             f"worst layer {self.max_layer_error:.4f}; LoRA parameters {self.lora_params:,}; "
             f"file {files.format_bytes(self.file_bytes)} (source {files.format_bytes(self.source_file_bytes)})"
         )
@@ -173,6 +180,8 @@ def check_request(
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
     target = Path(out_dir)
+    if target.is_symlink() and not target.exists():
+        raise ExportError(f"output {str(target)!r} is a symbolic link to {os.readlink(target)!r}, which does not exist")
     if target.exists() and not target.is_dir():
         raise ExportError(f"output {str(target)!r} exists and is not a folder")
     if target.exists() and target.resolve() == source.resolve():
@@ -248,31 +257,60 @@ def load_base(request: Request) -> nn.Module:
         raise ExportError(f"cannot load base model {request.base!r}: {str(exc).splitlines()[0]}") from None
 
 
-def run_export(request: Request, model: nn.Module) -> ExportReport:
-    """Load the adapter's factors onto ``model``, truncate each layer's update, write the LoRA folder."""
+def load_weights(request: Request) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, read without running any code (``weights_only`` for a ``.bin``); a file that is not a
+    table of finite tensors is an ExportError naming it (and the tensor)."""
+    import torch
+
+    path = request.weights_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            saved: Any = load_file(str(path), device="cpu")
+        else:
+            saved = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors, pickle and zip errors have no common type: each is a bad file
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ExportError(f"cannot read the adapter weights {str(path)!r}: {first}") from None
+    if not isinstance(saved, dict) or not all(isinstance(v, torch.Tensor) for v in saved.values()):
+        raise ExportError(f"{str(path)!r} is not a table of tensors (name -> tensor)")
+    for name, tensor in saved.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ExportError(f"{str(path)!r}: tensor {name!r} holds NaN or infinite values; nothing to export")
+    return cast("dict[str, torch.Tensor]", saved)
+
+
+def run_export(request: Request, model: nn.Module, saved: Mapping[str, torch.Tensor] | None = None) -> ExportReport:
+    """Load the adapter's factors onto ``model``, truncate each layer's update, write the LoRA folder, and load it
+    back with ``PeftModel.from_pretrained`` to check it holds exactly the factors whose errors are reported."""
     import torch
     from peft import PeftConfig, get_peft_model
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    from peft.utils import set_peft_model_state_dict
+    from torch import nn
 
     from .tuners import METHODS
 
     prefix = METHODS[cast(Any, request.peft_type)][1].prefix
-    saved = load_peft_weights(str(request.adapter_dir), device="cpu")
+    saved = load_weights(request) if saved is None else saved
     factors = {k: v for k, v in saved.items() if prefix in k}
     copied = {k: v for k, v in saved.items() if prefix not in k}
     if not factors:
         raise ExportError(f"{str(request.weights_file)!r} holds no {prefix}* tensors")
 
-    config = PeftConfig.from_pretrained(str(request.adapter_dir))
+    try:
+        config = PeftConfig.from_pretrained(str(request.adapter_dir))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ExportError(f"cannot read the adapter config in {str(request.adapter_dir)!r}: {exc}") from None
     config.modules_to_save = None  # heads are copied as tensors, never rebuilt on the base
     config.task_type = None
     config.inference_mode = True
     misfit = f"the adapter in {str(request.adapter_dir)!r} does not fit the base model"
     try:
         peft_model = get_peft_model(model, config)
-    except ValueError as exc:  # PEFT's own: e.g. no module matches target_modules
-        raise ExportError(f"{misfit}: {str(exc).splitlines()[0]}") from None
+    except (ValueError, TypeError, KeyError) as exc:  # PEFT's own: e.g. no module matches target_modules
+        raise ExportError(f"{misfit}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     try:
         layers = {
             name.removeprefix(MODEL_PREFIX): layer
@@ -285,7 +323,7 @@ def run_export(request: Request, model: nn.Module) -> ExportReport:
                 params["default"] = torch.nn.Parameter(params["default"].detach().double(), requires_grad=False)
         try:
             result: Any = set_peft_model_state_dict(peft_model, factors, adapter_name="default")
-        except ValueError as exc:  # the tuner names the module whose shape differs
+        except (ValueError, RuntimeError) as exc:  # the tuner names the module whose shape differs
             raise ExportError(f"{misfit}: {str(exc).splitlines()[0]}") from None
         missing = [k for k in result.missing_keys if prefix in k]
         unexpected = [k for k in result.unexpected_keys if prefix in k]
@@ -294,29 +332,38 @@ def run_export(request: Request, model: nn.Module) -> ExportReport:
                 f"{misfit} ({len(missing)} adapter tensors missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, "
                 f"e.g. {unexpected[:1]}); pass the base model it was trained on (--base)"
             )
-        exported, tensors, fan_in_fan_out = [], {}, False
+        deltas: dict[str, torch.Tensor] = {}
+        fan_in_fan_out = False
         with torch.no_grad():
             for name, layer in layers.items():
+                if getattr(layer.get_base_layer(), "groups", 1) > 1:
+                    raise ExportError(
+                        f"layer {name!r} is a grouped convolution (groups={layer.get_base_layer().groups}): PEFT's "
+                        "LoRA cannot hold its update as a truncated SVD; nothing was written"
+                    )
                 delta = cast(Any, layer).delta_matrix("default").double()  # (out, in), whatever the weight layout
-                layer_export, a, b = truncate(name, delta, request.rank, request.max_error)
-                exported.append(layer_export)
-                tensors[f"{MODEL_PREFIX}{name}.lora_A.weight"] = a
-                tensors[f"{MODEL_PREFIX}{name}.lora_B.weight"] = b
+                base_layer = layer.get_base_layer()
+                if isinstance(base_layer, nn.modules.conv._ConvNd):  # PEFT's LoRA holds conv factors 4-D (3-D, 5-D)
+                    delta = delta.reshape(base_layer.weight.shape)
+                if not bool(torch.isfinite(delta).all()):
+                    raise ExportError(f"layer {name!r}: the adapter's update holds NaN or infinite values")
+                deltas[name] = delta
                 fan_in_fan_out = fan_in_fan_out or bool(getattr(layer, "fan_in_fan_out", False))
     finally:
         peft_model.unload()  # give back the base model as it was
 
+    exported, tensors, capped = choose_factors(deltas, request)
+    r = max(item.rank for item in exported)
     ranks = {item.name: item.rank for item in exported}
-    r = request.rank if request.rank is not None else max(ranks.values())
-    # Fold each layer's LoRA scaling alpha / rank into B, so that B @ A is the truncated update itself.
-    for item in exported:
-        key = f"{MODEL_PREFIX}{item.name}.lora_B.weight"
-        tensors[key] = tensors[key] * (item.rank / r)
-    stored = getattr(torch, request.dtype)
-    out_tensors = {k: v.to(stored).contiguous() for k, v in tensors.items()}
+    pattern = {name: rank for name, rank in ranks.items() if rank != r}
+    out_tensors = dict(tensors)
     out_tensors.update({k: v.detach().clone().contiguous() for k, v in copied.items()})
-    lora_config = make_lora_config(request, list(ranks), r, ranks if request.rank is None else {}, fan_in_fan_out)
-    file_bytes = write_folder(request, lora_config, out_tensors)
+    lora_config = make_lora_config(request, list(ranks), r, pattern, fan_in_fan_out)
+    try:
+        file_bytes = write_folder(request, lora_config, out_tensors)
+    except OSError as exc:
+        raise ExportError(f"cannot write the output folder {str(request.out_dir)!r}: {exc.strerror or exc}") from None
+    check_written(request, model, exported, tensors)
 
     total = math.sqrt(sum(layer.update_norm**2 for layer in exported))
     tail = math.sqrt(sum((layer.relative_error * layer.update_norm) ** 2 for layer in exported))
@@ -332,46 +379,163 @@ def run_export(request: Request, model: nn.Module) -> ExportReport:
         copied_tensors=tuple(sorted(copied)),
         file_bytes=file_bytes,
         source_file_bytes=request.weights_file.stat().st_size,
+        capped=tuple(capped),
     )
     files.write_atomic(request.out_dir / REPORT_NAME, json.dumps(report.to_dict(), indent=2))
     return report
 
 
-def truncate(
-    name: str, delta: torch.Tensor, rank: int | None, max_error: float | None
-) -> tuple[LayerExport, torch.Tensor, torch.Tensor]:
-    """The truncated SVD of one float64 update: its record, ``A`` (r x in) and ``B`` (out x r), ``B @ A = dW_r``."""
+def choose_factors(
+    deltas: Mapping[str, torch.Tensor], request: Request
+) -> tuple[list[LayerExport], dict[str, torch.Tensor], list[str]]:
+    """Each layer's rank and stored LoRA factors, and the layers whose requested rank was capped.
+
+    A layer's rank is at most ``min(out, in)`` (what its update can use): a larger ``rank`` is capped there, and
+    the capped layers get their rank through ``rank_pattern``. Errors are those of the factors as stored: after the
+    scaling fold and the rounding to ``request.dtype``. With ``max_error``, a layer whose rounded error is above it
+    gets a higher rank until it is within, and a layer where even its full rank is not (the dtype's rounding alone
+    exceeds the target) stops the export naming it."""
+    svds = {name: _svd(delta) for name, delta in deltas.items()}
+    full = {name: min(_matrix(delta).shape) for name, delta in deltas.items()}
+    if request.rank is not None:
+        ranks = {name: min(request.rank, full[name]) for name in deltas}
+    else:
+        assert request.max_error is not None
+        ranks = {name: _smallest_rank(svds[name][1], request.max_error) for name in deltas}
+    capped = sorted(name for name in deltas if request.rank is not None and request.rank > full[name])
+    while True:
+        r = max(ranks.values())
+        stored = {name: _stored(deltas[name], svds[name], ranks[name], r, request.dtype) for name in deltas}
+        errors = {name: _relative_error(deltas[name], *stored[name], r) for name in deltas}
+        if request.max_error is None:
+            break
+        over = [name for name in deltas if errors[name] > request.max_error]
+        if not over:
+            break
+        for name in over:
+            if ranks[name] >= full[name]:
+                raise ExportError(
+                    f"layer {name!r}: even at its full rank {full[name]} the {request.dtype} LoRA has relative error "
+                    f"{errors[name]:.4g} > --max-error {request.max_error:g} (the {request.dtype} rounding alone); "
+                    "store float32 factors (--dtype float32) or allow a larger error"
+                )
+            ranks[name] = min(full[name], ranks[name] + max(1, ranks[name] // 8))
+    exported, tensors = [], {}
+    for name, delta in deltas.items():
+        a, b = stored[name]
+        matrix = _matrix(delta)
+        exported.append(
+            LayerExport(
+                name=name,
+                out_features=matrix.shape[0],
+                in_features=matrix.shape[1],
+                rank=ranks[name],
+                relative_error=errors[name],
+                update_norm=float(torch_norm(matrix)),
+                lora_params=a.numel() + b.numel(),
+            )
+        )
+        tensors[f"{MODEL_PREFIX}{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"{MODEL_PREFIX}{name}.lora_B.weight"] = b.contiguous()
+    return exported, tensors, capped
+
+
+def torch_norm(matrix: torch.Tensor) -> float:
     import torch
 
-    d, k = delta.shape
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    return float(torch.linalg.vector_norm(matrix))
+
+
+def _matrix(delta: torch.Tensor) -> torch.Tensor:
+    """The update as a matrix ``out x (in * kernel)`` (a convolution's kernel flattened, as PEFT's LoRA does)."""
+    return delta.reshape(delta.shape[0], -1)
+
+
+def _svd(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    import torch
+
+    return cast(
+        "tuple[torch.Tensor, torch.Tensor, torch.Tensor]", tuple(torch.linalg.svd(_matrix(delta), full_matrices=False))
+    )
+
+
+def _smallest_rank(s: torch.Tensor, max_error: float) -> int:
+    """The smallest rank whose exact truncation error is at most ``max_error`` (at least 1)."""
+    import torch
+
     energy = s.square()
     total = float(energy.sum())
-    # tail[i] = sum of s_j^2 for j >= i: the squared error of keeping the first i components.
     tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
-    if rank is None:
-        assert max_error is not None
-        within = (tail <= (max_error**2) * total).nonzero()
-        keep = max(1, int(within[0]))
-        r = keep
-    else:
-        keep, r = min(rank, s.numel()), rank
+    within = (tail <= (max_error**2) * total).nonzero()
+    return max(1, int(within[0]))
+
+
+def _stored(
+    delta: torch.Tensor, svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], keep: int, r: int, dtype: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors ``A`` and ``B`` as stored: rank ``keep``, ``B`` holding the scaling fold ``keep / r`` (the
+    config's ``lora_alpha = r``), in ``dtype``; a convolution's in PEFT's conv shapes ``(keep, in, *kernel)`` and
+    ``(out, keep, 1, ...)``."""
+    import torch
+
+    u, s, vh = svd
     root = s[:keep].sqrt()
-    a = delta.new_zeros(r, k)
-    b = delta.new_zeros(d, r)
-    a[:keep] = root[:, None] * vh[:keep]
-    b[:, :keep] = u[:, :keep] * root
-    error = math.sqrt(float(tail[keep]) / total) if total > 0 else 0.0
-    record = LayerExport(
-        name=name,
-        out_features=d,
-        in_features=k,
-        rank=r,
-        relative_error=error,
-        update_norm=math.sqrt(total),
-        lora_params=r * (d + k),
-    )
-    return record, a, b
+    a = root[:, None] * vh[:keep]
+    b = u[:, :keep] * root * (keep / r)
+    if delta.dim() > 2:
+        a = a.reshape(keep, *delta.shape[1:])
+        b = b.reshape(delta.shape[0], keep, *([1] * (delta.dim() - 2)))
+    return a.to(getattr(torch, dtype)), b.to(getattr(torch, dtype))
+
+
+def _relative_error(delta: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r: int) -> float:
+    """``||dW - (r / keep) B A||_F / ||dW||_F`` of the stored factors, read back in float64 with the layer's LoRA
+    scaling ``lora_alpha / keep = r / keep`` (the fold undone as PEFT undoes it)."""
+    matrix = _matrix(delta)
+    keep = a.shape[0]
+    product = (b.double().reshape(b.shape[0], keep) @ a.double().reshape(keep, -1)) * (r / keep)
+    norm = torch_norm(matrix)
+    return torch_norm(matrix - product) / norm if norm > 0 else 0.0
+
+
+def check_written(
+    request: Request, model: nn.Module, exported: list[LayerExport], tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Load the written folder with ``PeftModel.from_pretrained`` onto a copy of ``model`` and check that every
+    exported layer is a LoRA layer whose update is the stored factors' (the update the errors were measured on)."""
+    import copy
+    import warnings
+
+    import torch
+    from peft import PeftModel
+
+    r = max(item.rank for item in exported)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = PeftModel.from_pretrained(copy.deepcopy(model), str(request.out_dir))
+    except Exception as exc:  # any failure here means the folder is not a loadable LoRA: say so, exit non-zero
+        raise ExportError(
+            f"the LoRA written to {str(request.out_dir)!r} does not load with PeftModel.from_pretrained: "
+            f"{(str(exc).splitlines() or [type(exc).__name__])[0][:200]}"
+        ) from None
+    for item in exported:
+        try:
+            layer: Any = cast(Any, loaded.base_model).model.get_submodule(item.name)
+            got = layer.get_delta_weight("default").double()
+        except (AttributeError, KeyError) as exc:
+            raise ExportError(
+                f"layer {item.name!r} is not a LoRA layer once the export is loaded back ({exc})"
+            ) from None
+        a = tensors[f"{MODEL_PREFIX}{item.name}.lora_A.weight"].double()
+        b = tensors[f"{MODEL_PREFIX}{item.name}.lora_B.weight"].double()
+        want = (b.reshape(b.shape[0], item.rank) @ a.reshape(item.rank, -1)) * (r / item.rank)
+        if getattr(layer, "fan_in_fan_out", False):
+            got = got.T
+        got = got.reshape(want.shape)
+        scale = float(torch.linalg.vector_norm(want)) or 1.0
+        if float(torch.linalg.vector_norm(got - want)) > 1e-6 * scale:
+            raise ExportError(f"layer {item.name!r}: the loaded-back LoRA's update differs from the exported factors")
 
 
 def make_lora_config(

@@ -57,10 +57,11 @@ def run(args: argparse.Namespace) -> int:
     except ExportError as exc:
         print(f"kradapter export: error: {exc}", file=sys.stderr)
         return 2
-    from .export import load_base, run_export
+    from .export import load_base, load_weights, run_export
 
     try:
-        report = run_export(request, load_base(request))
+        weights = load_weights(request)  # a bad weights file is named before the base model loads
+        report = run_export(request, load_base(request), weights)
     except ExportError as exc:
         print(f"kradapter export: error: {exc}", file=sys.stderr)
         return 2

@@ -14,15 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 SCHEMA_KEY = "schema_version"  # the version key of every result document (an int)
 OLD_SCHEMA_KEYS = ("format",)  # what earlier documents used instead; readers accept them
+TMP_SUFFIX = ".kratmp"  # temporary files: ``.<name>.<pid>.<random>.kratmp``
 BYTE_UNITS = ("B", "kB", "MB", "GB", "TB")  # decimal (SI): 1 kB = 1000 B, as the sizes file managers show
 
 
@@ -56,7 +58,7 @@ def atomic_path(path: Path | str, *, mode: int | None = None) -> Iterator[Path]:
     ``path`` (as :func:`write_atomic`), on an error removed and ``path`` left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -71,20 +73,49 @@ def atomic_path(path: Path | str, *, mode: int | None = None) -> Iterator[Path]:
 
 def write_atomic(path: Path | str, data: str | bytes, *, mode: int | None = None) -> None:
     """Replace ``path`` with ``data`` (text as UTF-8) so readers see the old file or the new one, never part of
-    one; ``mode`` is the new file's permission bits (default ``0666`` less the umask)."""
+    one; ``mode`` is the new file's permission bits (default ``0666`` less the umask).
+
+    The data goes to an unnamed file (``O_TMPFILE``: nothing is left behind if the process is killed while
+    writing), which is named and renamed over ``path`` at once; where unnamed files are not supported, a named
+    temporary file. Either way a leftover is ``.<name>.*.kratmp`` (:func:`remove_temporaries`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(name)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
+    folder = os.open(path.parent, os.O_RDONLY)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        _publish(tmp, path, mode)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        try:
+            fd = os.open(path.parent, os.O_TMPFILE | os.O_WRONLY, 0o600)  # type: ignore[attr-defined,unused-ignore]
+            unnamed = True
+        except (AttributeError, OSError):  # no O_TMPFILE here (platform or filesystem): a named temporary file
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            unnamed = False
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+                os.fchmod(f.fileno(), (0o666 & ~_umask()) if mode is None else mode)
+                if unnamed:  # named and renamed at once: the only instant a kill can leave a temporary file
+                    os.link(f"/proc/self/fd/{f.fileno()}", tmp.name, dst_dir_fd=folder, follow_symlinks=True)
+                    os.replace(tmp, path)
+            if not unnamed:
+                os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def remove_temporaries(directory: Path | str) -> list[Path]:
+    """Delete the temporary files of :func:`write_atomic` and :func:`atomic_path` under ``directory`` (what a kill
+    between naming and renaming leaves)."""
+    found = [p for p in Path(directory).rglob(f".*{TMP_SUFFIX}") if p.is_file() and not p.is_symlink()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
 
 
 def replace_dir(staging: Path | str, directory: Path | str) -> None:
@@ -125,12 +156,14 @@ def schema_version(document: Mapping[str, Any]) -> Any:
     return None
 
 
-def file_hash(path: Path | str) -> str:
-    """``sha256:<hex>`` of a file's bytes, or of a folder's files (relative names and contents, sorted)."""
+def file_hash(path: Path | str, *, list_files: Callable[[Path], Iterable[Path]] | None = None) -> str:
+    """``sha256:<hex>`` of a file's bytes, or of a folder's files (relative names and contents, sorted);
+    ``list_files`` chooses a folder's files (default: every file under it)."""
     path = Path(path)
     digest = hashlib.sha256()
     if path.is_dir():
-        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        listed = list_files(path) if list_files else (p for p in path.rglob("*") if p.is_file())
+        for item in sorted(listed):
             digest.update(str(item.relative_to(path)).encode() + b"\0")
             _hash_into(digest, item)
     else:

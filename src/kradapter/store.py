@@ -7,14 +7,25 @@ and the benchmarks:
   input files, the independent axes run so far, the environment of each invocation, and every path the run
   wrote) and ``records.jsonl`` (one line per finished unit of work, appended with ``fsync``; nothing is ever
   rewritten in it). Summaries, tables and plots are derived from the records and rebuilt after each unit.
-- A folder that holds results is continued only with ``resume`` (settings and inputs must match; the axes may
-  grow) and replaced only with ``overwrite`` (which deletes what the earlier run wrote, nothing else); without
-  either, opening it is an error naming both.
+- A folder holds results once a unit has finished (a complete line in ``records.jsonl``): derived files are
+  written only from then on, so a run that finished nothing leaves no results, and a new run (with any settings,
+  with or without ``resume``) starts over it, deleting what that run wrote. A folder that holds results is
+  continued only with ``resume`` (settings and inputs must match; the axes may grow) and replaced only with
+  ``overwrite`` (which deletes what the earlier run wrote, nothing else); without either, opening it is an error
+  naming both.
+- A run writes only paths it created, and records exactly those (a folder it wrote into but did not make is never
+  recorded). A path in the folder that no run there wrote is never replaced: a run that declares it among its
+  ``outputs`` is refused when the folder is opened, before any work; any other write to it is refused naming it.
 - The folder is locked (``fcntl.flock`` on ``.lock``) for the whole run: a second run into it fails at once,
   naming the holder.
-- Files are replaced atomically (temporary file, ``fsync``, rename, ``fsync`` of the folder) with ordinary modes.
-  A ``run.json`` or ``records.jsonl`` that cannot be read is an error and is left untouched; the one exception
-  is a last record line without its newline, which only an interrupted append leaves: it is dropped on resume.
+- Files are replaced atomically (an unnamed temporary file, ``fsync``, named and renamed at once, ``fsync`` of the
+  folder) with ordinary modes; a temporary file a kill leaves in the instant between naming and renaming is
+  deleted by the next run's opening. A ``run.json`` or ``records.jsonl`` that cannot be read, or a record of the
+  wrong structure (:mod:`kradapter.records`), is an error naming the file and line, and is left untouched; the one
+  exception is a last record line without its newline, which only an interrupted append leaves: it is dropped on
+  resume.
+- A folder's content hash (:func:`file_hash`) leaves out the run folders inside it (their store files and
+  outputs), so a run's input hashes never include its own output folder.
 
 Only the standard library is imported, so every check happens before any heavy work starts.
 """
@@ -35,14 +46,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from . import files
+from .files import TMP_SUFFIX, fsync_dir, remove_temporaries, write_atomic, write_json
 from .files import dumps as dumps  # re-exported: the store's own names for the file helpers
-from .files import file_hash as file_hash
-from .files import fsync_dir, write_atomic, write_json
 
 SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 RECORDS_FILE = "records.jsonl"
 LOCK_FILE = ".lock"
+STORE_FILES = (RUN_FILE, RECORDS_FILE, LOCK_FILE)
 HOLDER_WAIT_S = 2.0  # how long a refused run looks for the name of a holder that is just taking or leaving the lock
 MODES = ("new", "resume", "overwrite")
 
@@ -66,6 +78,39 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def file_hash(path: Path | str) -> str:
+    """:func:`kradapter.files.file_hash` leaving out the run folders inside ``path`` (their store files, outputs
+    and temporaries), so a run whose output folder lies inside its input folder hashes that input the same before
+    and after it writes."""
+    return files.file_hash(path, list_files=_input_files)
+
+
+def _input_files(folder: Path) -> list[Path]:
+    """The files under ``folder`` that are not a run folder's own (:func:`file_hash`)."""
+    names = set(os.listdir(folder))
+    skip: set[Path] = set()
+    if RUN_FILE in names and LOCK_FILE in names:  # a run folder: its store files and outputs are not inputs
+        skip = {folder / n for n in STORE_FILES}
+        try:
+            outputs = json.loads((folder / RUN_FILE).read_text(encoding="utf-8")).get("outputs", [])
+            skip |= {folder / o for o in outputs if isinstance(o, str) and o}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            pass
+    found: list[Path] = []
+    stack = [folder / n for n in names]
+    while stack:
+        item = stack.pop()
+        if item in skip or item.name.endswith(TMP_SUFFIX):
+            continue
+        if item.is_dir():
+            found += _input_files(item) if (item / RUN_FILE).exists() else []
+            if not (item / RUN_FILE).exists():
+                stack += [item / n for n in os.listdir(item)]
+        elif item.is_file():
+            found.append(item)
+    return files
+
+
 # -- the lock ---------------------------------------------------------------------------------------------------------
 
 
@@ -80,7 +125,12 @@ class FolderLock:
         """Take the lock or name its holder. The holder writes its name just after it locks and clears it just before
         it unlocks, so an empty file while locked means one of those moments: look again for up to ``HOLDER_WAIT_S``
         seconds (taking the lock if it comes free) rather than naming no one."""
-        handle = self.path.open("a+", encoding="utf-8")
+        try:
+            handle = self.path.open("a+", encoding="utf-8")
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write in the output folder {self.path.parent} ({exc.strerror}); choose another output folder"
+            ) from None
         deadline = time.monotonic() + HOLDER_WAIT_S
         while True:
             try:
@@ -150,7 +200,13 @@ class Store:
     """An open run folder: its records, and the only way a run writes into the folder."""
 
     def __init__(
-        self, directory: Path, spec: RunSpec, meta: dict[str, Any], records: dict[Key, Any], lock: FolderLock | None
+        self,
+        directory: Path,
+        spec: RunSpec,
+        meta: dict[str, Any],
+        records: dict[Key, Any],
+        lock: FolderLock | None,
+        found: frozenset[str] = frozenset(),
     ) -> None:
         self.directory = directory
         self.spec = spec
@@ -158,6 +214,7 @@ class Store:
         self.records = records
         self.lock = lock
         self.resumed = bool(records)
+        self.found = found  # paths in the folder (relative) that no run there wrote: never replaced
 
     # -- opening --------------------------------------------------------------------------------------------------
     @classmethod
@@ -168,16 +225,24 @@ class Store:
         mode: str = "new",
         *,
         legacy: Iterable[str] = (),
+        outputs: Iterable[str] = (),
         writer: bool = True,
     ) -> Store:
         """Open ``directory`` for ``spec``: ``mode`` is ``new``, ``resume`` or ``overwrite`` (module docstring).
 
-        ``legacy``: names of files an older version of the study wrote there (they count as results). ``writer``
-        False opens without the lock and writes nothing (the other processes of a ``torchrun`` job).
+        ``legacy``: names of files an older version of the study wrote there (they count as results when the folder
+        has no ``run.json``). ``outputs``: the paths (relative; files or folders) this run may write: one that is
+        in the folder and was not written by a run there stops the opening, naming it. ``writer`` False opens
+        without the lock and writes nothing (the other processes of a ``torchrun`` job).
         """
         if mode not in MODES:
             raise StoreError(f"unknown mode {mode!r}; choose one of {MODES}")
         directory = Path(directory)
+        if directory.is_symlink() and not directory.exists():
+            raise StoreError(
+                f"the output folder {directory} is a symbolic link to {os.readlink(directory)}, which does not "
+                "exist; create its target or choose another output folder"
+            )
         if directory.exists() and not directory.is_dir():
             raise StoreError(f"{directory} exists and is not a folder; choose another output folder")
         if not writer:
@@ -186,10 +251,12 @@ class Store:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create the output folder {directory}: {exc.strerror}") from None
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot write in the output folder {directory} (permission denied); choose another")
         lock = FolderLock(directory)
         lock.acquire()
         try:
-            store = cls._open_locked(directory, spec, mode, tuple(legacy), lock)
+            store = cls._open_locked(directory, spec, mode, tuple(legacy), tuple(outputs), lock)
         except BaseException:
             lock.release()
             raise
@@ -199,7 +266,7 @@ class Store:
     def _read_only(cls, directory: Path, spec: RunSpec, mode: str) -> Store:
         records: dict[Key, Any] = {}
         if mode == "resume" and (directory / RECORDS_FILE).exists():
-            records = _read_records(directory / RECORDS_FILE, repair=False)
+            records = _read_records(directory / RECORDS_FILE, spec.kind, repair=False)
         meta = _fresh_meta(spec)
         meta["axes"] = _merge_axes({}, spec.axes)
         meta["invocations"].append({"mode": mode})
@@ -207,9 +274,16 @@ class Store:
 
     @classmethod
     def _open_locked(
-        cls, directory: Path, spec: RunSpec, mode: str, legacy: tuple[str, ...], lock: FolderLock
+        cls,
+        directory: Path,
+        spec: RunSpec,
+        mode: str,
+        legacy: tuple[str, ...],
+        outputs: tuple[str, ...],
+        lock: FolderLock,
     ) -> Store:
         run_path, records_path = directory / RUN_FILE, directory / RECORDS_FILE
+        remove_temporaries(directory)
         earlier = _earlier_results(directory, legacy)
         meta: dict[str, Any] | None = None
         records: dict[Key, Any] = {}
@@ -218,18 +292,32 @@ class Store:
                 f"{directory} holds the results of an earlier run ({', '.join(earlier)}): pass --resume to continue "
                 "it, or --overwrite to delete them and start again (or choose another output folder)"
             )
-        if earlier and mode == "overwrite":
-            _remove_outputs(directory, legacy)
-        elif earlier and mode == "resume":
-            if not run_path.exists():
+        if earlier and mode == "resume" and not run_path.exists():
+            if records_path.exists():
                 raise StoreError(
-                    f"{directory} holds {', '.join(earlier)} from an older version of kradapter, which cannot be "
-                    "resumed; pass --overwrite to delete it and start again, or choose another output folder"
+                    f"{directory} holds {RECORDS_FILE} but its {RUN_FILE} is missing (deleted or moved?): the settings "
+                    f"its records were made with are unknown, so it cannot be resumed; put {RUN_FILE} back, pass "
+                    "--overwrite to delete the records and start again, or choose another output folder"
                 )
+            raise StoreError(
+                f"{directory} holds {', '.join(earlier)} from an older version of kradapter, which cannot be "
+                "resumed; pass --overwrite to delete it and start again, or choose another output folder"
+            )
+        if earlier and mode == "resume":
             meta = _read_meta(run_path, spec.kind)
             _check_resumable(directory, meta, spec)
-            if records_path.exists():
-                records = _read_records(records_path, repair=True)
+            records = _read_records(records_path, spec.kind, repair=True)
+        elif earlier or run_path.exists() or records_path.exists():
+            # --overwrite, or an earlier run that finished nothing: what it wrote goes (nothing else)
+            _remove_outputs(directory, legacy if earlier else ())
+        kept = [str(o) for o in meta["outputs"]] if meta is not None else []
+        found = _found(directory, kept)
+        clash = [name for name in outputs if _covered(_relative(name), found)]
+        if clash:
+            raise StoreError(
+                f"{directory} holds {', '.join(sorted(clash))}, which this run would write, and no run there wrote it: "
+                "move it away or choose another output folder (a run never replaces files it did not write)"
+            )
         now = dt.datetime.now().isoformat(timespec="seconds")
         if meta is None:
             meta = _fresh_meta(spec)
@@ -239,7 +327,7 @@ class Store:
         for axis, values in _normal(dict(spec.per_value)).items():
             per_value.setdefault(axis, {}).update(values)
         meta["invocations"].append({"started": now, "command": sys.argv[:], "mode": mode})
-        store = cls(directory, spec, meta, records, lock)
+        store = cls(directory, spec, meta, records, lock, frozenset(found))
         store.save_meta()
         return store
 
@@ -276,26 +364,65 @@ class Store:
         return self.directory / name
 
     def write_json(self, name: str, data: Any, indent: int | None = None) -> Path:
-        """Write a derived file (rebuilt from the records) atomically and remember it as this run's output."""
+        """Write a derived file (rebuilt from the records) atomically and remember it as this run's output. Before
+        the first record nothing is written: a folder with no finished unit holds no results."""
         path = self.path(name)
-        if self.lock is not None:
+        if self.lock is not None and self.records:
+            self.claim(name)
             write_json(path, data, indent)
             self.written(name)
         return path
 
     def write_text(self, name: str, text: str) -> Path:
+        """Like :meth:`write_json`, for text."""
         path = self.path(name)
-        if self.lock is not None:
+        if self.lock is not None and self.records:
+            self.claim(name)
             write_atomic(path, text)
             self.written(name)
         return path
 
+    def claim(self, name: str | Path) -> str:
+        """``name`` relative to the folder, after checking this run may write it: inside the folder, and not a path
+        that was there before the run without a run there writing it (a StoreError names it)."""
+        path = Path(name)
+        if path.is_absolute():
+            try:
+                path = path.relative_to(self.directory.absolute())
+            except ValueError:
+                raise StoreError(f"{path} is not inside the run folder {self.directory}") from None
+        relative = _relative(path)
+        if _covered(relative, self.found):
+            raise StoreError(
+                f"{self.directory / relative} was in the output folder before this run, which did not write it: "
+                "it is left as it is; move it away or choose another output folder"
+            )
+        return relative
+
+    def make_dir(self, name: str | Path) -> Path:
+        """Create the folder ``name`` (and missing parents) for this run's files and remember the outermost folder it
+        created as this run's output (a folder that was already there is never recorded, so never deleted)."""
+        relative = self.claim(name)
+        path = self.directory / relative
+        created = None
+        for parent in [*reversed(Path(relative).parents[:-1]), Path(relative)]:
+            target = self.directory / parent
+            if not target.exists():
+                target.mkdir()
+                created = created or parent
+            elif not target.is_dir():
+                raise StoreError(f"{target} is a file, not a folder; move it away or choose another output folder")
+        if created is not None:
+            self.written(created)
+        return path
+
     def written(self, name: str | Path) -> None:
-        """Remember ``name`` (a file or folder inside the run folder) as written by this run: ``--overwrite``
-        deletes it."""
-        relative = str(Path(name).relative_to(self.directory) if Path(name).is_absolute() else Path(name))
-        if self.lock is not None and relative not in self.meta["outputs"]:
-            self.meta["outputs"].append(relative)
+        """Remember ``name`` (a file or folder inside the run folder, made by this run) as written by this run:
+        ``--overwrite`` deletes it. A path that was there before the run (and no run wrote) is refused."""
+        relative = self.claim(name)
+        outputs = self.meta["outputs"]
+        if self.lock is not None and not any(_inside(relative, str(o)) for o in outputs):
+            outputs.append(relative)
             self.save_meta()
 
     def set_environment(self, environment: Mapping[str, Any]) -> None:
@@ -320,6 +447,40 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _relative(name: str | Path) -> str:
+    """A path inside the run folder, normalised (``a/./b`` -> ``a/b``); one reaching outside is a StoreError."""
+    parts = [p for p in Path(name).parts if p not in ("", ".")]
+    if not parts or Path(name).is_absolute() or ".." in parts:
+        raise StoreError(f"{str(name)!r} is not a path inside the run folder")
+    return "/".join(parts)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _covered(relative: str, found: Iterable[str]) -> bool:
+    """Whether writing ``relative`` would replace something in ``found`` (it, or something inside it)."""
+    return any(_inside(f, relative) for f in found)
+
+
+def _found(directory: Path, outputs: list[str]) -> set[str]:
+    """The paths in ``directory`` that no run there wrote (neither a store file nor inside a recorded output)."""
+    found: set[str] = set()
+    stack = [Path(n) for n in os.listdir(directory)]
+    while stack:
+        relative = stack.pop()
+        name = relative.as_posix()
+        if name in STORE_FILES or any(_inside(name, o) for o in outputs):
+            continue
+        full = directory / relative
+        if not any(_inside(o, name) for o in outputs):
+            found.add(name)  # a folder holding outputs is the user's only in what else it holds
+        if full.is_dir() and not full.is_symlink():
+            stack += [relative / n for n in os.listdir(full)]
+    return found
 
 
 # -- reading and checking -------------------------------------------------------------------------------------------
@@ -356,53 +517,91 @@ def _read_meta(path: Path, kind: str) -> dict[str, Any]:
     for name, kind_ in (("settings", dict), ("inputs", dict), ("axes", dict), ("outputs", list), ("invocations", list)):
         if not isinstance(meta.get(name), kind_):
             raise StoreError(f"{path}: {name!r} is missing or not a {kind_.__name__}; it is left untouched")
+    if not all(isinstance(o, str) and o for o in meta["outputs"]):
+        raise StoreError(f"{path}: 'outputs' is not a list of paths; it is left untouched")
+    if not all(isinstance(i, dict) for i in meta["invocations"]):
+        raise StoreError(f"{path}: 'invocations' is not a list of tables; it is left untouched")
     per_value = meta.get("per_value", {})
     if not isinstance(per_value, dict) or not all(isinstance(v, dict) for v in per_value.values()):
         raise StoreError(f"{path}: 'per_value' is not a table of tables; it is left untouched")
     return meta
 
 
-def _read_records(path: Path, repair: bool) -> dict[Key, Any]:
-    """Every record, the last one for a repeated key. A final line without its newline (an append the process
-    was killed in) is dropped (and, with ``repair``, cut from the file); any other unreadable line is an error."""
-    raw = path.read_bytes()
+def _read_records(path: Path, kind: str, repair: bool) -> dict[Key, Any]:
+    """Every record, the last one for a repeated key, each checked (:func:`kradapter.records.problem`). A final line
+    without its newline (an append the process was killed in) is dropped (and, with ``repair``, cut from the file);
+    any other unreadable line, or a record of the wrong structure, is an error naming the line."""
+    from .records import problem
+
+    if not path.exists():
+        return {}
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise StoreError(f"cannot read {path} ({exc.strerror}); it is left untouched") from None
     complete, _, partial = raw.rpartition(b"\n")
+    records: dict[Key, Any] = {}
+    for number, line in enumerate(complete.split(b"\n") if complete else [], start=1):
+        try:
+            entry = json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(
+                f"{path} line {number} is not a record ({type(exc).__name__}: {exc}); the file is left untouched: "
+                "fix it, or pass --overwrite"
+            ) from None
+        wrong = _entry_problem(entry)
+        if wrong is None:
+            wrong = problem(kind, tuple(entry["key"]), entry["record"])
+        if wrong is not None:
+            raise StoreError(
+                f"{path} line {number} is not a record of a {kind} run ({wrong}); the file is left untouched: "
+                "fix or delete that line, or pass --overwrite"
+            )
+        records[tuple(entry["key"])] = entry["record"]
     if partial and repair:
         with path.open("r+b") as f:
             f.truncate(len(complete) + 1 if complete or raw.startswith(b"\n") else 0)
             os.fsync(f.fileno())
         print(f"note: dropped an unfinished record at the end of {path} (an interrupted run)", file=sys.stderr)
-    records: dict[Key, Any] = {}
-    for number, line in enumerate(complete.split(b"\n") if complete else [], start=1):
-        try:
-            entry = json.loads(line)
-            key, record = tuple(entry["key"]), entry["record"]
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise StoreError(
-                f"{path} line {number} is not a record ({type(exc).__name__}: {exc}); the file is left untouched: "
-                "fix it, or pass --overwrite"
-            ) from None
-        records[key] = record
     return records
 
 
+def _entry_problem(entry: Any) -> str | None:
+    """What is wrong with a record line's frame ``{"key": [...], "record": ...}``, or None."""
+    if not isinstance(entry, dict) or set(entry) != {"key", "record"}:
+        return 'expected {"key": [...], "record": ...}'
+    key = entry["key"]
+    if not isinstance(key, list) or not key:
+        return "its key is not a non-empty list"
+    if not all(isinstance(part, str | int) and not isinstance(part, bool) for part in key):
+        return "its key holds something other than names and integers"
+    return None
+
+
+def _has_records(path: Path) -> bool:
+    """Whether ``records.jsonl`` holds a complete line (a finished unit)."""
+    try:
+        complete = path.read_bytes().rpartition(b"\n")[0]
+    except OSError:
+        return path.exists()
+    return bool(complete.strip())
+
+
 def _earlier_results(directory: Path, legacy: tuple[str, ...]) -> list[str]:
-    """The files in ``directory`` that hold an earlier run's results. A ``run.json`` alone, with no record and no
-    output (a run stopped before it finished anything: a bad input found after the folder was opened, a kill), holds
-    none: a new run may start over it."""
-    found = [name for name in (RECORDS_FILE, *legacy) if (directory / name).exists()]
-    if found == [RECORDS_FILE] and (directory / RECORDS_FILE).stat().st_size == 0:
-        found = []
+    """The files in ``directory`` that hold an earlier run's results: its records once a unit finished, and with no
+    ``run.json`` (an older version's folder) the ``legacy`` files too. A run that stopped before it finished a unit
+    (a bad input found after the folder was opened, a device that failed, a kill) holds none: a new run starts over
+    it. An unreadable ``run.json`` counts as results (and is left untouched)."""
     run_path = directory / RUN_FILE
-    if run_path.exists():
-        try:
-            meta = json.loads(run_path.read_text(encoding="utf-8"))
-            empty = isinstance(meta, dict) and meta.get("outputs") == [] and not found
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            empty = False  # unreadable: treated as results (and left untouched)
-        if not empty:
-            found.insert(0, RUN_FILE)
-    return found
+    found = [RECORDS_FILE] if _has_records(directory / RECORDS_FILE) else []
+    if not run_path.exists():
+        return found + [name for name in legacy if (directory / name).exists()]
+    try:
+        meta = json.loads(run_path.read_text(encoding="utf-8"))
+        readable = isinstance(meta, dict) and isinstance(meta.get("outputs"), list)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        readable = False
+    return [RUN_FILE, *found] if found or not readable else []
 
 
 def _check_resumable(directory: Path, meta: dict[str, Any], spec: RunSpec) -> None:
@@ -443,11 +642,12 @@ def _remove_outputs(directory: Path, legacy: tuple[str, ...]) -> None:
         pass
     root = directory.resolve()
     for name in names:
-        target = (directory / name).resolve()
-        if root not in target.parents:  # only inside the run folder
-            continue
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        elif target.exists() or target.is_symlink():
+        target = directory / name
+        parent = target.parent.resolve()
+        if target.name in ("", ".", "..") or (parent != root and root not in parent.parents):
+            continue  # only inside the run folder
+        if target.is_symlink() or target.is_file():
             target.unlink()
+        elif target.is_dir():
+            shutil.rmtree(target)
     (directory / RUN_FILE).unlink(missing_ok=True)

@@ -90,10 +90,10 @@ def test_export_matches_dense_truncated_svd(method, mode, trained, tmp_path, gen
     for name, layer in layers.items():
         key = f"{name}.weight"
         delta = truth[key] - base[key]
-        want_rank = mode.get("rank") or smallest_rank(delta, mode["max_error"])
+        want_rank = min(mode["rank"], *delta.shape) if "rank" in mode else smallest_rank(delta, mode["max_error"])
         approx, error = truncated(delta, want_rank)
         assert layer.rank == want_rank
-        assert layer.relative_error == pytest.approx(error, rel=1e-6, abs=1e-9)
+        assert layer.relative_error == pytest.approx(error, rel=1e-6, abs=1e-6)  # float32 factors: rounding
         assert (layer.out_features, layer.in_features) == delta.shape
         if "max_error" in mode:
             assert error <= mode["max_error"] < truncated(delta, want_rank - 1)[1] if want_rank > 1 else True
@@ -101,8 +101,9 @@ def test_export_matches_dense_truncated_svd(method, mode, trained, tmp_path, gen
 
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["modules_to_save"] and config["task_type"] == "SEQ_CLS"
-    if "rank" in mode:
-        assert config["r"] == mode["rank"] and not config["rank_pattern"]
+    if "rank" in mode:  # one rank everywhere, capped at what a layer can use (30 here) and said so
+        assert config["r"] == min(mode["rank"], 30) and not config["rank_pattern"]
+        assert bool(report.capped) == (mode["rank"] > 30)
     assert report.file_bytes == (out / "adapter_model.safetensors").stat().st_size
 
     other_head = bert()
@@ -126,9 +127,9 @@ def test_export_matches_dense_truncated_svd(method, mode, trained, tmp_path, gen
 def test_full_rank_export_reproduces_source_and_is_reported(trained, tmp_path, generator) -> None:
     adapter_dir, _ = trained("kradapter")
     report = export_lora(adapter_dir, tmp_path / "full", rank=37)
-    assert report.global_relative_error < 1e-12
+    assert report.global_relative_error < 1e-6  # the float32 rounding of the stored factors, nothing more
     saved = json.loads((tmp_path / "full" / "export_report.json").read_text())
-    assert saved["layers"][0]["rank"] == 37 and saved["file_bytes"] == report.file_bytes
+    assert saved["layers"][0]["rank"] == 30 and saved["file_bytes"] == report.file_bytes  # capped: min(out, in)
     source = PeftModel.from_pretrained(bert(), adapter_dir).eval()
     lora = PeftModel.from_pretrained(bert(), tmp_path / "full").eval()
     ids = torch.randint(0, 97, (2, 13), generator=generator)

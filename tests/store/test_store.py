@@ -34,7 +34,7 @@ def spec(
     per_value: dict | None = None,  # type: ignore[type-arg]
 ) -> RunSpec:
     return RunSpec(
-        "compare",
+        "bench",
         {**SETTINGS, **(settings or {})},
         axes if axes is not None else {"matrices": ["a"], "methods": ["lora"], "seeds": [1]},
         inputs or {},
@@ -305,7 +305,7 @@ def _meta(directory: Path) -> dict:  # type: ignore[type-arg]
         (lambda meta: json.dumps({**meta, "schema_version": SCHEMA_VERSION + 1}), "schema_version 2"),
         (lambda meta: json.dumps({k: v for k, v in meta.items() if k != "schema_version"}), "schema_version None"),
         (lambda meta: json.dumps({**meta, "settings": [1]}), "'settings' is missing or not a dict"),
-        (lambda meta: json.dumps({**meta, "kind": "finetune"}), "is a 'finetune' run, not 'compare'"),
+        (lambda meta: json.dumps({**meta, "kind": "finetune"}), "is a 'finetune' run, not 'bench'"),
         (lambda meta: json.dumps({**meta, "per_value": [1]}), "'per_value' is not a table of tables"),
         (lambda meta: json.dumps({**meta, "per_value": {"methods": 3}}), "'per_value' is not a table of tables"),
         (lambda meta: json.dumps(meta, indent=1)[:40], "cannot read"),
@@ -359,7 +359,7 @@ def test_an_interrupted_first_append_leaves_no_records(tmp_path: Path) -> None:
     (tmp_path / RECORDS_FILE).write_bytes(b'{"key":["cell"')
     with Store.open(tmp_path, spec(), "resume") as store:
         assert store.records == {}
-    assert (tmp_path / RECORDS_FILE).read_bytes() == b""
+    assert not (tmp_path / RECORDS_FILE).exists()  # a run that finished nothing: what it wrote is gone
 
 
 @pytest.mark.parametrize(
@@ -408,15 +408,24 @@ def test_a_read_only_store_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_a_run_that_finished_nothing_holds_no_results(tmp_path: Path) -> None:
-    """A run stopped before its first record (a bad input found after opening, a kill) leaves only ``run.json``: a new
-    run, with any settings, starts over it; one that wrote a record or an output does not."""
-    with Store.open(tmp_path, spec()):
-        pass
+    """A run stopped before its first record (a bad input found after opening, a failing device, a kill) leaves no
+    results: derived files are not written before the first record, and a new run, with any settings, with or
+    without --resume, starts over what it left (deleting its scratch outputs); one that wrote a record does not."""
+    with Store.open(tmp_path, spec()) as store:
+        store.write_json("experimental_results.json", {"runs": {}})
+        store.write_text("table.txt", "x")
+        store.make_dir(".trainer")
+        (tmp_path / ".trainer" / "scratch").write_text("s")
+    assert not (tmp_path / "experimental_results.json").exists() and not (tmp_path / "table.txt").exists()
     with Store.open(tmp_path, spec({"training.lr": 0.7})) as store:
         assert store.records == {} and store.meta["settings"]["training.lr"] == 0.7
+        assert not (tmp_path / ".trainer").exists()
     meta = json.loads((tmp_path / RUN_FILE).read_text())
     assert [i["mode"] for i in meta["invocations"]] == ["new"]
-    with Store.open(tmp_path, spec(), "resume") as store:  # nothing to resume: starts with these settings
+    with Store.open(tmp_path, spec({"training.lr": 0.9}), "resume") as store:  # nothing to resume: starts afresh
+        assert store.meta["settings"]["training.lr"] == 0.9
+        store.add(("cell", "a", "lora", 1), {"v": 1})
         store.write_text("table.txt", "x")
+    assert (tmp_path / "table.txt").read_text() == "x"
     with pytest.raises(StoreError, match="--resume"):
         Store.open(tmp_path, spec())

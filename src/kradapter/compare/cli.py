@@ -106,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         config = build_config(args)
         spec = run_spec(config)
         mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
-        store = Store.open(config.output.directory, spec, mode, legacy=[config.output.results_file])
+        out = config.output
+        outputs = [out.results_file, *((out.plot_file, out.spectra_file, out.effective_rank_file) if out.plots else ())]
+        store = Store.open(out.directory, spec, mode, legacy=[out.results_file], outputs=outputs)
     except (ConfigError, MissingInputError, MissingPackageError, StoreError) as exc:
         return fail(str(exc))
     with store:

@@ -232,16 +232,30 @@ def _run_study(
     return 0
 
 
+def _outputs(spec: Any) -> list[str]:
+    """The paths a finetune or shift run writes in its folder (checked when the folder is opened)."""
+    if spec.kind == "shift":
+        benchmarks = list(spec.axes.get("benchmarks", ()))
+        plots = [f"shift_{b}_{p}.png" for b in benchmarks for p in ("kshot", "rank", "spectra")]
+        return ["shift_results.json", "shift_table.md", ".trainer", *plots, *(f"adapters/{b}" for b in benchmarks)]
+    methods = list(spec.axes.get("methods", ()))
+    return ["finetune_results.json", "finetune_table.md", "finetune_pareto.png", ".trainer"] + [
+        f"adapters/{m}" for m in methods
+    ]
+
+
 def _open_store(out: str, spec: Any, mode: str, rank: int, world_size: int, device: str) -> Store:
-    """Rank 0 opens (and locks) the run folder; under torchrun the others wait for its verdict, then read it."""
+    """Rank 0 opens (and locks) the run folder; under torchrun the others wait for its verdict, then read it.
+    A file or folder the run would write that is already there, written by no run, stops it here."""
+    outputs = _outputs(spec)
     if world_size == 1:
-        return Store.open(out, spec, mode, legacy=["finetune_results.json"])
+        return Store.open(out, spec, mode, legacy=["finetune_results.json"], outputs=outputs)
     from .train import broadcast_object
 
     store, error = None, None
     if rank == 0:
         try:
-            store = Store.open(out, spec, mode, legacy=["finetune_results.json"])
+            store = Store.open(out, spec, mode, legacy=["finetune_results.json"], outputs=outputs)
         except StoreError as exc:
             error = str(exc)
     error = broadcast_object(error, device)

@@ -137,7 +137,7 @@ class Execution:
         directory = self.adapter_dir(method, seed, lr)
         record["adapter_dir"] = str(directory.relative_to(self.store.directory))
         if self.rank == 0:
-            self.store.written(ADAPTERS_DIR)
+            self.store.make_dir(directory.relative_to(self.store.directory))  # records only folders it creates
             record["adapter_bytes"] = save_trained(model, directory)
             record["reload_max_abs_diff"] = self.reload_difference(method, model, directory, plan.train_sets[seed])
         barrier()

@@ -199,7 +199,7 @@ class DeltaLayer(BaseTunerLayer):
                 continue
             rows = [i for i, name in enumerate(adapter_names) if name == adapter]
             index = torch.tensor(rows, device=result.device)
-            term = self.adapter_term(x[index], adapter)
+            term = self.adapter_term(quantized.adapter_input(self, x[index], adapter), adapter)
             result = result.index_add(0, index, term.to(result.dtype))
         return result
 

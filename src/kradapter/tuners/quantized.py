@@ -243,11 +243,18 @@ def adapter_dtype(layer: DeltaLayer, adapter: str) -> torch.dtype:
     return getattr(layer, layer.adapter_layer_names[0])[adapter].dtype
 
 
+def adapter_input(layer: DeltaLayer, x: torch.Tensor, adapter: str) -> torch.Tensor:
+    """The input of ``adapter``'s term: over a quantized base, cast to the adapter's dtype (the activations may be
+    bfloat16 while the adapter is float32), as :func:`forward` does; elsewhere ``x`` as it is. The per-sample
+    (``adapter_names``) path goes through here too, so a mixed batch equals single-adapter passes."""
+    return x.to(adapter_dtype(layer, adapter)) if layer.quantization_backend is not None else x
+
+
 def forward(layer: DeltaLayer, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
     """``base(x)`` through the quantized kernel plus each adapter's term, computed in the adapter's dtype."""
     result = cast(Any, layer.quantization_backend).maybe_clone_base_result(layer.base_layer(x, *args, **kwargs))
     for adapter in adapters:
-        term = layer.adapter_term(x.to(adapter_dtype(layer, adapter)), adapter)
+        term = layer.adapter_term(adapter_input(layer, x, adapter), adapter)
         result = result + term.to(result.dtype)
     return result
 
