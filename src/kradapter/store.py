@@ -108,7 +108,7 @@ def _input_files(folder: Path) -> list[Path]:
                 stack += [item / n for n in os.listdir(item)]
         elif item.is_file():
             found.append(item)
-    return files
+    return found
 
 
 # -- the lock ---------------------------------------------------------------------------------------------------------
