@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from .updates import updates_summary
 
 if TYPE_CHECKING:
     from .plan import Plan
+    from .runner import Execution
 
 RESULTS_FILE = "finetune_results.json"
 PLOT_FILE = "finetune_pareto.png"
@@ -23,19 +25,13 @@ FORMAT = 2
 
 def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> dict[str, Any]:
     """The results document of every record in ``store`` (the sweep, the chosen rates, the runs, the summary)."""
-    from .runner import choose, lr_key
-
     s = plan.settings
-    sweep: dict[str, dict[str, Any]] = {}
-    runs: dict[str, dict[str, Any]] = {}
+    tables: dict[str, dict[str, dict[str, Any]]] = {"sweep": {}, "run": {}}
     for key, record in store.records.items():
-        table = sweep if key[0] == "sweep" else runs
-        table.setdefault(str(key[1]), {})[str(key[2])] = record
-    chosen = {}
-    for method in s.methods:
-        grid = s.grid(method)
-        if all(store.done(("sweep", method, lr_key(lr))) for lr in grid):
-            chosen[method] = choose(store, method, grid)
+        if key[0] in tables:
+            tables[key[0]].setdefault(str(key[1]), {})[str(key[2])] = record
+    sweep, runs = tables["sweep"], tables["run"]
+    chosen = {m: store.records[("chosen", m)]["lr"] for m in s.methods if ("chosen", m) in store.records}
     environments = [i["environment"] for i in store.meta.get("invocations", []) if "environment" in i]
     methods = {}
     for name, method_plan in plan.methods.items():
@@ -43,9 +39,7 @@ def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> 
             "lr_grid": list(s.grid(name)),
             "knobs": method_plan.settings,
             "adapter_params": method_plan.count,
-            "trainable_params": plan.trainable(name)
-            if registry.METHODS[name].is_adapter or registry.METHODS[name].trains_base
-            else plan.head_params,
+            "trainable_params": plan.trainable(name),
             "budget_ratio": method_plan.budget_ratio,
         }
     results = {
@@ -59,7 +53,7 @@ def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> 
             "test_articles": len(plan.test),
             "pool_articles": len(plan.pool),
             "shots": s.shots,
-            "val_shots": s.val_shots,
+            "val_shots": s.recipe.val_shots,
             "sweep_seed": s.sweep_seed,
         },
         "model": {
@@ -79,6 +73,15 @@ def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> 
     }
     results["summary"] = summarize(results, s.methods, s.seeds)
     return results
+
+
+def writer(store: Store, plan: Plan) -> Callable[[Execution], None]:
+    """The report an execution of ``plan`` rebuilds after each unit: the results document, from the records."""
+
+    def write(execution: Execution) -> None:
+        store.write_json(RESULTS_FILE, document(store, plan, execution.tokens.feature_seconds), indent=1)
+
+    return write
 
 
 def summarize(results: dict[str, Any], methods: tuple[str, ...], seeds: tuple[int, ...]) -> dict[str, Any]:
