@@ -15,7 +15,7 @@ from typing import Any
 
 from ..assets import MissingPackageError
 from ..store import Store, StoreError, file_hash
-from .cli import Fail, add_recipe_arguments, check_model, failer, flat, ints, mode_of, open_store, recipe_from
+from .commands import Fail, add_recipe_arguments, check_model, failer, flat, ints, mode_of, open_store, recipe_from
 from .data import MODEL_NAME
 from .protocol import SettingsError, check_launch, parse_lr_grid, world
 from .shift_settings import BENCHMARKS, PRESETS, StudySettings
