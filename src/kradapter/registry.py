@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from . import guards
 from .shape import FACTORIZATIONS, Factorization, KhatriRaoShape
 
 Shape = tuple[int, int]
@@ -71,7 +72,8 @@ class Method:
     scale_one: str | None = None  # the alpha field that gives scale 1 when equal to the rank (matrix study)
     seed_setting: str | None = None  # a config field seeding the method's frozen random parts
     tolerance: float = 0.05  # largest relative gap to the budget a study accepts
-    default: bool = True  # in the studies' default method lists
+    tags: frozenset[str] = frozenset()  # the lists and roles the method belongs to (TAGS); read with tagged()
+    positions: Mapping[str, int] = field(default_factory=dict)  # tag -> place in that list, where not registry order
     trains_base: bool = False  # a baseline that trains the whole model (else only its head)
     update_uses_base: bool = False  # the update is made from the frozen weight (HiRA: W0 * (B A))
     rank_of: str | None = None  # a reference: the truncated SVD at this method's rank (None: rank 0, i.e. zero)
@@ -116,11 +118,8 @@ class Method:
 
 
 def positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        if type(value).__module__ == "numpy" and int(value) == value and value >= 1:
-            return int(value)
-        raise MethodError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    """``value`` as an ``int`` if it is a positive integer (numpy integers too); a MethodError naming it."""
+    return guards.positive_int(name, value, error=MethodError)
 
 
 def check_shapes(shapes: Iterable[Sequence[int]]) -> list[Shape]:
@@ -146,8 +145,7 @@ def check_shapes(shapes: Iterable[Sequence[int]]) -> list[Shape]:
 
 def kradapter_budget(shapes: Iterable[Sequence[int]], factorization: str = "sqrt_min") -> int:
     """KRAdapter's trainable count summed over layers: the budget every other method is sized to."""
-    if factorization not in FACTORIZATIONS:
-        raise MethodError(f"unknown KRAdapter factorization {factorization!r}; choose one of {FACTORIZATIONS}")
+    guards.one_of("KRAdapter factorization", factorization, FACTORIZATIONS, error=MethodError)
     checked = cast(Factorization, factorization)
     return sum(KhatriRaoShape(d, k, checked).num_params for d, k in check_shapes(shapes))
 
@@ -402,6 +400,8 @@ _ENTRIES = (
         "lora",
         "LoRA",
         "adapter",
+        tags=frozenset({"compare-default", "finetune-default", "shift-reduced", "shift-full", "compare-relative"}),
+        positions={"finetune-default": 2},
         settings=("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights"),
         count_knobs=("r",),
         rank_knob="r",
@@ -415,6 +415,8 @@ _ENTRIES = (
         "sinlora",
         "SinLoRA",
         "adapter",
+        tags=frozenset({"compare-default", "finetune-default"}),
+        positions={"finetune-default": 6},
         settings=("r", "alpha", "frequency", "dropout", "init_weights", "amplitude"),
         count_knobs=("r",),
         rank_knob="r",
@@ -429,6 +431,10 @@ _ENTRIES = (
         "kradapter",
         "KRAdapter",
         "adapter",
+        tags=frozenset(
+            {"compare-default", "finetune-default", "shift-reduced", "shift-full", "shift-anchor", "budget"}
+        ),
+        positions={"finetune-default": 5},
         settings=("scaling", "factorization", "execution", "dropout", "init_weights"),
         count_knobs=("factorization",),
         lr_grid=(1e-3, 3e-3, 1e-2),
@@ -442,6 +448,8 @@ _ENTRIES = (
         "randlora",
         "RandLoRA",
         "adapter",
+        tags=frozenset({"compare-default", "finetune-default"}),
+        positions={"finetune-default": 4},
         settings=("r", "randlora_alpha", "randlora_dropout", "sparse", "very_sparse", "projection_prng_key"),
         count_knobs=("r",),
         rank_knob="r",
@@ -457,6 +465,8 @@ _ENTRIES = (
         "kronecker",
         "Kronecker (LoKr)",
         "adapter",
+        tags=frozenset({"compare-default", "finetune-default"}),
+        positions={"finetune-default": 3},
         aliases=("lokr",),
         settings=("r", "alpha", "decompose_both", "decompose_factor", "rank_dropout", "module_dropout", "init_weights"),
         count_knobs=("r", "decompose_both", "decompose_factor"),
@@ -472,11 +482,11 @@ _ENTRIES = (
         "loha",
         "LoHa",
         "adapter",
+        tags=frozenset({"shift-full"}),
         settings=("r", "alpha", "rank_dropout", "module_dropout", "init_weights"),
         count_knobs=("r",),
         rank_knob="r",
         scale_one="alpha",
-        default=False,
         lr_grid=(1e-3, 3e-3, 1e-2),
         build=_loha_config,
         counter=_loha_count,
@@ -486,10 +496,10 @@ _ENTRIES = (
         "shira",
         "SHiRA",
         "adapter",
+        tags=frozenset({"shift-contender"}),
         settings=("r", "random_seed", "init_weights"),
         count_knobs=("r",),
         rank_knob="r",
-        default=False,
         lr_grid=(1e-3, 3e-3, 1e-2),
         build=_shira_config,
         counter=_shira_count,
@@ -499,10 +509,10 @@ _ENTRIES = (
         "hira",
         "HiRA",
         "adapter",
+        tags=frozenset({"shift-contender"}),
         settings=("r", "dropout", "init_weights"),
         count_knobs=("r",),
         rank_knob="r",
-        default=False,
         update_uses_base=True,
         lr_grid=(3e-3, 1e-2, 3e-2),  # its update is W0 * (B A): entries ~W0 (0.05) times smaller than LoRA's
         build=_hira_config,
@@ -513,11 +523,11 @@ _ENTRIES = (
         "gralora",
         "GraLoRA",
         "adapter",
+        tags=frozenset({"shift-contender"}),
         settings=("r", "alpha", "gralora_k", "hybrid_r", "gralora_dropout", "init_weights"),
         count_knobs=("r", "gralora_k", "hybrid_r"),
         rank_knob="r",
         scale_one="alpha",
-        default=False,
         lr_grid=(1e-3, 3e-3, 1e-2),
         build=_gralora_config,
         counter=_gralora_count,
@@ -527,10 +537,10 @@ _ENTRIES = (
         "c3a",
         "C3A",
         "adapter",
+        tags=frozenset({"shift-contender"}),
         settings=("block_size", "init_weights"),
         count_knobs=("block_size",),
         tolerance=0.10,  # its count moves in steps of d k / b: on MiniLM's layers the closest is +6.7% (b = 12)
-        default=False,
         lr_grid=(1e-2, 3e-2, 1e-1),  # PEFT divides its output by the input width
         build=_c3a_config,
         counter=_c3a_count,
@@ -539,28 +549,121 @@ _ENTRIES = (
     ),
     Method("svd", "Truncated SVD", "reference", rank_of="lora"),
     Method("zero", "Zero", "reference"),
-    Method("head", "head only", "baseline", lr_grid=(1e-2, 3e-2, 1e-1), describe=lambda s: ""),
-    Method("full", "full fine-tuning", "baseline", lr_grid=(1e-4, 3e-4, 1e-3), trains_base=True, describe=lambda s: ""),
+    Method(
+        "head",
+        "head only",
+        "baseline",
+        tags=frozenset({"finetune-default"}),
+        positions={"finetune-default": 0},
+        lr_grid=(1e-2, 3e-2, 1e-1),
+        describe=lambda s: "",
+    ),
+    Method(
+        "full",
+        "full fine-tuning",
+        "baseline",
+        tags=frozenset({"finetune-default"}),
+        positions={"finetune-default": 1},
+        lr_grid=(1e-4, 3e-4, 1e-3),
+        trains_base=True,
+        describe=lambda s: "",
+    ),
 )
 
-METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}
-ALIASES: dict[str, str] = {alias: m.name for m in _ENTRIES for alias in (m.name, *m.aliases)}
-BUDGET_METHOD = "kradapter"  # every adapter is sized to its trainable count
-RELATIVE_TO = "lora"  # tables show other methods' spectral error in % of this one's
-ADAPTERS: tuple[str, ...] = tuple(m.name for m in _ENTRIES if m.is_adapter)
-DEFAULT_ADAPTERS: tuple[str, ...] = tuple(m.name for m in _ENTRIES if m.is_adapter and m.default)
-REFERENCES: tuple[str, ...] = tuple(m.name for m in _ENTRIES if m.kind == "reference")
-BASELINES: tuple[str, ...] = tuple(m.name for m in _ENTRIES if m.kind == "baseline")
+METHODS: dict[str, Method] = {m.name: m for m in _ENTRIES}  # registry order; a new entry is a new method
+
+TAGS = {
+    "compare-default": "in kradapter compare's default --methods",
+    "finetune-default": "in kradapter finetune's default --methods",
+    "shift-reduced": "in the shift study's reduced preset (its --methods)",
+    "shift-full": "in the shift study's full preset (its --methods)",
+    "shift-contender": "a contender of the shift study's full preset (anchor cell only)",
+    "shift-anchor": "the method every shift comparison is against",
+    "budget": "the method whose trainable count is the budget every other adapter is sized to",
+    "compare-relative": "the method compare's tables show other methods' spectral error relative to",
+}
+
+
+def tagged(tag: str) -> tuple[str, ...]:
+    """Names of the methods carrying ``tag``, in registry order (or the entries' ``positions`` for that tag, where
+    a list keeps an order of its own; entries without a position follow, in registry order)."""
+    if tag not in TAGS:
+        raise MethodError(f"unknown method tag {tag!r}; known: {', '.join(TAGS)}")
+    found = [m for m in METHODS.values() if tag in m.tags]
+    return tuple(m.name for m in sorted(found, key=lambda m: m.positions.get(tag, len(METHODS))))
+
+
+def _the(tag: str) -> Method:
+    names = tagged(tag)
+    if len(names) != 1:
+        raise MethodError(f"exactly one method must carry the tag {tag!r}, found {list(names)}")
+    return METHODS[names[0]]
+
+
+def budget_method() -> Method:
+    """The method whose trainable count is the budget (KRAdapter: it has no rank knob)."""
+    return _the("budget")
+
+
+def anchor() -> str:
+    """The name of the method every shift comparison is against."""
+    return _the("shift-anchor").name
+
+
+def of_kind(*kinds: str) -> tuple[str, ...]:
+    """Names of the methods of ``kinds`` ("adapter", "reference", "baseline"), in registry order."""
+    return tuple(m.name for m in METHODS.values() if m.kind in kinds)
+
+
+def aliases() -> dict[str, str]:
+    """Every accepted spelling (name or alias, lower case) -> canonical name."""
+    return {alias: m.name for m in METHODS.values() for alias in (m.name, *m.aliases)}
+
+
+def __getattr__(name: str) -> Any:
+    """The derived lists, computed from :data:`METHODS` when read, so an added entry is in them at once."""
+    derived: dict[str, Callable[[], Any]] = {
+        "ALIASES": aliases,
+        "ADAPTERS": lambda: of_kind("adapter"),
+        "DEFAULT_ADAPTERS": lambda: tagged("compare-default"),
+        "REFERENCES": lambda: of_kind("reference"),
+        "BASELINES": lambda: of_kind("baseline"),
+        "BUDGET_METHOD": lambda: budget_method().name,
+        "RELATIVE_TO": lambda: _the("compare-relative").name,
+    }
+    if name in derived:
+        return derived[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def methods_help(kind: str | Iterable[str] | None = None, *, default: str | None = None) -> str:
+    """A help text listing the methods (of ``kind``: one kind or several; all by default) with their aliases,
+    and the methods tagged ``default`` if given: for argparse help and epilogs, generated so it never goes stale."""
+    if kind is None:
+        kinds: tuple[str, ...] = ("adapter", "reference", "baseline")
+    else:
+        kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    items = []
+    for m in METHODS.values():
+        if m.kind not in kinds:
+            continue
+        extras = [m.label] if m.label.lower().replace(" ", "") != m.name else []
+        extras += [f"also {a}" for a in m.aliases]
+        items.append(f"{m.name} ({'; '.join(extras)})" if extras else m.name)
+    text = ", ".join(items)
+    if default is not None:
+        text += f"; default: {','.join(tagged(default))}"
+    return text
 
 
 def get(name: str, kinds: Iterable[str] = ("adapter",)) -> Method:
     """The method called ``name`` (or one of its aliases, any case) among ``kinds``; a MethodError naming it."""
     kinds = tuple(kinds)
-    canonical = ALIASES.get(str(name).strip().lower())
+    canonical = aliases().get(str(name).strip().lower())
     if canonical is None or METHODS[canonical].kind not in kinds:
-        known = [m.name for m in _ENTRIES if m.kind in kinds]
-        aliases = [f"{a} = {m.name}" for m in _ENTRIES if m.kind in kinds for a in m.aliases]
-        extra = f" (aliases: {', '.join(aliases)})" if aliases else ""
+        known = [m.name for m in METHODS.values() if m.kind in kinds]
+        spellings = [f"{a} = {m.name}" for m in METHODS.values() if m.kind in kinds for a in m.aliases]
+        extra = f" (aliases: {', '.join(spellings)})" if spellings else ""
         raise MethodError(f"unknown method {name!r}; choose from {', '.join(known)}{extra}")
     return METHODS[canonical]
 

@@ -24,18 +24,20 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+
+from .files import dumps as dumps  # re-exported: the store's own names for the file helpers
+from .files import file_hash as file_hash
+from .files import fsync_dir, write_atomic, write_json
 
 SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
@@ -51,84 +53,17 @@ class StoreError(ValueError):
     """A run folder that cannot be used as asked; the message names the folder and what to do."""
 
 
-# -- files ------------------------------------------------------------------------------------------------------------
+# -- files (kradapter.files; re-exported for ``from kradapter.store import write_atomic``) -------------------------
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def __getattr__(name: str) -> Any:
+    """``write_figure`` now lives in :mod:`kradapter.plotting`; this keeps old imports working without the store
+    importing anything of matplotlib's."""
+    if name == "write_figure":
+        from .plotting import write_figure
 
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path | str, data: str | bytes) -> None:
-    """Replace ``path`` with ``data`` so readers see the old file or the new one, never part of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def dumps(data: Any, indent: int | None = None) -> str:
-    """JSON text as the store writes it: compact by default (one C-encoder pass), NaN allowed."""
-    return json.dumps(data, indent=indent, separators=None if indent else (",", ":"), allow_nan=True) + "\n"
-
-
-def write_json(path: Path | str, data: Any, indent: int | None = None) -> None:
-    write_atomic(path, dumps(data, indent))
-
-
-def write_figure(fig: Any, path: Path | str, **savefig: Any) -> Path:
-    """A matplotlib figure written atomically (format from the suffix, PNG without one), then closed."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", **savefig)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
-    return path
-
-
-def file_hash(path: Path | str) -> str:
-    """``sha256:<hex>`` of a file's bytes, or of a folder's files (relative names and contents, sorted)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    if path.is_dir():
-        for item in sorted(p for p in path.rglob("*") if p.is_file()):
-            digest.update(str(item.relative_to(path)).encode() + b"\0")
-            _hash_into(digest, item)
-    else:
-        _hash_into(digest, path)
-    return "sha256:" + digest.hexdigest()
-
-
-def _hash_into(digest: Any, path: Path) -> None:
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
+        return write_figure
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the lock ---------------------------------------------------------------------------------------------------------
@@ -326,7 +261,7 @@ class Store:
                 f.flush()
                 os.fsync(f.fileno())
             if fresh:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         self.records[key] = _normal(record)
 
     def matching(self, *prefix: str | int) -> Iterator[tuple[Key, Any]]:

@@ -1,7 +1,7 @@
 """Fit one method's weight update to one target: the PEFT layer users inject, trained on ``||dW - T||_F``.
 
 The update is what ``merge()`` adds to the layer ``peft.get_peft_model`` puts into ``nn.Linear(cols, rows)``
-(:func:`kradapter.finetune.updates.layer_update`: ``get_delta_weight``, dense, times the base weight for HiRA):
+(:func:`kradapter.analysis.layer_update`: ``get_delta_weight``, dense, times the base weight for HiRA):
 no copy of any method's maths lives here. Each step evaluates the loss at the current parameters, so the loss
 seen at step ``i`` is that of the parameters after ``i`` updates; the returned update is recomputed from the
 parameters the adapter ends with (with ``keep_best``: the best ones seen, restored), so metrics are never a
@@ -22,7 +22,7 @@ from peft import get_peft_model
 from torch import nn
 
 from .. import registry
-from ..finetune.updates import layer_update
+from ..analysis import layer_update
 from ..registry import Plan
 from .config import StudyConfig
 from .matrices import stable_seed
