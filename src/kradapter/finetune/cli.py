@@ -15,16 +15,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import registry
 from ..assets import MissingPackageError, bbc_news_dir
 from ..store import Store, StoreError, file_hash
 from .commands import Fail, add_recipe_arguments, check_model, failer, flat, mode_of, open_store, recipe_from
 from .data import MODEL_NAME, load_corpus
 from .protocol import Settings, SettingsError, check_launch, default_methods, parse_lr_grid, world
 
-EPILOG = """\
-methods: head (classifier head only), full (full fine-tuning), lora, kronecker (PEFT's LoKr; 'lokr' accepted),
-randlora (PEFT), kradapter, sinlora; also loha, shira, hira, gralora, c3a (PEFT's high-rank relatives). Each
-adapter trains KRAdapter's parameter count on the target layers, plus the head.
+EPILOG = f"""\
+methods: {registry.methods_help(("baseline", "adapter"), default="finetune-default")}.
+Each adapter trains {registry.budget_method().label}'s parameter count on the target layers, plus the head.
 Several processes: torchrun --nproc_per_node 2 -m kradapter.cli finetune ...
 The distribution-shift study is its own command: kradapter shift --help.
 """

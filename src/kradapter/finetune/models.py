@@ -174,7 +174,3 @@ class FeatureTap(nn.Module):
         finally:
             handle.remove()
         return SequenceClassifierOutput(logits=captured["x"])
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

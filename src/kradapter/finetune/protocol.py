@@ -9,13 +9,13 @@ split). Only the standard library is imported here, so a bad flag answers at onc
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import registry
+from ..guards import is_finite, one_of, positive_int
 from ..store import RunSpec
 
 KINDS = ("baseline", "adapter")  # finetune runs the adapters and the head-only / full fine-tuning baselines
@@ -35,8 +35,8 @@ class SettingsError(ValueError):
 
 
 def default_methods() -> tuple[str, ...]:
-    """``kradapter finetune``'s methods when ``--methods`` is not given."""
-    return ("head", "full", "lora", "kronecker", "randlora", "kradapter", "sinlora")
+    """``kradapter finetune``'s methods when ``--methods`` is not given (the registry's ``finetune-default``)."""
+    return registry.tagged("finetune-default")
 
 
 SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}  # set by accelerate launch
@@ -76,7 +76,7 @@ def parse_lr_grid(items: list[str] | None) -> dict[str, tuple[float, ...]]:
             lrs = tuple(float(v) for v in values.split(",") if v.strip())
         except ValueError:
             raise SettingsError(f"--lr-grid {item!r}: learning rates must be numbers") from None
-        if not lrs or any(not math.isfinite(lr) or lr <= 0 for lr in lrs):
+        if not lrs or not all(is_finite(lr) and lr > 0 for lr in lrs):
             raise SettingsError(f"--lr-grid {item!r}: learning rates must be positive finite numbers")
         if len(set(lrs)) != len(lrs):
             raise SettingsError(f"--lr-grid {item!r}: a learning rate is listed twice")
@@ -85,9 +85,7 @@ def parse_lr_grid(items: list[str] | None) -> dict[str, tuple[float, ...]]:
 
 
 def _positive(flag: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise SettingsError(f"{flag} must be {what}, got {value!r}")
+    positive_int(flag, value, minimum=minimum, error=SettingsError)
 
 
 def lr_key(lr: float) -> str:
@@ -113,8 +111,7 @@ class Recipe:
             _positive(flag, value)
         _positive("--max-length", self.max_length, MIN_MAX_LENGTH)
         _positive("--val-shots", self.val_shots, 0)
-        if self.device not in DEVICES:
-            raise SettingsError(f"unknown --device {self.device!r}; choose one of {DEVICES}")
+        one_of("--device", self.device, DEVICES, error=SettingsError)
         if self.targets is not None and not all(isinstance(t, str) and t for t in self.targets):
             raise SettingsError(f"--targets must be layer names, got {list(self.targets)}")
 

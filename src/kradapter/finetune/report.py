@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import registry
+from ..analysis import updates_summary
+from ..files import format_bytes
+from ..plotting import pyplot, write_figure
 from ..stats import mean_std
-from ..store import Store, write_figure
-from .updates import updates_summary
+from ..store import Store
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -28,8 +30,8 @@ def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> 
     s = plan.settings
     tables: dict[str, dict[str, dict[str, Any]]] = {"sweep": {}, "run": {}}
     for key, record in store.records.items():
-        if key[0] in tables:
-            tables[key[0]].setdefault(str(key[1]), {})[str(key[2])] = record
+        if str(key[0]) in tables:
+            tables[str(key[0])].setdefault(str(key[1]), {})[str(key[2])] = record
     sweep, runs = tables["sweep"], tables["run"]
     chosen = {m: store.records[("chosen", m)]["lr"] for m in s.methods if ("chosen", m) in store.records}
     environments = [i["environment"] for i in store.meta.get("invocations", []) if "environment" in i]
@@ -122,14 +124,6 @@ def summarize(results: dict[str, Any], methods: tuple[str, ...], seeds: tuple[in
     return summary
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
-
-
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     header = ["method", "setting", "trainable", "adapter/KR", "lr", "accuracy %", "macro-F1 %", "train s", "peak MB"]
     rows = [[*header, "saved"]]
@@ -146,7 +140,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
                 f"{100 * s['macro_f1_mean']:.1f} ± {100 * s['macro_f1_std']:.1f}",
                 f"{s['train_time_s_mean']:.1f}",
                 f"{s['peak_memory_mb_max']:.0f}",
-                _size(s["adapter_bytes"]),
+                format_bytes(s["adapter_bytes"]),
             ]
         )
     return rows
@@ -183,10 +177,7 @@ def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
 
 def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     """Accuracy (mean ± std over seeds) against trainable parameters and against train time, Pareto fronts dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = list(summary)
     acc = [100 * summary[m]["accuracy_mean"] for m in methods]
@@ -199,7 +190,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     colors = plt.get_cmap("tab10")
     for ax, (xlabel, xs) in zip(axes, axes_x.items(), strict=True):
         for i, m in enumerate(methods):
-            marker = "*" if m == registry.BUDGET_METHOD else "o"
+            marker = "*" if m == registry.budget_method().name else "o"
             ax.errorbar(
                 xs[i],
                 acc[i],

@@ -24,13 +24,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding
 
+from ..analysis import analyse_updates
 from ..store import Store
 from .metrics import classification_metrics
 from .models import FeatureTap, count_params, load_classifier, load_tokenizer
 from .plan import Plan
 from .protocol import lr_key
 from .train import Examples, barrier, fit, local_logits, predict, training_args
-from .updates import analyse_updates
 
 RELOAD_CHECK_EXAMPLES = 8
 ADAPTERS_DIR = "adapters"

@@ -13,19 +13,22 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .. import registry
 from ..assets import MissingPackageError
 from ..store import Store, StoreError, file_hash
 from .commands import Fail, add_recipe_arguments, check_model, failer, flat, ints, mode_of, open_store, recipe_from
 from .data import MODEL_NAME
 from .protocol import SettingsError, check_launch, parse_lr_grid, world
-from .shift_settings import BENCHMARKS, PRESETS, StudySettings
+from .shift_settings import ANCHOR, BENCHMARKS, PRESETS, StudySettings
 
-EPILOG = """\
+_REDUCED, _FULL = PRESETS["reduced"], PRESETS["full"]
+EPILOG = f"""\
 benchmarks: sentiment (train on movie reviews; test on held-out movie reviews, Amazon reviews, tweets, NYT
 editorials) and topic (train on BBC News; test on held-out BBC and 20 Newsgroups). Presets: reduced (default:
-lora, kradapter; 32 shots; 5 seeds; 17 minutes on 2 CPU cores) and full (adds loha; shots 8 32 128, budgets 1x
-and 4x, contenders shira hira gralora c3a); any flag overrides its preset value. --methods must include
-kradapter: every comparison is against it.
+{" ".join(_REDUCED["methods"])}; 32 shots; 5 seeds; 17 minutes on 2 CPU cores) and full ({" ".join(_FULL["methods"])};
+shots 8 32 128, budgets 1x and 4x, contenders {" ".join(_FULL["contenders"])}); any flag overrides its preset
+value. --methods must include {ANCHOR}: every comparison is against it.
+methods: {registry.methods_help("adapter")}.
 """
 
 
@@ -34,7 +37,8 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=tuple(PRESETS), default="reduced", help="study preset (default: reduced)")
     p.add_argument("--benchmarks", nargs="+", default=None, help=f"of {', '.join(BENCHMARKS)}")
     p.add_argument("--contenders", nargs="+", default=None, help="anchor-cell-only adapters ('none': none)")
-    p.add_argument("--budgets", nargs="+", type=ints, default=None, help="multiples of KRAdapter's count")
+    budget = registry.budget_method().label
+    p.add_argument("--budgets", nargs="+", type=ints, default=None, help=f"multiples of {budget}'s count")
     p.add_argument("--anchor-shots", type=int, default=None, help="shots of the learning-rate sweep cell")
     p.add_argument("--eval-per-class", type=int, default=None, help="evaluation texts per class (0: all)")
     p.set_defaults(run=run)

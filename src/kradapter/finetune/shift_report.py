@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import registry
+from ..analysis import updates_summary
+from ..plotting import FIGURE_DPI, plot_effective_rank, plot_spectra, pyplot, write_figure
 from ..stats import paired_difference
-from ..store import Store, write_figure
+from ..store import Store
 from .shift_settings import ANCHOR, Cell, cell_id
-from .updates import FIGURE_DPI, plot_effective_rank, plot_spectra, updates_summary
 
 if TYPE_CHECKING:
     from .shift import Study
@@ -127,7 +128,7 @@ def _cell(store: Store, study: Study, cell: Cell) -> dict[str, Any]:
     }
 
 
-def _summary(done: list[dict[str, Any]], domains: list[str]) -> dict[str, Any]:
+def _summary(done: list[Mapping[str, Any]], domains: list[str]) -> dict[str, Any]:
     """A method's finished runs in a cell: mean and std of every score, costs, and its learned updates."""
     metrics = ["id", *domains, "ood", "gap"]
     return {
@@ -177,12 +178,13 @@ def _interval(entry: Mapping[str, Any]) -> str:
 def markdown(results: Mapping[str, Any]) -> str:
     """Per benchmark and cell: accuracies (mean ± std over seeds, %), update ranks and the paired intervals."""
     lines: list[str] = []
+    anchor = registry.label(ANCHOR)
     for b, bench in results["benchmarks"].items():
         domains = bench["domains"]
         for cid, cell in bench["cells"].items():
             if not cell["summary"]:
                 continue
-            lines += [f"### {b}, {cell['shots']} shots per class, {cell['budget']}x KRAdapter's count", ""]
+            lines += [f"### {b}, {cell['shots']} shots per class, {cell['budget']}x {anchor}'s count", ""]
             head = ["method", "setting", "trainable", "lr", "ID %", *[f"{d} %" for d in domains], "OOD %",
                     "OOD - ID", "eff. rank", "train s", "peak MB", "added MB"]  # fmt: skip
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -200,8 +202,8 @@ def markdown(results: Mapping[str, Any]) -> str:
                 )  # fmt: skip
             if cell["paired"]:
                 ref = cell["reference_cell"]
-                note = "" if ref == cid else f" (KRAdapter's runs of {ref})"
-                lines += ["", f"KRAdapter{note} minus each method, points, 95% paired bootstrap interval:", ""]
+                note = "" if ref == cid else f" ({anchor}'s runs of {ref})"
+                lines += ["", f"{anchor}{note} minus each method, points, 95% paired bootstrap interval:", ""]
                 metrics = [m for m in ("id", "ood", "gap", *domains) if m in cell["paired"]]
                 lines += ["| against | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
                 others = sorted({o for m in metrics for o in cell["paired"][m]})
@@ -214,10 +216,7 @@ def markdown(results: Mapping[str, Any]) -> str:
 
 def plot_kshot(results: Mapping[str, Any], benchmark: str, path: Path) -> Path | None:
     """ID and mean OOD accuracy against shots per class (1x budget), mean ± std over seeds, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     cells = [c for c in results["benchmarks"][benchmark]["cells"].values() if c["budget"] == 1 and c["summary"]]
     if len({c["shots"] for c in cells}) < 2:

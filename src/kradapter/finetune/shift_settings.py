@@ -12,17 +12,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import registry
+from ..guards import positive_int
 from ..store import RunSpec
 from .protocol import LearningRates, Recipe, SettingsError, parse_methods
 
-ANCHOR = "kradapter"  # every comparison is against it
+ANCHOR = registry.anchor()  # every comparison is against it
 BENCHMARKS = ("sentiment", "topic")
 
-# Two presets: ``reduced`` (the default; 17 minutes on 2 CPU cores) and ``full`` (the findings page's settings).
+# Two presets: ``reduced`` (the default; 17 minutes on 2 CPU cores) and ``full`` (the findings page's settings); their
+# method lists are the registry's tags.
 PRESETS: dict[str, dict[str, Any]] = {
     "reduced": {
         "benchmarks": BENCHMARKS,
-        "methods": ("lora", "kradapter"),
+        "methods": registry.tagged("shift-reduced"),
         "contenders": (),
         "seeds": (0, 1, 2, 3, 4),
         "shots": (32,),
@@ -31,8 +33,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "full": {
         "benchmarks": BENCHMARKS,
-        "methods": ("lora", "kradapter", "loha"),
-        "contenders": ("shira", "hira", "gralora", "c3a"),
+        "methods": registry.tagged("shift-full"),
+        "contenders": registry.tagged("shift-contender"),
         "seeds": (0, 1, 2, 3, 4),
         "shots": (8, 32, 128),
         "budgets": (1, 4),
@@ -42,9 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _int(flag: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SettingsError(f"{flag} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return positive_int(flag, value, minimum=minimum, error=SettingsError)
 
 
 def _ints(flag: str, values: Any, minimum: int) -> tuple[int, ...]:

@@ -19,8 +19,9 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, default_data_collator
 
 from .. import registry
+from ..files import directory_bytes, write_atomic
 from ..registry import Plan as MethodPlan
-from .models import HeadProbe, directory_bytes, load_classifier, quiet_transformers
+from .models import HeadProbe, load_classifier, quiet_transformers
 from .protocol import SettingsError
 from .train import Examples
 
@@ -83,11 +84,11 @@ class HeadOnly(Training):
         return HeadProbe(copy.deepcopy(model.get_submodule(head[0])))
 
     def save_files(self, model: nn.Module, directory: Path) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         assert isinstance(model, HeadProbe)
         weights = {k: v.detach().contiguous() for k, v in model.head.state_dict().items()}
-        save_file(weights, directory / "head.safetensors")
+        write_atomic(directory / "head.safetensors", save(weights))
 
     def load(self, directory: Path, model_dir: Path | str, num_labels: int, trust: bool = False) -> nn.Module:
         from safetensors.torch import load_file
