@@ -26,20 +26,25 @@ def corpus(tmp_path: Path) -> Path:
     for name, words in WORDS.items():
         (root / name).mkdir(parents=True)
         for i in range(10):
-            (root / name / f"{i}.txt").write_text(" ".join(rng.choice(words.split()) for _ in range(rng.randint(5, 12))))
+            (root / name / f"{i}.txt").write_text(
+                " ".join(rng.choice(words.split()) for _ in range(rng.randint(5, 12)))
+            )
     return root
 
 
+SMALL = ["--methods", "head", "--shots", "2", "--val-shots", "1", "--seeds", "0", "--epochs", "1"]
+SMALL += ["--lr-grid", "head=0.01"]  # settings this corpus can supply, so only the input under test is wrong
+
+
 def finetune(corpus: Path, model: str, out: Path, *extra: str) -> int:
-    args = ["finetune", "--data", str(corpus), "--model", model, "--out", str(out), "--methods", "head"]
-    args += ["--shots", "2", "--val-shots", "1", "--seeds", "0", "--epochs", "1", "--max-length", "16"]
-    return main([*args, "--lr-grid", "head=0.01", *extra])
+    args = ["finetune", "--data", str(corpus), "--model", model, "--out", str(out), *SMALL]
+    return main([*args, "--max-length", "16", *extra])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 @pytest.mark.parametrize("command", ["finetune", "shift"])
 def test_device_cuda_without_a_gpu_is_one_line_before_any_work(command, corpus, tmp_path: Path, capsys) -> None:
-    extra = ["--data", str(corpus)] if command == "finetune" else []
+    extra = ["--data", str(corpus), *SMALL] if command == "finetune" else []
     assert main([command, *extra, "--device", "cuda", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"kradapter {command}: error: --device cuda: no CUDA GPU is available to "
@@ -48,9 +53,11 @@ def test_device_cuda_without_a_gpu_is_one_line_before_any_work(command, corpus, 
 
 
 @pytest.mark.parametrize("command", ["finetune", "shift"])
-def test_max_length_beyond_the_models_positions_is_refused(command, corpus, minilm_path, tmp_path: Path, capsys) -> None:
+def test_max_length_beyond_the_models_positions_is_refused(
+    command, corpus, minilm_path, tmp_path: Path, capsys
+) -> None:
     limit = json.loads((Path(minilm_path) / "config.json").read_text())["max_position_embeddings"]
-    extra = ["--data", str(corpus)] if command == "finetune" else []
+    extra = ["--data", str(corpus), *SMALL] if command == "finetune" else []
     argv = [command, *extra, "--model", minilm_path, "--max-length", str(2 * limit), "--out", str(tmp_path / "out")]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -89,13 +96,13 @@ def _remote_code_model(minilm_path: str, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("stdin", ["y\n", None], ids=["answers-y", "closed"])
-@pytest.mark.parametrize("command", ["finetune", "shift"])
+@pytest.mark.slow
+@pytest.mark.parametrize(("command", "stdin"), [("finetune", "y\n"), ("shift", None)], ids=["answers-y", "closed"])
 def test_a_model_folder_that_needs_its_own_code_is_refused(command, stdin, corpus, minilm_path, tmp_path: Path) -> None:
     """Never run a model folder's code, never ask: one line naming --trust-remote-code, whatever stdin says."""
     model = _remote_code_model(minilm_path, tmp_path / "model")
     argv = [sys.executable, "-m", "kradapter.cli", command, "--model", str(model), "--out", str(tmp_path / "out")]
-    argv += ["--data", str(corpus), "--methods", "head"] if command == "finetune" else []
+    argv += ["--data", str(corpus), *SMALL] if command == "finetune" else []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(argv, input=stdin, stdin=None if stdin else subprocess.DEVNULL, capture_output=True,
                           text=True, env=env, timeout=300, check=False)  # fmt: skip

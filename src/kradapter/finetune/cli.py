@@ -53,12 +53,12 @@ def route_old_spelling(finetune: argparse.ArgumentParser) -> None:
     def parse_known_args(args: Sequence[str] | None = None, namespace: Any = None) -> Any:
         argv = list(sys.argv[2:] if args is None else args)
         for i, arg in enumerate(argv):
-            value, skip = (argv[i + 1] if i + 1 < len(argv) else None, 2) if arg == "--study" else (arg[8:], 1)
-            if (arg == "--study" or arg.startswith("--study=")) and value == "shift":
+            taken = 2 if arg == "--study" and argv[i + 1 : i + 2] == ["shift"] else 1 if arg == "--study=shift" else 0
+            if taken:
                 from .shift_cli import build_parser
 
                 print("kradapter finetune --study shift is deprecated: use kradapter shift", file=sys.stderr)
-                return build_parser().parse_known_args(argv[:i] + argv[i + skip :], namespace)
+                return build_parser().parse_known_args(argv[:i] + argv[i + taken :], namespace)
         return parse(argv, namespace)
 
     finetune.parse_known_args = parse_known_args  # type: ignore[method-assign]

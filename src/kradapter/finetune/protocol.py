@@ -65,7 +65,7 @@ def parse_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def parse_lr_grid(items: list[str] | None) -> dict[str, tuple[float, ...]]:
-    """``["lora=1e-3,3e-3", ...]`` as ``{"lora": (0.001, 0.003)}``; a SettingsError naming a malformed item."""
+    """``["METHOD=1e-3,3e-3", ...]`` as ``{METHOD: (0.001, 0.003)}``; a SettingsError naming a malformed item."""
     grids: dict[str, tuple[float, ...]] = {}
     for item in items or []:
         method, sep, values = item.partition("=")
