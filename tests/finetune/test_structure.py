@@ -11,7 +11,7 @@ from kradapter import registry
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "kradapter" / "finetune"
 SHIMS = {"updates.py"}  # re-exports kept for old imports; no code of their own
-NOT_METHODS = {'"full": {', 'PRESETS["full"]'}  # the shift study's preset called "full" (not the method)
+NOT_METHODS = {'"full": FULL'}  # the shift study's preset called "full" (not the method)
 
 
 def sources() -> dict[str, str]:

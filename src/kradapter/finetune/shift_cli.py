@@ -19,14 +19,13 @@ from ..store import Store, StoreError, file_hash
 from .commands import Fail, add_recipe_arguments, check_model, failer, flat, ints, mode_of, open_store, recipe_from
 from .data import MODEL_NAME
 from .protocol import SettingsError, check_launch, parse_lr_grid, world
-from .shift_settings import ANCHOR, BENCHMARKS, PRESETS, StudySettings
+from .shift_settings import ANCHOR, BENCHMARKS, FULL, PRESETS, REDUCED, StudySettings
 
-_REDUCED, _FULL = PRESETS["reduced"], PRESETS["full"]
 EPILOG = f"""\
 benchmarks: sentiment (train on movie reviews; test on held-out movie reviews, Amazon reviews, tweets, NYT
 editorials) and topic (train on BBC News; test on held-out BBC and 20 Newsgroups). Presets: reduced (default:
-{" ".join(_REDUCED["methods"])}; 32 shots; 5 seeds; 17 minutes on 2 CPU cores) and full ({" ".join(_FULL["methods"])};
-shots 8 32 128, budgets 1x and 4x, contenders {" ".join(_FULL["contenders"])}); any flag overrides its preset
+{" ".join(REDUCED["methods"])}; 32 shots; 5 seeds; 17 minutes on 2 CPU cores) and full ({" ".join(FULL["methods"])};
+shots 8 32 128, budgets 1x and 4x, contenders {" ".join(FULL["contenders"])}); any flag overrides its preset
 value. --methods must include {ANCHOR}: every comparison is against it.
 methods: {registry.methods_help("adapter")}.
 """

@@ -21,26 +21,22 @@ BENCHMARKS = ("sentiment", "topic")
 
 # Two presets: ``reduced`` (the default; 17 minutes on 2 CPU cores) and ``full`` (the findings page's settings); their
 # method lists are the registry's tags.
-PRESETS: dict[str, dict[str, Any]] = {
-    "reduced": {
-        "benchmarks": BENCHMARKS,
-        "methods": registry.tagged("shift-reduced"),
-        "contenders": (),
-        "seeds": (0, 1, 2, 3, 4),
-        "shots": (32,),
-        "budgets": (1,),
-        "eval_per_class": 200,
-    },
-    "full": {
-        "benchmarks": BENCHMARKS,
-        "methods": registry.tagged("shift-full"),
-        "contenders": registry.tagged("shift-contender"),
-        "seeds": (0, 1, 2, 3, 4),
-        "shots": (8, 32, 128),
-        "budgets": (1, 4),
-        "eval_per_class": 200,
-    },
+REDUCED: dict[str, Any] = {
+    "benchmarks": BENCHMARKS,
+    "methods": registry.tagged("shift-reduced"),
+    "contenders": (),
+    "seeds": (0, 1, 2, 3, 4),
+    "shots": (32,),
+    "budgets": (1,),
+    "eval_per_class": 200,
 }
+FULL: dict[str, Any] = REDUCED | {
+    "methods": registry.tagged("shift-full"),
+    "contenders": registry.tagged("shift-contender"),
+    "shots": (8, 32, 128),
+    "budgets": (1, 4),
+}
+PRESETS: dict[str, dict[str, Any]] = {"reduced": REDUCED, "full": FULL}
 
 
 def _int(flag: str, value: Any, minimum: int) -> int:
@@ -64,14 +60,14 @@ class StudySettings(LearningRates):
     ``kradapter finetune``."""
 
     recipe: Recipe = field(default_factory=Recipe)
-    benchmarks: tuple[str, ...] = PRESETS["reduced"]["benchmarks"]
-    methods: tuple[str, ...] = PRESETS["reduced"]["methods"]
-    contenders: tuple[str, ...] = PRESETS["reduced"]["contenders"]
-    seeds: tuple[int, ...] = PRESETS["reduced"]["seeds"]
-    shots: tuple[int, ...] = PRESETS["reduced"]["shots"]
+    benchmarks: tuple[str, ...] = REDUCED["benchmarks"]
+    methods: tuple[str, ...] = REDUCED["methods"]
+    contenders: tuple[str, ...] = REDUCED["contenders"]
+    seeds: tuple[int, ...] = REDUCED["seeds"]
+    shots: tuple[int, ...] = REDUCED["shots"]
     anchor_shots: int | None = None  # default: the middle of ``shots``
-    budgets: tuple[int, ...] = PRESETS["reduced"]["budgets"]
-    eval_per_class: int = PRESETS["reduced"]["eval_per_class"]  # 0: every text of every evaluation set
+    budgets: tuple[int, ...] = REDUCED["budgets"]
+    eval_per_class: int = REDUCED["eval_per_class"]  # 0: every text of every evaluation set
     lr_grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
