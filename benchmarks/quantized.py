@@ -7,14 +7,16 @@
 The model is a Llama built from a config (no download; square 256x256 attention projections, tall 768x256 and wide
 256x768 MLP projections), saved once and loaded back through transformers with each quantization config and
 ``device_map="cpu"``, exactly as users load a quantized base. Both methods adapt every attention and MLP projection;
-LoRA's rank is chosen so that its trainable count equals KRAdapter's (printed). A step is forward, backward and an
-AdamW step on one batch. Per base: both contenders are built, warmed up, measured for memory (resident bytes of
-parameters, quantized storage, optimiser state; and the step's extra peak from the allocator), then timed in
-rounds that alternate the order (A B, B A, ...); medians of wall-clock and of process CPU time per step and the
-KRAdapter / LoRA ratios are reported, and the JSON is rewritten atomically after each base.
+LoRA is sized by :func:`kradapter.registry.plan` to KRAdapter's trainable count (printed; scale 1, alpha = r, as
+everywhere in the library). A step is forward, backward and an AdamW step on one batch. Per base: both contenders are
+built, warmed up, measured for memory (resident bytes of parameters, quantized storage, optimiser state; and the step's
+extra peak from the allocator), then timed in rounds that alternate the order (A B, B A, ...); medians of wall-clock and
+of process CPU time per step and the KRAdapter / LoRA ratios are reported, and the JSON is rewritten atomically after
+each base.
 
 ``--merge-errors`` measures instead how far a requantizing merge moves a model's outputs, for KRAdapter, SinLoRA
-and PEFT's LoRA on each base: the tests' tiny Llama (hidden 64, MLP 192), every projection adapted, 10 AdamW
+and PEFT's LoRA on each base (LoRA and SinLoRA sized to KRAdapter's count by the registry): the tests' tiny Llama
+(hidden 64, MLP 192), every projection adapted, 10 AdamW
 steps at lr 1e-2 on one batch, then the logits of another batch before and after merge_adapter() and
 unmerge_adapter() (training mode, so that PEFT's LoRA is measured where it merges correctly), over ``--seeds``.
 """
@@ -38,11 +40,14 @@ import torch
 from measure import step_peak_bytes
 from torch import nn
 
+from kradapter import registry
 from kradapter.records import environment
 from kradapter.store import write_json
 
 BASES = ("dense", "bnb_int8", "bnb_nf4", "bnb_fp4", "torchao_int8")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+KR = registry.budget_method().name  # the method under test
+LORA = registry.reference_adapter()  # what it is measured against
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -121,17 +126,12 @@ def load(path: Path, base: str) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def kradapter_count(model: nn.Module) -> int:
-    from kradapter import KhatriRaoShape
-
-    return sum(
-        KhatriRaoShape(*m.weight.shape).num_params for n, m in model.named_modules() if n.split(".")[-1] in TARGETS
-    )
-
-
-def lora_rank_for(model: nn.Module, count: int) -> int:
-    sides = sum(sum(m.weight.shape) for n, m in model.named_modules() if n.split(".")[-1] in TARGETS)
-    return max(1, round(count / sides))
+def plans(dense: nn.Module, methods: tuple[str, ...]) -> dict[str, registry.Plan]:
+    """Each method sized to KRAdapter's trainable count on the adapted layers of ``dense`` (the unquantized model:
+    a 4-bit weight is stored packed)."""
+    shapes = [tuple(m.weight.shape) for n, m in dense.named_modules() if n.split(".")[-1] in TARGETS]
+    budget = registry.budget_method().count(shapes)
+    return {name: registry.plan(name, shapes, budget) for name in methods}
 
 
 def storage_bytes(t: torch.Tensor) -> list[tuple[int, int]]:
@@ -164,16 +164,11 @@ def resident(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 class Contender:
     """One PEFT model over its own freshly loaded base, its optimiser and its batch."""
 
-    def __init__(self, name: str, path: Path, base: str, rank: int, args: argparse.Namespace) -> None:
-        from peft import LoraConfig, get_peft_model
-
-        from kradapter import KRAdapterConfig
+    def __init__(self, name: str, path: Path, base: str, plan: registry.Plan, args: argparse.Namespace) -> None:
+        from peft import get_peft_model
 
         model = load(path, base)
-        if name == "kradapter":
-            config = KRAdapterConfig(target_modules=TARGETS)
-        else:
-            config = LoraConfig(target_modules=TARGETS, r=rank, lora_alpha=16)
+        config = registry.get(name).config(TARGETS, **plan.settings)
         self.name = name
         self.model = get_peft_model(model, config)
         self.model.train()
@@ -194,9 +189,8 @@ class Contender:
 
 
 def run_base(base: str, path: Path, args: argparse.Namespace) -> dict:
-    dense = load(path, "dense")  # layer shapes from the dense model: a 4-bit weight is stored packed
-    rank = lora_rank_for(dense, kradapter_count(dense))
-    contenders = [Contender(name, path, base, rank, args) for name in ("kradapter", "lora")]
+    sized = plans(load(path, "dense"), (KR, LORA))
+    contenders = [Contender(name, path, base, sized[name], args) for name in (KR, LORA)]
     for c in contenders:
         for _ in range(args.warmup):
             c.step()
@@ -227,11 +221,11 @@ def run_base(base: str, path: Path, args: argparse.Namespace) -> dict:
             "first_loss": c.losses[0],
             "last_loss": c.losses[-1],
         }
-    kr, lora = result["contenders"]["kradapter"], result["contenders"]["lora"]
+    kr, lora = result["contenders"][KR], result["contenders"][LORA]
     result["time_ratio"] = kr["median_s"] / lora["median_s"]
     result["cpu_time_ratio"] = kr["median_cpu_s"] / lora["median_cpu_s"]
     result["peak_ratio"] = kr["peak_bytes"] / lora["peak_bytes"]
-    result["lora_rank"] = rank
+    result[f"{LORA}_rank"] = sized[LORA].settings[registry.get(LORA).rank_knob]
     result["count_ratio"] = kr["trainable"] / lora["trainable"]  # 1 exactly at the default sizes
     return result
 
@@ -251,22 +245,17 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def merge_errors(base: str, path: Path, args: argparse.Namespace) -> dict:
     """Mean and max over seeds of: the adapter's effect on the logits, and how far merge and unmerge move them."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    from kradapter import KRAdapterConfig, SinLoRAConfig
-
-    configs = {
-        "lora": lambda: LoraConfig(target_modules=TARGETS, r=8),
-        "kradapter": lambda: KRAdapterConfig(target_modules=TARGETS),
-        "sinlora": lambda: SinLoRAConfig(target_modules=TARGETS, r=4),
-    }
+    methods = tuple(dict.fromkeys((LORA, KR, *registry.tagged("export-source"))))
+    sized = plans(load(path, "dense"), methods)
     probe = torch.randint(0, 101, (3, 11), generator=torch.Generator().manual_seed(7))
     out = {}
-    for method, make in configs.items():
+    for method, plan in sized.items():
         rows = []
         for seed in range(args.seeds):
             torch.manual_seed(100 + seed)
-            model = get_peft_model(load(path, base), make())
+            model = get_peft_model(load(path, base), registry.get(method).config(TARGETS, **plan.settings))
             ids = torch.randint(0, 101, (4, 12), generator=torch.Generator().manual_seed(seed))
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
             model.train()
@@ -307,7 +296,7 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        kr, lora = r["contenders"]["kradapter"], r["contenders"]["lora"]
+        kr, lora = r["contenders"][KR], r["contenders"][LORA]
         lines.append(
             f"| {r['base']} | {1e3 * kr['median_cpu_s']:.1f} | {1e3 * lora['median_cpu_s']:.1f} "
             f"| {r['cpu_time_ratio']:.2f} | {r['time_ratio']:.2f} "
@@ -340,9 +329,10 @@ def main(argv: list[str] | None = None) -> int:
             result = run_base(base, path, args)
             payload["bases"].append(result)
             write_json(out, payload, indent=1)
-            kr, lora = result["contenders"]["kradapter"], result["contenders"]["lora"]
+            kr, lora = result["contenders"][KR], result["contenders"][LORA]
+            rank = result[f"{LORA}_rank"]
             print(
-                f"{base}: trainable KRAdapter {kr['trainable']:,}, LoRA r={result['lora_rank']} {lora['trainable']:,}; "
+                f"{base}: trainable KRAdapter {kr['trainable']:,}, LoRA r={rank} {lora['trainable']:,}; "
                 f"CPU time ratio {result['cpu_time_ratio']:.2f}, peak ratio {result['peak_ratio']:.2f}",
                 flush=True,
             )

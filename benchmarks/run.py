@@ -24,20 +24,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from contenders import LAYER_SHAPES, MERGED_CONTENDERS, TRAIN_CONTENDERS, WORKLOADS, Contender, build
+from contenders import KR, LAYER_SHAPES, LORA, MERGED_CONTENDERS, TRAIN_CONTENDERS, WORKLOADS, Contender, build
 from measure import resident_bytes, step_peak_bytes, sync, time_steps
 from tqdm import tqdm
 
+from kradapter import guards
+from kradapter.plotting import pyplot, write_figure
 from kradapter.records import environment
 from kradapter.store import RunSpec, Store, StoreError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The issue's goals: (workload, contender, reference, what, limit); "<=" for cost ratios, ">=" for speed-ups.
 GOALS = [  # the issue's goals: (workload, contender, reference, measure, "<=" or ">=", limit) on contender / reference
-    ("minilm", "kradapter-fused", "lora", "median_s", "<=", 1.3),
-    ("minilm", "kradapter-fused", "lora", "peak_bytes", "<=", 1.1),
-    *[(w, "seed", "kradapter-fused", "median_s", ">=", 1.5) for w in LAYER_SHAPES],
-    ("minilm-merged", "kradapter-merged", "base", "median_s", "<=", 1.02),
+    ("minilm", f"{KR}-fused", LORA, "median_s", "<=", 1.3),
+    ("minilm", f"{KR}-fused", LORA, "peak_bytes", "<=", 1.1),
+    *[(w, "published", f"{KR}-fused", "median_s", ">=", 1.5) for w in LAYER_SHAPES],
+    ("minilm-merged", f"{KR}-merged", "base", "median_s", "<=", 1.02),
 ]
 
 
@@ -49,11 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated subset of {WORKLOADS}")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the base model and inputs")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads (pinned)")
-    p.add_argument("--tokens", type=int, default=2048, help="tokens per step (single layers and MiniLM)")
-    p.add_argument("--batch", type=int, default=16, help="MiniLM sequences per step (seq len = tokens / batch)")
-    p.add_argument("--min-rounds", type=int, default=3, help="timed rounds at least")
-    p.add_argument("--rounds", type=int, default=15, help="timed rounds at most")
+    p.add_argument("--threads", type=guards.cli_int(), default=os.cpu_count() or 1, help="torch CPU threads (pinned)")
+    p.add_argument("--tokens", type=guards.cli_int(), default=2048, help="tokens per step (single layers and MiniLM)")
+    p.add_argument(
+        "--batch", type=guards.cli_int(), default=16, help="MiniLM sequences per step (seq len = tokens / batch)"
+    )
+    p.add_argument("--min-rounds", type=guards.cli_int(), default=3, help="timed rounds at least")
+    p.add_argument("--rounds", type=guards.cli_int(), default=15, help="timed rounds at most")
     p.add_argument("--budget", type=float, default=40.0, help="seconds of timed rounds per workload")
     p.add_argument("--min-sample", type=float, default=0.02, help="seconds per timing sample (steps repeat to fill)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default benchmarks/results/DEVICE-DTYPE/)")
@@ -69,9 +73,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.workloads = [w for w in args.workloads if w in ("layer-1024x768", "minilm", "minilm-merged")]
         args.tokens, args.batch, args.min_rounds, args.rounds, args.budget = 256, 2, 2, 2, 5.0
-    for name in ("threads", "tokens", "batch", "min_rounds", "rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.tokens % args.batch:
         p.error(f"--tokens ({args.tokens}) must be a multiple of --batch ({args.batch})")
     return args
@@ -126,7 +127,7 @@ def run_workload(name: str, args: argparse.Namespace, device: torch.device, dtyp
             "warmup_losses": losses[c.name],
             **{k: v for k, v in c.extra.items() if k != "optimizer"},
         }
-    result["kradapter_loss_agreement"] = _loss_agreement(losses)
+    result[f"{KR}_loss_agreement"] = _loss_agreement(losses)
     del contenders
     if device.type == "cuda":
         sync(device)
@@ -140,8 +141,9 @@ def _clear_grads(c: Contender) -> None:
 
 
 def _loss_agreement(losses: dict[str, list[float]]) -> float | None:
-    """Largest relative difference of the warm-up losses among the seed layer and KRAdapter's trained executions."""
-    family = [v for k, v in losses.items() if k == "seed" or k in ("kradapter-fused", "kradapter-separate")]
+    """Largest relative difference of the warm-up losses among the published layer and KRAdapter's trained
+    executions."""
+    family = [v for k, v in losses.items() if k in ("published", f"{KR}-fused", f"{KR}-separate")]
     if len(family) < 2:
         return None
     worst = 0.0
@@ -152,14 +154,14 @@ def _loss_agreement(losses: dict[str, list[float]]) -> float | None:
 
 
 def table(result: dict) -> str:
-    """The workload's contenders as a text table: median step, ratios to LoRA/base and the seed, memory."""
+    """The workload's contenders as a text table: median step, ratios to LoRA/base and the published layer, memory."""
     rows = result["contenders"]
-    ref = "lora" if "lora" in rows else "base"
-    header = f"{'contender':<20}{'params':>10}{'median ms':>11}{'x ' + ref:>9}{'seed/x':>8}{'peak MB':>9}"
+    ref = LORA if LORA in rows else "base"
+    header = f"{'contender':<20}{'params':>10}{'median ms':>11}{'x ' + ref:>9}{'publ./x':>8}{'peak MB':>9}"
     header += f"{'x ' + ref:>8}{'step MB':>9}"
     lines = [f"== {result['workload']} ==", header]
     for name, r in rows.items():
-        speedup = rows["seed"]["median_s"] / r["median_s"] if "seed" in rows else float("nan")
+        speedup = rows["published"]["median_s"] / r["median_s"] if "published" in rows else float("nan")
         lines.append(
             f"{name:<20}{r['trainable_params']:>10,}{r['median_s'] * 1e3:>11.2f}"
             f"{r['median_s'] / rows[ref]['median_s']:>9.3f}{speedup:>8.2f}{r['peak_bytes'] / 2**20:>9.1f}"
@@ -184,11 +186,7 @@ def goals(results: dict[str, dict]) -> list[dict]:
 
 def plot(payload: dict, path: Path) -> None:
     """Step time and peak memory of every contender, relative to LoRA (base for merged inference), per workload."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     workloads = payload["workloads"]
     names = list(dict.fromkeys(n for w in workloads.values() for n in w["contenders"]))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
@@ -198,7 +196,7 @@ def plot(payload: dict, path: Path) -> None:
             ys, xs = [], []
             for j, w in enumerate(workloads.values()):
                 rows = w["contenders"]
-                ref = "lora" if "lora" in rows else "base"
+                ref = LORA if LORA in rows else "base"
                 if name in rows:
                     ys.append(j + (i - (len(names) - 1) / 2) * height)
                     xs.append(rows[name][key] / rows[ref][key])
@@ -213,8 +211,7 @@ def plot(payload: dict, path: Path) -> None:
     machine = payload["machine"].get("gpu") or payload["machine"]["cpu"]
     fig.suptitle(f"One training step (inference for minilm-merged): {machine}, {payload['dtype']}")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

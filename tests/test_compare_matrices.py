@@ -1,4 +1,4 @@
-"""Target matrices: the seed's synthetic definitions, the offline real rows, CLIP and user files."""
+"""Target matrices: the published synthetic definitions, the offline real rows, CLIP and user files."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from peft import get_peft_model
 from torch import nn
 
 import kradapter.khatri_rao as kr
-from benchmarks.seed_layer import SeedKRAdapterLinear
+from benchmarks.published_layer import PublishedKRAdapterLinear
 from kradapter import KRAdapterConfig, KRAdapterLinear
 from kradapter.khatri_rao import KhatriRaoShape, init_factors, khatri_rao_linear, write_update
 from kradapter.tuners.kradapter import KRAdapterLayer
@@ -27,7 +27,7 @@ from kradapter.tuners.kradapter import KRAdapterLayer
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 # (out, in): square, tall, wide, primes, crops (M not a multiple of r) and exact fits (M = r * r2).
 SHAPES = [(1, 1), (7, 1), (1, 7), (5, 5), (13, 29), (29, 13), (48, 100), (100, 48), (72, 130), (130, 72), (97, 389)]
-PATHS = ["fused", "separate", "layer-fused", "layer-separate", "layer-auto", "peft-auto", "peft-separate", "seed"]
+PATHS = ["fused", "separate", "layer-fused", "layer-separate", "layer-auto", "peft-auto", "peft-separate", "published"]
 
 
 def reference_delta(u: torch.Tensor, v: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -69,12 +69,12 @@ def run_path(path: str, base: nn.Linear, u: torch.Tensor, v: torch.Tensor, scali
             layer.kradapter_u["default"].copy_(u)
             layer.kradapter_v["default"].copy_(v)
         return model, (layer.kradapter_u["default"], layer.kradapter_v["default"])
-    assert path == "seed"
-    seed = SeedKRAdapterLinear(copy.deepcopy(base), scaling=scaling).float()
+    assert path == "published"
+    published = PublishedKRAdapterLinear(copy.deepcopy(base), scaling=scaling).float()
     with torch.no_grad():
-        seed.weight.copy_(u)
-        seed.v_weight.copy_(v)
-    return seed, (seed.weight, seed.v_weight)
+        published.weight.copy_(u)
+        published.v_weight.copy_(v)
+    return published, (published.weight, published.v_weight)
 
 
 def make_case(shape, dtype, device, generator):  # type: ignore[no-untyped-def]

@@ -43,7 +43,7 @@ def test_shape_rule(shape, factorization):
 def test_published_parameter_counts():
     assert KhatriRaoShape(768, 768).num_params == 43_008
     assert KhatriRaoShape(4096, 4096).num_params == 524_288  # = LoRA rank 64 on 4096x4096
-    assert KhatriRaoShape(768, 1024, "sqrt_max").num_params == 2 * 768 * 32  # the seed's budget 2*m*sqrt(M)
+    assert KhatriRaoShape(768, 1024, "sqrt_max").num_params == 2 * 768 * 32  # the published budget 2*m*sqrt(M)
 
 
 @pytest.mark.parametrize("shape", ODD_SHAPES)

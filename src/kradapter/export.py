@@ -27,16 +27,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from . import files, guards, registry
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-SOURCE_TYPES: tuple[str, ...] = ("KRADAPTER", "SINLORA")
+# The adapters this package's own tuners make; a tuner's peft_type is its registry name in capitals.
+SOURCE_METHODS: tuple[str, ...] = registry.tagged("export-source")
+SOURCE_TYPES: tuple[str, ...] = tuple(name.upper() for name in SOURCE_METHODS)
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES: tuple[str, ...] = ("adapter_model.safetensors", "adapter_model.bin")
@@ -122,17 +127,9 @@ class ExportReport:
         lines.append(
             f"{len(self.layers)} layers; relative error: overall {self.global_relative_error:.4f}, "
             f"worst layer {self.max_layer_error:.4f}; LoRA parameters {self.lora_params:,}; "
-            f"file {human_bytes(self.file_bytes)} (source {human_bytes(self.source_file_bytes)})"
+            f"file {files.format_bytes(self.file_bytes)} (source {files.format_bytes(self.source_file_bytes)})"
         )
         return "\n".join(lines)
-
-
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
 
 
 def check_request(
@@ -160,7 +157,8 @@ def check_request(
     peft_type = config.get("peft_type") if isinstance(config, dict) else None
     if peft_type not in SOURCE_TYPES:
         raise ExportError(
-            f"{str(source)!r} holds a {peft_type!r} adapter, not a KRAdapter or SinLoRA adapter "
+            f"{str(source)!r} holds a {peft_type!r} adapter, not a "
+            f"{' or '.join(registry.label(m) for m in SOURCE_METHODS)} adapter "
             f"(peft_type must be one of {SOURCE_TYPES})"
         )
     weights = next((source / name for name in WEIGHT_NAMES if (source / name).is_file()), None)
@@ -168,14 +166,9 @@ def check_request(
         raise ExportError(f"{str(source)!r} has no adapter weights ({' or '.join(WEIGHT_NAMES)})")
     if (rank is None) == (max_error is None):
         raise ExportError("give exactly one of rank and max_error")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise ExportError(f"rank must be a positive integer, got {rank!r}")
-    if max_error is not None and (
-        isinstance(max_error, bool)
-        or not isinstance(max_error, int | float)
-        or not math.isfinite(max_error)
-        or not 0.0 < max_error < 1.0
-    ):
+    if rank is not None:
+        guards.positive_int("rank", rank, error=ExportError)
+    if max_error is not None and not (guards.is_finite(max_error) and 0.0 < max_error < 1.0):
         raise ExportError(f"max_error must be a relative error in (0, 1), got {max_error!r}")
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of {DTYPES}")
@@ -340,7 +333,7 @@ def run_export(request: Request, model: nn.Module) -> ExportReport:
         file_bytes=file_bytes,
         source_file_bytes=request.weights_file.stat().st_size,
     )
-    atomic_write(request.out_dir / REPORT_NAME, json.dumps(report.to_dict(), indent=2).encode())
+    files.write_atomic(request.out_dir / REPORT_NAME, json.dumps(report.to_dict(), indent=2))
     return report
 
 
@@ -411,20 +404,12 @@ def write_folder(request: Request, lora_config: Any, tensors: dict[str, torch.Te
 
     out = request.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{WEIGHT_NAMES[0]}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHT_NAMES[0])
-    lora_config.save_pretrained(str(out))
+    with files.atomic_path(out / WEIGHT_NAMES[0]) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with tempfile.TemporaryDirectory(dir=out, prefix=".config.") as staging:  # PEFT writes the file; we publish it
+        lora_config.save_pretrained(staging)
+        files.write_atomic(out / CONFIG_NAME, (Path(staging) / CONFIG_NAME).read_bytes())
     stale = out / WEIGHT_NAMES[1]
     if stale.exists():
         stale.unlink()
     return (out / WEIGHT_NAMES[0]).stat().st_size
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

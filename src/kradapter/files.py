@@ -5,7 +5,8 @@ content hashes, and byte sizes for people.
 a temporary file in the same folder, ``fsync``, ``chmod`` to an ordinary mode (``0666`` less the umask unless
 ``mode`` is given; ``mkstemp`` makes ``0600``), rename over the target, ``fsync`` of the folder, so after a crash
 the folder holds the old file or the new one. :func:`atomic_path` does the same for writers that need a file
-name (``safetensors.save_file``). Only the standard library is imported.
+name (``safetensors.save_file``), and :func:`replace_dir` for a folder written whole (a saved model). Only the
+standard library is imported.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -83,6 +85,25 @@ def write_atomic(path: Path | str, data: str | bytes, *, mode: int | None = None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def replace_dir(staging: Path | str, directory: Path | str) -> None:
+    """Put the fully written folder ``staging`` (a sibling of ``directory``) in place of ``directory``: its files
+    synced, the old folder moved aside, the new one renamed in, the old one deleted. After a crash the place holds
+    the old folder or the new one (the old one perhaps still aside as ``.<name>.old``), never a mix."""
+    staging, directory = Path(staging), Path(directory)
+    for item in staging.rglob("*"):
+        if item.is_file():
+            with item.open("rb+") as f:
+                os.fsync(f.fileno())
+    fsync_dir(staging)
+    aside = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, aside)
+    os.replace(staging, directory)
+    fsync_dir(directory.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def dumps(data: Any, indent: int | None = None) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -90,3 +90,20 @@ def int_list(name: str, text: str, *, minimum: int = 1, error: type[Exception] =
     for value in values:
         positive_int(name, value, minimum=minimum, error=error)
     return values
+
+
+def cli_int(minimum: int = 1) -> Callable[[str], int]:
+    """An argparse ``type=``: the argument as an ``int`` >= ``minimum``; otherwise argparse's one-line usage error
+    (exit 2) naming the flag and the value."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not is_int(value, minimum):
+            raise argparse.ArgumentTypeError(f"must be {_integer_phrase(minimum)}, got {value}")
+        return value
+
+    return parse

@@ -6,12 +6,12 @@ Drop-in for an ``nn.Linear`` outside PEFT. Its factors load from the published l
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import guards
 from .khatri_rao import (
     Factorization,
     KhatriRaoShape,
@@ -26,9 +26,7 @@ PATHS = ("auto", "fused", "separate")
 
 
 def check_scaling(scaling: float) -> float:
-    if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not math.isfinite(scaling):
-        raise ValueError(f"KRAdapter scaling must be a finite number, got {scaling!r}")
-    return float(scaling)
+    return guards.finite_number("KRAdapter scaling", scaling)
 
 
 class KRAdapterLinear(nn.Module):

@@ -10,7 +10,16 @@ searched to match it (:func:`plan`). Counts are closed forms of the code users r
 
 Library defaults applied to every config, where PEFT's would blur a comparison: LoRA and LoKr at scale 1
 (``alpha = r``), RandLoRA at PEFT's recommended scale 20 (``randlora_alpha = 20 r``). ``study`` holds the extra
-defaults of the matrix study (the seed's toy methods all had scale 1, SinLoRA ``sin(20 B A)``).
+defaults of the matrix study (the published code's toy methods all had scale 1, SinLoRA ``sin(20 B A)``).
+
+Membership and roles are tags on the entries (:data:`TAGS`), read with :func:`tagged`: the default ``--methods``
+of each study (``compare-default``, ``finetune-default``), the shift study's presets, the budget method
+(:func:`budget_method`), the shift study's anchor (:func:`anchor`), the adapter others are shown relative to
+(:func:`reference_adapter`) and the adapters ``kradapter export`` reads. A list keeps registry order unless its
+entries give ``positions`` for its tag (finetune's list is ordered baselines first). Help texts come from
+:func:`methods_help`, and the derived lists (``ADAPTERS``, ``DEFAULT_ADAPTERS``, ...) are computed when read, so a
+method added to :data:`METHODS` is at once in every list, every ``--help`` and both studies
+(``tests/compare/test_method_facts.py`` proves it, and fails on a quoted method name anywhere else in the code).
 
 Importing this module loads no heavy library: names, settings and checks answer at once; counts and configs
 import PEFT and torch only when called.
@@ -28,7 +37,7 @@ from .shape import FACTORIZATIONS, Factorization, KhatriRaoShape
 
 Shape = tuple[int, int]
 Settings = dict[str, Any]
-COMMON_SETTINGS = ("modules_to_save",)  # PEFT config fields every adapter takes
+COMMON_SETTINGS = ("modules_to_save", "task_type")  # PEFT config fields every adapter takes
 
 
 class MethodError(ValueError):
@@ -88,6 +97,12 @@ class Method:
     @property
     def is_adapter(self) -> bool:
         return self.kind == "adapter"
+
+    @property
+    def init_setting(self) -> str | None:
+        """The config field that, set False, starts the adapter from a random non-zero update (benchmarks of merged
+        and unmerged inference need one); None if the method has none."""
+        return next((k for k in ("init_lora_weights", "init_weights") if k in self.settings), None)
 
     def check_settings(self, settings: Mapping[str, Any], where: str) -> None:
         """A MethodError naming ``where`` and the first setting this method does not accept or a bad count knob."""
@@ -205,8 +220,8 @@ def _sinlora_config(targets: Any, s: Settings) -> Any:
 
 
 def _sinlora_to_peft(s: Settings, shape: Shape) -> Settings:
-    """The study's ``amplitude`` as SinLoRA's ``alpha`` (the tuner divides by ``r`` and ``sqrt(in)``; the seed did
-    not)."""
+    """The study's ``amplitude`` as SinLoRA's ``alpha`` (the tuner divides by ``r`` and ``sqrt(in)``; the published
+    code did not)."""
     s = dict(s)
     amplitude = s.pop("amplitude", None)
     if amplitude is not None and "alpha" not in s:
@@ -400,7 +415,7 @@ _ENTRIES = (
         "lora",
         "LoRA",
         "adapter",
-        tags=frozenset({"compare-default", "finetune-default", "shift-reduced", "shift-full", "compare-relative"}),
+        tags=frozenset({"compare-default", "finetune-default", "shift-reduced", "shift-full", "reference-adapter"}),
         positions={"finetune-default": 2},
         settings=("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights"),
         count_knobs=("r",),
@@ -415,8 +430,8 @@ _ENTRIES = (
         "sinlora",
         "SinLoRA",
         "adapter",
-        tags=frozenset({"compare-default", "finetune-default"}),
-        positions={"finetune-default": 6},
+        tags=frozenset({"compare-default", "finetune-default", "export-source"}),
+        positions={"finetune-default": 6, "export-source": 1},
         settings=("r", "alpha", "frequency", "dropout", "init_weights", "amplitude"),
         count_knobs=("r",),
         rank_knob="r",
@@ -432,9 +447,17 @@ _ENTRIES = (
         "KRAdapter",
         "adapter",
         tags=frozenset(
-            {"compare-default", "finetune-default", "shift-reduced", "shift-full", "shift-anchor", "budget"}
+            {
+                "compare-default",
+                "finetune-default",
+                "shift-reduced",
+                "shift-full",
+                "shift-anchor",
+                "budget",
+                "export-source",
+            }
         ),
-        positions={"finetune-default": 5},
+        positions={"finetune-default": 5, "export-source": 0},
         settings=("scaling", "factorization", "execution", "dropout", "init_weights"),
         count_knobs=("factorization",),
         lr_grid=(1e-3, 3e-3, 1e-2),
@@ -580,7 +603,8 @@ TAGS = {
     "shift-contender": "a contender of the shift study's full preset (anchor cell only)",
     "shift-anchor": "the method every shift comparison is against",
     "budget": "the method whose trainable count is the budget every other adapter is sized to",
-    "compare-relative": "the method compare's tables show other methods' spectral error relative to",
+    "reference-adapter": "the adapter others are shown relative to (compare's error bars, the benchmarks' speed)",
+    "export-source": "an adapter of this package's own tuners, which kradapter export turns into LoRA",
 }
 
 
@@ -603,6 +627,11 @@ def _the(tag: str) -> Method:
 def budget_method() -> Method:
     """The method whose trainable count is the budget (KRAdapter: it has no rank knob)."""
     return _the("budget")
+
+
+def reference_adapter() -> str:
+    """The name of the adapter others are shown relative to (LoRA: the usual low-rank method)."""
+    return _the("reference-adapter").name
 
 
 def anchor() -> str:
@@ -629,7 +658,7 @@ def __getattr__(name: str) -> Any:
         "REFERENCES": lambda: of_kind("reference"),
         "BASELINES": lambda: of_kind("baseline"),
         "BUDGET_METHOD": lambda: budget_method().name,
-        "RELATIVE_TO": lambda: _the("compare-relative").name,
+        "RELATIVE_TO": lambda: reference_adapter(),
     }
     if name in derived:
         return derived[name]()

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
+from . import guards
+
 Factorization = Literal["sqrt_min", "sqrt_max"]
 FACTORIZATIONS: tuple[str, ...] = ("sqrt_min", "sqrt_max")
 
@@ -30,7 +32,7 @@ class KhatriRaoShape:
     def __post_init__(self) -> None:
         for name in ("out_features", "in_features"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not guards.is_int(value, 1):
                 raise ValueError(f"KRAdapter needs a positive integer {name}, got {value!r}")
         if self.factorization not in FACTORIZATIONS:
             raise ValueError(f"unknown KRAdapter factorization {self.factorization!r}; choose one of {FACTORIZATIONS}")

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from . import guards
+
 CONFIDENCE = 0.95
 RESAMPLES = 10_000
 SEED = 0
@@ -132,8 +134,7 @@ def paired_difference(
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be between 0 and 1, got {confidence!r}")
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
-        raise ValueError(f"resamples must be a positive integer, got {resamples!r}")
+    guards.positive_int("resamples", resamples)
     keys, va, vb = pair_up(a, b)
     if len(keys) < 2:
         raise ValueError(f"a paired comparison needs at least 2 pairs, got {len(keys)}")

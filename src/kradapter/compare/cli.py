@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..assets import MissingPackageError
+from ..registry import methods_help
 from ..store import Store, StoreError
 from .config import ConfigError, StudyConfig, load_config, with_changes
 from .inputs import MissingInputError, run_spec
@@ -44,13 +45,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="matrix-approximation study: each PEFT method's update fitted to target matrices",
         description=(
             "Fit each PEFT method's weight update to target matrices at an equal parameter budget and compare "
-            "spectral error and effective rank. With no arguments: the seed's default study, offline, into results/."
+            "spectral error and effective rank. With no arguments: the published default study, offline, into results/."
         ),
     )
     parser.add_argument("--config", type=Path, help="a TOML study file (see examples/study.toml)")
     parser.add_argument("--size", type=_size, help="synthetic matrix size ROWSxCOLS (default 1024x768)")
     parser.add_argument("--iterations", type=int, help="optimisation steps per cell (default 300)")
-    parser.add_argument("--methods", type=_names, help="comma-separated: lora,sinlora,kradapter,randlora,kronecker")
+    parser.add_argument(
+        "--methods", type=_names, help=f"comma-separated, from: {methods_help('adapter', default='compare-default')}"
+    )
     parser.add_argument("--matrices", type=_names, help="comma-separated matrix types (see docs/compare.md)")
     parser.add_argument("--seeds", type=_seeds, help="comma-separated seeds; several give mean and std (default 42)")
     parser.add_argument("--out", type=str, help="output folder (default results/)")

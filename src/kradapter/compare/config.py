@@ -1,4 +1,4 @@
-"""The study's configuration: one typed tree covering everything the seed's ``config.py`` names.
+"""The study's configuration: one typed tree covering everything the published ``config.py`` names.
 
 Read from TOML (:func:`load_config`), overridden by command-line flags (:func:`apply_overrides`), validated on
 construction: an unknown key or an invalid value is a :class:`ConfigError` naming it (``training.lr: ...``).
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .. import registry
+from .. import guards, registry
 from ..shape import FACTORIZATIONS
 
 SYNTHETIC_TYPES = ("random_noise", "sparse_noise", "pca_whitened", "low_rank", "high_freq", "low_freq")
@@ -40,14 +40,14 @@ def _fail(where: str, message: str) -> None:
 
 
 def _check_int(where: str, value: Any, minimum: int = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not guards.is_int(value, minimum):
         _fail(where, f"expected an integer >= {minimum}, got {value!r}")
 
 
 def _check_number(
     where: str, value: Any, low: float = -math.inf, high: float = math.inf, open_low: bool = False
 ) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not guards.is_finite(value):
         _fail(where, f"expected a finite number, got {value!r}")
     if value < low or value > high or (open_low and value == low):
         bound = f"({low}, {high}]" if open_low else f"[{low}, {high}]"
@@ -107,7 +107,7 @@ class MatricesConfig:
 
     size: tuple[int, int] = (1024, 768)
     types: list[str] | None = None  # None: the six synthetic types and two real rows (see default_types)
-    crop: bool = False  # crop real matrices to `size` (the seed did); default: their native shape
+    crop: bool = False  # crop real matrices to `size` (the published code did); default: their native shape
     clip_checkpoint: str = ""  # a local CLIP state dict; enables clip_language / clip_vision
     whisper_key: str = "encoder/layer_5/self_attention/linear_0/weight"
     minilm_layer: int = 5
@@ -150,7 +150,7 @@ class MethodsConfig:
     ``amplitude`` for SinLoRA; under ``equal_budget`` a fixed count knob there overrides the search.
     """
 
-    names: list[str] = field(default_factory=lambda: list(registry.DEFAULT_ADAPTERS))
+    names: list[str] = field(default_factory=lambda: list(registry.tagged("compare-default")))
     strategy: str = "equal_budget"
     rank: int = 0  # equal_rank: the shared rank (0: LoRA's equal-budget rank)
     kradapter_factorization: str = "sqrt_max"
@@ -198,7 +198,7 @@ class TrainingConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.0  # sgd only
     iterations: int = 300
-    loss: str = "frobenius"  # the seed's ||dW - T||_F; "squared_frobenius" is ||dW - T||_F^2
+    loss: str = "frobenius"  # the published ||dW - T||_F; "squared_frobenius" is ||dW - T||_F^2
     scheduler: str = "none"
     warmup_steps: int = 0
     gradient_clip: float = 0.0  # max global gradient norm; 0: off
@@ -231,8 +231,8 @@ class TrainingConfig:
 @dataclass
 class EarlyStoppingConfig:
     """Stop a cell once the mean loss of its last ``patience`` steps is less than ``tolerance`` (relative) below
-    the mean of the ``patience`` steps before, after at least ``min_iterations`` steps. The seed config named
-    1e-6 / 50 / 100 for a rule its script never ran. At these defaults the seed's study stops cells after 24-80
+    the mean of the ``patience`` steps before, after at least ``min_iterations`` steps. The published config named
+    1e-6 / 50 / 100 for a rule its script never ran. At these defaults the published study stops cells after 24-80
     steps, within 0.5% of the best loss of 300 steps (SinLoRA, chaotic at lr 0.1: up to 1.6%; docs/compare.md)."""
 
     enabled: bool = True
@@ -248,7 +248,7 @@ class EarlyStoppingConfig:
 
 @dataclass
 class GeneratorsConfig:
-    """Parameters of the synthetic targets, as the seed's config names them (defaults are the seed's)."""
+    """Parameters of the synthetic targets, as the published config names them (defaults are the published ones)."""
 
     sparse_dropout: float = 0.9
     low_rank_fraction: float = 0.25

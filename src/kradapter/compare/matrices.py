@@ -1,10 +1,10 @@
-"""Target matrices of the study: the seed's six synthetic types, real pretrained weights, and the user's own.
+"""Target matrices of the study: the published six synthetic types, real pretrained weights, and the user's own.
 
-Synthetic types follow the seed's ``approximate_weight.py`` definitions, drawn from a generator seeded per
+Synthetic types follow the published ``approximate_weight.py`` definitions, drawn from a generator seeded per
 (seed, type) so a target never depends on what ran before it:
 
 - ``random_noise``: standard Gaussian.
-- ``sparse_noise``: Gaussian through training-mode dropout, as the seed did: entries are zeroed with
+- ``sparse_noise``: Gaussian through training-mode dropout, as the published code did: entries are zeroed with
   probability ``p`` *and the kept ones are scaled by 1 / (1 - p)* (10 at the default 0.9).
 - ``pca_whitened``: Gaussian rows centred, rotated onto the covariance's eigenvectors and scaled by
   ``1 / sqrt(eigenvalue + eps)``.
@@ -13,7 +13,7 @@ Synthetic types follow the seed's ``approximate_weight.py`` definitions, drawn f
 - ``high_freq`` / ``low_freq``: row ``i`` is ``sin(2 pi f_i t + phase)`` with ``f_i`` evenly spaced over the
   frequency range, a phase uniform in [0, 1) radians, plus 0 to ``max_harmonics`` sines at uniform random
   frequencies in the range; ``t`` is ``cols`` points over one second. Sampled at ``cols`` Hz, everything above
-  ``cols / 2`` Hz aliases: the seed's "high frequency" rows (1-10 kHz on 768 points) are aliased tones, kept
+  ``cols / 2`` Hz aliases: the published "high frequency" rows (1-10 kHz on 768 points) are aliased tones, kept
   for continuity.
 
 Real rows: ``clip_language`` / ``clip_vision`` (last text / vision fused q/k/v attention weight of a local CLIP

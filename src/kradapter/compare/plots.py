@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
-from ..store import write_figure
+from ..plotting import pyplot, write_figure
 from .config import StudyConfig
 
 
@@ -34,13 +34,7 @@ def _value(entry: dict[str, Any], method: str, metric: str) -> float | None:
 
 
 def _pyplot(config: StudyConfig):
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    plt.rcParams.update({"font.size": config.output.font_size})
-    return plt
+    return pyplot(config.output.font_size)
 
 
 def _save(fig, path: Path, config: StudyConfig, rect: tuple[float, ...] = (0, 0, 1, 1)) -> None:
@@ -94,7 +88,7 @@ def _row_label(name: str, entry: dict[str, Any]) -> str:
 
 
 def comparison_plot(results: dict[str, Any], config: StudyConfig, path: Path) -> None:
-    """The seed's chart (nuclear error in % of LoRA's, absolute values on the bars) above the relative
+    """The published chart (nuclear error in % of LoRA's, absolute values on the bars) above the relative
     Frobenius error (1 = predicting zero), which the nuclear error alone would hide."""
     plt = _pyplot(config)
     rows = _rows(results, config)

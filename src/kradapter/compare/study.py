@@ -3,7 +3,7 @@
 A cell is (matrix, method, seed). Its update is the ``get_delta_weight`` of the PEFT layer that
 ``peft.get_peft_model`` injects into a one-layer model ``nn.Linear(cols, rows)`` — kradapter's KRAdapter and
 SinLoRA tuners, PEFT's own LoRA, RandLoRA and LoKr — so every number is about the code users run. The
-adapter's trainable parameters are fitted by the configured optimiser on the seed's objective,
+adapter's trainable parameters are fitted by the configured optimiser on the published objective,
 ``||dW - T||_F`` (or its square), and the metrics come from the final parameters. Each cell seeds the random
 streams itself (adapter initialisation and RandLoRA's bases), so results do not depend on the order of cells.
 Two references join every table: the truncated SVD at LoRA's rank (the optimum of rank ``r``) and zero.
@@ -46,7 +46,8 @@ def plan_method(name: str, shape: tuple[int, int], config: StudyConfig) -> Plan:
     else:
         note = None
         if methods.strategy == "equal_rank" and method.rank_knob:
-            settings.setdefault(method.rank_knob, methods.rank or reference_rank("svd", shape, config))
+            ranked = next(r for r in registry.REFERENCES if registry.METHODS[r].rank_of)  # the truncated SVD
+            settings.setdefault(method.rank_knob, methods.rank or reference_rank(ranked, shape, config))
     peft_settings = method.to_peft(settings, shape)
     if method.scale_one and method.rank_knob in peft_settings:
         peft_settings.setdefault(method.scale_one, peft_settings[method.rank_knob])

@@ -9,7 +9,6 @@ maps onto the weight (:meth:`DeltaLayer.to_weight_layout`) and which operation a
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .. import guards
 from ..khatri_rao import ConvGeometry, runs_as_linear
 from . import quantized
 
@@ -74,8 +74,7 @@ class DeltaConfig(PeftConfig):
 
     @staticmethod
     def check_finite(name: str, value: Any) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        guards.finite_number(name, value)
 
 
 class DeltaLayer(BaseTunerLayer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ... import guards
 from ..base import DeltaConfig
 from ..peft_type import MethodType
 
@@ -21,7 +22,6 @@ class SinLoRAConfig(DeltaConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PEFT_TYPE
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"SinLoRA rank r must be a positive integer, got {self.r!r}")
+        guards.positive_int("SinLoRA rank r", self.r)
         self.check_finite("alpha", self.alpha)
         self.check_finite("frequency", self.frequency)

@@ -16,7 +16,7 @@ from torch import nn
 from kradapter.khatri_rao import KhatriRaoShape
 
 
-class SeedKRAdapterLinear(nn.Module):
+class PublishedKRAdapterLinear(nn.Module):
     """``y = x @ dW^T * scaling + base(x)`` with ``dW`` built in full every forward, as published.
 
     ``weight`` is ``U`` (m x r, zeros) and ``v_weight`` is ``V`` (m x r2, Kaiming-uniform with ``a=5``),
@@ -27,7 +27,7 @@ class SeedKRAdapterLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, scaling: float = 2.0) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"SeedKRAdapterLinear wraps an nn.Linear, got {type(base_layer).__name__}")
+            raise TypeError(f"PublishedKRAdapterLinear wraps an nn.Linear, got {type(base_layer).__name__}")
         self.base_layer = base_layer.requires_grad_(False)
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         shape = KhatriRaoShape(self.out_features, self.in_features)  # the published factor sizes ("sqrt_min")
@@ -49,14 +49,14 @@ class SeedKRAdapterLinear(nn.Module):
         return x @ self.get_update() * self.scaling + self.base_layer(x)
 
 
-def apply_seed_layers(model: nn.Module, targets: tuple[str, ...], scaling: float = 2.0) -> list[str]:
-    """Replace every ``nn.Linear`` whose name ends with one of ``targets`` by a seed layer; returns their names."""
+def apply_published_layers(model: nn.Module, targets: tuple[str, ...], scaling: float = 2.0) -> list[str]:
+    """Replace every ``nn.Linear`` whose name ends with one of ``targets`` by a published layer; returns their names."""
     replaced = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name.split(".")[-1] in targets:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, SeedKRAdapterLinear(module, scaling))
+            setattr(parent, child, PublishedKRAdapterLinear(module, scaling))
             replaced.append(name)
     if not replaced:
         raise ValueError(f"no nn.Linear in the model ends with any of {targets}")
