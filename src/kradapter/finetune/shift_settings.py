@@ -36,7 +36,7 @@ FULL: dict[str, Any] = REDUCED | {
     "shots": (8, 32, 128),
     "budgets": (1, 4),
 }
-PRESETS: dict[str, dict[str, Any]] = {"reduced": REDUCED, "full": FULL}
+PRESETS: dict[str, dict[str, Any]] = dict(reduced=REDUCED, full=FULL)  # preset names (one is not the method full)
 
 
 def _int(flag: str, value: Any, minimum: int) -> int:
