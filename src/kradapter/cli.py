@@ -1,5 +1,6 @@
-"""The ``kradapter`` command: ``compare`` (matrix-approximation study), ``finetune`` (real fine-tuning) and
-``export`` (a KRAdapter or SinLoRA adapter as a LoRA adapter, for LoRA-only serving).
+"""The ``kradapter`` command: ``compare`` (matrix-approximation study), ``finetune`` (real fine-tuning), ``shift``
+(the distribution-shift study) and ``export`` (a KRAdapter or SinLoRA adapter as a LoRA adapter, for LoRA-only
+serving).
 
 Parsing and every check load no heavy library, so help and errors answer at once.
 """
@@ -12,7 +13,13 @@ import logging
 import sys
 import warnings
 
-COMMAND_MODULES = ("kradapter.compare.cli", "kradapter.finetune.cli", "kradapter.export_cli", "kradapter.report.cli")
+COMMAND_MODULES = (
+    "kradapter.compare.cli",
+    "kradapter.finetune.cli",
+    "kradapter.finetune.shift_cli",
+    "kradapter.export_cli",
+    "kradapter.report.cli",
+)
 
 
 # Optional quantization backends, which PEFT imports whenever they are installed, log at import time about kernels

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from kradapter.cli import main
-from kradapter.finetune.models import load_trained
-from kradapter.finetune.protocol import DEFAULT_METHODS as METHODS
-from kradapter.finetune.protocol import parse_methods
+from kradapter.finetune.protocol import default_methods, parse_methods
 from kradapter.finetune.report import RESULTS_FILE
+from kradapter.finetune.strategies import load_trained
+
+METHODS = default_methods()
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +78,12 @@ def test_every_method_trains_saves_and_reloads(corpus: Path, tiny_model: Path, t
             assert 0 <= run["test"]["accuracy"] <= 1 and 0 <= run["test"]["macro_f1"] <= 1
             assert run["trainable_params"] == info["trainable_params"]
             assert run["train_time_s"] > 0 and run["peak_memory_mb"] > 0 and run["adapter_bytes"] > 0
-    # The head sweep chose one of its two rates by validation accuracy; the others kept one rate.
+    # The head sweep chose one of its two rates by validation accuracy; the others kept one rate. The choice is a
+    # record of the store, and the document reports it from there.
     assert results["chosen_lr"]["head"] in (3e-2, 1e-1) and results["chosen_lr"]["lora"] == 3e-3
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    chosen = {r["key"][1]: r["record"]["lr"] for r in records if r["key"][0] == "chosen"}
+    assert chosen == results["chosen_lr"]
     summary = results["summary"]
     assert set(summary) >= set(METHODS)
     for method in METHODS:

