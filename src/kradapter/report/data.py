@@ -57,7 +57,7 @@ def find_results(folder: Path) -> tuple[str, Path]:
             return kind, folder / name
     raise ReportError(
         f"{str(folder)!r} is not a results folder: it holds none of {', '.join(KINDS)} "
-        "(written by `kradapter compare`, `kradapter finetune` and `kradapter finetune --study shift`)"
+        "(written by `kradapter compare`, `kradapter finetune` and `kradapter shift`)"
     )
 
 
@@ -342,7 +342,7 @@ def _shift(results: dict[str, Any], folder: str) -> ReportData:
     data = ReportData(
         kind="shift",
         folder=folder,
-        title="kradapter finetune --study shift: in and out of distribution",
+        title="kradapter shift: in and out of distribution",
         primary="id",
         higher_is_better=True,
         metrics=["id", "ood", "gap"],
