@@ -78,7 +78,7 @@ def _write(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def _update(layer: Any) -> torch.Tensor:
-    from ..finetune.updates import layer_update
+    from ..analysis import layer_update
 
     with torch.no_grad():
         return layer_update(layer, "default").detach()
