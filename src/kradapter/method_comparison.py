@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .files import write_atomic
+
 RESULTS_FILE = "finetune_results.json"
 MB = 1024 * 1024
 
@@ -155,9 +157,7 @@ def export_results(
         raise ExportError(f"{str(clash[0])!r} exists; pass overwrite (--overwrite) to replace it")
     out.mkdir(parents=True, exist_ok=True)
     for path, row in zip(names, rows, strict=True):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(row, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(row, indent=2) + "\n")
     return names
 
 

@@ -61,6 +61,10 @@ def _number(value: Any) -> bool:
     return isinstance(value, Number) and not isinstance(value, bool)
 
 
+def _positive_number(value: Any) -> bool:
+    return _number(value) and value > 0
+
+
 def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -138,7 +142,10 @@ def _compare(key: tuple[Any, ...], record: Any) -> str | None:
 
 
 def _trained(key: tuple[Any, ...], record: Any) -> str | None:
-    """``(..., "sweep", METHOD, LR)`` and ``(..., "run", METHOD, SEED)``: a trained (or reloaded) run's numbers."""
+    """``(..., "sweep", METHOD, LR)`` and ``(..., "run", METHOD, SEED)``: a trained (or reloaded) run's numbers;
+    ``(..., "chosen", METHOD)``: the learning rate its sweep chose."""
+    if len(key) >= 2 and key[-2] == "chosen" and _text(key[-1]):
+        return _fields(record, {"lr": _positive_number})
     if len(key) < 3 or key[-3] not in ("sweep", "run") or not _text(key[-2]):
         return f"unknown key {list(key)!r}"
     if key[-3] == "run":

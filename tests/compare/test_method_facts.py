@@ -25,6 +25,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("src/kradapter/cli.py", "kradapter"): "the program's name (argparse prog)",
     ("src/kradapter/export_cli.py", "kradapter"): "the program's name (argparse prog)",
     ("src/kradapter/records.py", "kradapter"): "the package whose version a run records",
+    ("src/kradapter/method_comparison.py", "kradapter"): "the package whose version a result file records",
     ("src/kradapter/executor.py", "kradapter"): "the package whose version a worker must share with the driver",
     ("src/kradapter/__init__.py", "sinlora"): "the module kradapter.sinlora in the lazy import table",
     ("src/kradapter/tuners/__init__.py", "KRADAPTER"): "PEFT's peft_type key; the tuners sit below the registry",

@@ -24,8 +24,11 @@ LAYERS: dict[str, int] = {
     **dict.fromkeys(("khatri_rao", "sinlora", "shape", "guards", "files"), 0),
     "layer": 1,
     "tuners": 2,
-    **dict.fromkeys(("registry", "store", "analysis", "stats", "plotting", "assets", "records", "export"), 3),
-    **dict.fromkeys(("compare", "finetune"), 4),
+    **dict.fromkeys(
+        ("registry", "store", "analysis", "stats", "plotting", "assets", "records", "export", "intruders", "executor"),
+        3,
+    ),
+    **dict.fromkeys(("compare", "finetune", "report", "method_comparison"), 4),
     **dict.fromkeys(("cli", "export_cli"), 5),
 }
 STUDIES = ("compare", "finetune")
@@ -101,7 +104,7 @@ def layer(name: str) -> int | None:
     parts = name.split(".")[1:]
     if not parts:
         return None
-    if parts[0] in STUDIES and parts[-1] == "cli":
+    if parts[0] in (*STUDIES, "report") and parts[-1] == "cli":
         return LAYERS["cli"]
     return LAYERS[parts[0]]
 

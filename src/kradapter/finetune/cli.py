@@ -18,7 +18,17 @@ from typing import Any
 from .. import registry
 from ..assets import MissingPackageError, bbc_news_dir
 from ..store import Store, StoreError, file_hash
-from .commands import Fail, add_recipe_arguments, check_model, failer, flat, mode_of, open_store, recipe_from
+from .commands import (
+    Fail,
+    add_recipe_arguments,
+    check_model,
+    failer,
+    finetune_outputs,
+    flat,
+    mode_of,
+    open_store,
+    recipe_from,
+)
 from .data import MODEL_NAME, load_corpus
 from .protocol import Settings, SettingsError, check_launch, default_methods, parse_lr_grid, world
 
@@ -85,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         data_dir = Path(settings.data) if settings.data else bbc_news_dir()
         corpus = load_corpus(data_dir)  # a data folder without two classes of .txt files stops here
         spec = settings.run_spec(file_hash(model_dir), file_hash(data_dir))
-        store = open_store(args.out, spec, mode_of(args), rank, world_size, settings.recipe.device)
+        outputs = finetune_outputs(settings.methods)
+        store = open_store(args.out, spec, mode_of(args), rank, world_size, settings.recipe.device, outputs)
     except (SettingsError, MissingPackageError, StoreError, ValueError) as exc:
         return fail(str(exc))
     with store:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..assets import minilm_dir
@@ -102,34 +102,41 @@ def mode_of(args: argparse.Namespace) -> str:
     return "overwrite" if args.overwrite else "resume" if args.resume else "new"
 
 
-def outputs(spec: RunSpec) -> list[str]:
-    """The paths a finetune or shift run writes in its folder: one already there that no run wrote stops the run
-    when the folder is opened, before any work."""
-    from . import report, shift_report
+def finetune_outputs(methods: Iterable[str]) -> list[str]:
+    """The paths a ``kradapter finetune`` run writes in its folder (checked when the folder is opened)."""
+    from .report import PLOT_FILE, RESULTS_FILE, TABLE_FILE
+
+    return [RESULTS_FILE, TABLE_FILE, PLOT_FILE, *_run_outputs(methods)]
+
+
+def shift_outputs(benchmarks: Iterable[str]) -> list[str]:
+    """The paths a ``kradapter shift`` run writes in its folder (checked when the folder is opened)."""
+    from .shift_report import RESULTS_FILE, TABLE_FILE
+
+    benchmarks = list(benchmarks)
+    plots = [f"shift_{b}_{p}.png" for b in benchmarks for p in ("kshot", "rank", "spectra")]
+    return [RESULTS_FILE, TABLE_FILE, *plots, *_run_outputs(benchmarks)]
+
+
+def _run_outputs(adapter_folders: Iterable[str]) -> list[str]:
     from .runner import ADAPTERS_DIR, TRAINER_DIR
 
-    if spec.kind == "shift":
-        benchmarks = [str(b) for b in spec.axes.get("benchmarks", ())]
-        plots = [f"shift_{b}_{p}.png" for b in benchmarks for p in ("kshot", "rank", "spectra")]
-        files = [shift_report.RESULTS_FILE, shift_report.TABLE_FILE, *plots]
-        folders = benchmarks
-    else:
-        files = [report.RESULTS_FILE, report.TABLE_FILE, report.PLOT_FILE]
-        folders = [str(m) for m in spec.axes.get("methods", ())]
-    return [*files, TRAINER_DIR, *(f"{ADAPTERS_DIR}/{f}" for f in folders)]
+    return [TRAINER_DIR, *(f"{ADAPTERS_DIR}/{f}" for f in adapter_folders)]
 
 
-def open_store(out: str, spec: RunSpec, mode: str, rank: int, world_size: int, device: str) -> Store:
+def open_store(
+    out: str, spec: RunSpec, mode: str, rank: int, world_size: int, device: str, outputs: list[str]
+) -> Store:
     """Rank 0 opens (and locks) the run folder; under torchrun the others wait for its verdict, then read it.
     A file or folder the run would write that is already there, written by no run, stops it here."""
     if world_size == 1:
-        return Store.open(out, spec, mode, legacy=["finetune_results.json"], outputs=outputs(spec))
+        return Store.open(out, spec, mode, legacy=["finetune_results.json"], outputs=outputs)
     from .train import broadcast_object
 
     store, error = None, None
     if rank == 0:
         try:
-            store = Store.open(out, spec, mode, legacy=["finetune_results.json"], outputs=outputs(spec))
+            store = Store.open(out, spec, mode, legacy=["finetune_results.json"], outputs=outputs)
         except StoreError as exc:
             error = str(exc)
     error = broadcast_object(error, device)

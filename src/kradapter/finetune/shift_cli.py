@@ -16,7 +16,18 @@ from typing import Any
 from .. import registry
 from ..assets import MissingPackageError
 from ..store import Store, StoreError, file_hash
-from .commands import Fail, add_recipe_arguments, check_model, failer, flat, ints, mode_of, open_store, recipe_from
+from .commands import (
+    Fail,
+    add_recipe_arguments,
+    check_model,
+    failer,
+    flat,
+    ints,
+    mode_of,
+    open_store,
+    recipe_from,
+    shift_outputs,
+)
 from .data import MODEL_NAME
 from .protocol import SettingsError, check_launch, parse_lr_grid, world
 from .shift_settings import ANCHOR, BENCHMARKS, FULL, PRESETS, REDUCED, StudySettings
@@ -92,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
         data = {b: benchmark_data(load_benchmark(b), settings.eval_per_class) for b in settings.benchmarks}
         check_data(settings, data)  # shots that a class cannot supply stop here, before the folder is touched
         inputs = {"model": file_hash(model_dir), **{f"data.{b}": data_hash(d) for b, d in data.items()}}
-        store = open_store(args.out, settings.run_spec(inputs), mode_of(args), rank, world_size, settings.recipe.device)
+        outputs = shift_outputs(settings.benchmarks)
+        store = open_store(
+            args.out, settings.run_spec(inputs), mode_of(args), rank, world_size, settings.recipe.device, outputs
+        )
     except (MissingPackageError, StoreError, SettingsError, ValueError) as exc:
         return fail(str(exc))
     with store:

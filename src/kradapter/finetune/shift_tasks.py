@@ -49,6 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..assets import locate_data_file
 from .shift_data import (
     NEWSGROUPS_DIR,
     NEWSGROUPS_FILES,
@@ -56,7 +57,6 @@ from .shift_data import (
     ORANGE_TEXT_PIP,
     LabelledTexts,
     ShiftBenchmark,
-    locate_data_file,
     read_orange_tab,
     unique_texts,
 )

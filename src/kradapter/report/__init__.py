@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..files import write_atomic
 from .data import ReportData, ReportError, load
 
 __all__ = ["ReportData", "ReportError", "build_report", "load"]
@@ -19,7 +20,5 @@ def build_report(results_dir: str | os.PathLike[str], out: str | os.PathLike[str
     data = load(Path(results_dir))
     path = Path(out) if out is not None else Path(results_dir) / "report.html"
     page = render(data)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, page)
     return path

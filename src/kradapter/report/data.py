@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import registry
 from ..store import LOCK_FILE, RUN_FILE
 
 KINDS = {  # results file -> kind
@@ -23,7 +24,6 @@ KINDS = {  # results file -> kind
     "finetune_results.json": "finetune",
     "shift_results.json": "shift",
 }
-REFERENCE = "kradapter"  # paired intervals are KRAdapter minus each other method
 
 
 class ReportError(ValueError):
@@ -144,12 +144,13 @@ def _pair_runs(group: str, endpoint: str, by_method: dict[str, dict[str, float]]
     from ..stats import paired_difference
 
     out: list[dict[str, Any]] = []
-    ref = by_method.get(REFERENCE)
+    anchor = registry.anchor()  # the method every paired interval is against
+    ref = by_method.get(anchor)
     if not ref:
         return out
     for other, scores in sorted(by_method.items()):
         common = [s for s in scores if s in ref]
-        if other == REFERENCE or len(common) < 2:
+        if other == anchor or len(common) < 2:
             continue
         pair = paired_difference({s: ref[s] for s in common}, {s: scores[s] for s in common}).to_dict()
         out.append(_paired(group, endpoint, other, pair))

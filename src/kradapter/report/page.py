@@ -160,7 +160,7 @@ def forest_chart(data: ReportData) -> tuple[Any, int]:
         x=alt.X("low:Q", title="difference, 95% interval"), x2="high:Q", color=alt.Color("verdict:N"), tooltip=tooltip
     )
     points = base.mark_point(filled=True, size=POINT_SIZE, color="black").encode(x="mean:Q", tooltip=tooltip)
-    zero = alt.Chart(alt.Data(values=[{"zero": 0}])).mark_rule(strokeDash=[2, 2], color="gray").encode(x="zero:Q")
+    zero = alt.Chart(alt.Data(values=[{"origin": 0}])).mark_rule(strokeDash=[2, 2], color="gray").encode(x="origin:Q")
     chart = (zero + rules + points).properties(
         width=WIDTH, height=max(60, 22 * len(order)), title="Paired intervals: KRAdapter minus each method"
     )
