@@ -8,7 +8,6 @@ saving, loading, the data a run sees) asks the strategy, never the method's kind
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, default_data_collator
 
 from .. import registry
-from ..files import directory_bytes, write_atomic
+from ..files import directory_bytes, replace_dir, write_atomic
 from ..registry import Plan as MethodPlan
 from .models import HeadProbe, load_classifier, quiet_transformers
 from .protocol import SettingsError
@@ -61,8 +60,7 @@ class Training:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.save_files(model, tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        os.replace(tmp, directory)
+        replace_dir(tmp, directory)
         return directory_bytes(directory)
 
     def dataset(self, tokens: Tokens, indices: np.ndarray) -> Examples:
