@@ -51,6 +51,7 @@ def _long_run_kradapter(target: torch.Tensor, shape: KhatriRaoShape, restarts: i
     return best
 
 
+@pytest.mark.slow  # long float64 reference optimisations: 5-25 s each on 2 cores
 @pytest.mark.parametrize("factorization", ["sqrt_min", "sqrt_max"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{d}x{k}" for d, k in SHAPES])
 def test_kradapter_optimum_matches_a_long_run_optimiser(shape, factorization, generator) -> None:  # type: ignore[no-untyped-def]
@@ -136,6 +137,7 @@ def test_nearest_kronecker_full_factors(first, second, generator) -> None:  # ty
     assert error == pytest.approx(bound**0.5, rel=1e-9)
 
 
+@pytest.mark.slow  # long float64 reference optimisations: 5-25 s each on 2 cores
 @pytest.mark.parametrize("ranks", [(None, 1), (None, 2), (1, 2), (2, 1)])
 def test_nearest_kronecker_low_rank_factors(ranks, generator) -> None:  # type: ignore[no-untyped-def]
     first, second = (4, 5), (6, 7)
@@ -153,6 +155,7 @@ def test_nearest_kronecker_low_rank_factors(ranks, generator) -> None:  # type: 
     assert bound**0.5 <= min(error, reference) * (1 + 1e-12)
 
 
+@pytest.mark.slow  # long float64 reference optimisations: 5-25 s each on 2 cores
 @pytest.mark.parametrize(
     "rows,cols,factor,r,both",
     [
