@@ -206,6 +206,7 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
         reports: list[int] = []
         study.run(store, lambda execution: reports.append(len(store.records)), progress=False)
         results = document(store, study)
+        store.write_json(RESULTS_FILE, results, indent=1)  # as the command does
         write_reports(results, store)
         finished = dict(store.records)
     bench = results["benchmarks"]["sentiment"]

@@ -141,7 +141,8 @@ def test_the_store_keeps_its_file_names_and_imports_no_matplotlib() -> None:
 
     code = (
         "import sys, kradapter.store as s, kradapter.files as f;"
-        "assert s.write_atomic is f.write_atomic and s.write_json is f.write_json and s.file_hash is f.file_hash;"
+        "assert s.write_atomic is f.write_atomic and s.write_json is f.write_json;"
+        "assert s.file_hash(s.__file__) == f.file_hash(s.__file__);"  # the store's skips run folders inside folders
         "assert 'matplotlib' not in sys.modules; from kradapter.store import write_figure;"
         "from kradapter.plotting import write_figure as w; assert write_figure is w"
     )
