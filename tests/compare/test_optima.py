@@ -14,6 +14,10 @@ from kradapter.khatri_rao import delta_weight
 from kradapter.shape import KhatriRaoShape
 
 # Tall, wide, square, primes; with and without a cropped last block in each factorisation.
+# Where the problem is non-convex (cropped KRAdapter rows, low-rank LoKr factors) both the solver and the float64
+# reference are local methods from random starts: the solver's "best found" is held within 3% of the reference (a
+# broken solver misses by far more), and exactly above the proven lower bound.
+BEST_FOUND_TOLERANCE = 3e-2
 SHAPES = [(12, 12), (20, 9), (9, 20), (13, 29), (29, 13), (31, 17), (16, 30), (7, 50)]
 
 
@@ -75,7 +79,7 @@ def test_kradapter_optimum_matches_a_long_run_optimiser(shape, factorization, ge
         assert error <= reference * (1 + 1e-9) + 1e-12
         assert found.lower_bound >= error * (1 - 1e-4)
     else:  # cropped entries: a stationary point of a problem with local minima, from several starts
-        assert error <= reference * (1 + 5e-3) + 1e-10
+        assert error <= reference * (1 + BEST_FOUND_TOLERANCE) + 1e-10
         # stationary: one more exact alternating step moves nothing
         from kradapter.compare.optima import _als, kradapter_rows
 
@@ -150,8 +154,8 @@ def test_nearest_kronecker_low_rank_factors(ranks, generator) -> None:  # type: 
     reference = _long_run_kronecker(target, first, second, ranks, 4, generator)
     assert converged
     # the best found by exact alternating half steps: low-rank factors make the problem non-convex, so it is held
-    # to the long-run optimiser's best within 0.5%, and to the full-factor bound exactly
-    assert error <= reference * (1 + 5e-3) + 1e-10
+    # to the long-run optimiser's best within BEST_FOUND_TOLERANCE, and to the full-factor bound exactly
+    assert error <= reference * (1 + BEST_FOUND_TOLERANCE) + 1e-10
     assert bound**0.5 <= min(error, reference) * (1 + 1e-12)
 
 
@@ -179,7 +183,7 @@ def test_lokr_optimum_through_peft(rows, cols, factor, r, both, generator) -> No
     (first, second), ranks = lokr_factors(layer)
     reference = _long_run_kronecker(target, first, second, ranks, 3, generator)
     assert found.exact == (ranks == (None, None))
-    assert error <= reference * (1 + (1e-9 if found.exact else 5e-3)) + 1e-10
+    assert error <= reference * (1 + (1e-9 if found.exact else BEST_FOUND_TOLERANCE)) + 1e-10
     assert found.lower_bound <= min(error, reference) * (1 + 1e-12)
 
 
