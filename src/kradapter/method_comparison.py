@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_atomic
+from .records import RESULTS_FILES, ResultsError, read_results
 
-RESULTS_FILE = "finetune_results.json"
+RESULTS_FILE = RESULTS_FILES["finetune"]
 MB = 1024 * 1024
 
 
@@ -40,17 +41,11 @@ class ExportError(ValueError):
 
 
 def load_finetune(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    folder = Path(results_dir)
-    path = folder / RESULTS_FILE
-    if not path.is_file():
-        raise ExportError(f"{str(folder)!r} holds no {RESULTS_FILE}: not a finished `kradapter finetune` folder")
+    """The finished ``finetune_results.json`` of ``results_dir`` (:func:`kradapter.records.read_results`)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExportError(f"cannot read {str(path)!r}: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
-        raise ExportError(f"{str(path)!r} has no 'runs': not a finetune results file")
-    return data
+        return read_results(results_dir, "finetune")[1]
+    except ResultsError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def result_rows(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:

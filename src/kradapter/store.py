@@ -32,6 +32,7 @@ Only the standard library is imported, so every check happens before any heavy w
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import fcntl
@@ -120,22 +121,22 @@ class FolderLock:
     def __init__(self, directory: Path) -> None:
         self.path = directory / LOCK_FILE
         self.handle: TextIO | None = None
+        self.created = False  # whether this run made the lock file (a refused run removes it again)
 
     def acquire(self) -> None:
         """Take the lock or name its holder. The holder writes its name just after it locks and clears it just before
         it unlocks, so an empty file while locked means one of those moments: look again for up to ``HOLDER_WAIT_S``
         seconds (taking the lock if it comes free) rather than naming no one."""
-        try:
-            handle = self.path.open("a+", encoding="utf-8")
-        except OSError as exc:
-            raise StoreError(
-                f"cannot write in the output folder {self.path.parent} ({exc.strerror}); choose another output folder"
-            ) from None
+        handle = self._open()
         deadline = time.monotonic() + HOLDER_WAIT_S
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if self._current(handle):
+                    break
+                handle.close()  # a refused run removed the file we locked: lock the one at the path now
+                handle = self._open()
+                continue
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     handle.close()
@@ -155,6 +156,31 @@ class FolderLock:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}\n")
         handle.flush()
         self.handle = handle
+
+    def _open(self) -> TextIO:
+        self.created = not self.path.exists()
+        try:
+            return self.path.open("a+", encoding="utf-8")
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write in the output folder {self.path.parent} ({exc.strerror}); choose another output folder"
+            ) from None
+
+    def _current(self, handle: TextIO) -> bool:
+        """Whether ``handle`` is still the file at the lock's path (:meth:`discard` may have removed it)."""
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(handle.fileno())
+        return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
+
+    def discard(self) -> None:
+        """Release the lock of a run that was refused, removing the lock file if this run made it, so a refusal
+        leaves the folder as it found it. A run waiting on the removed file takes the lock of a new one."""
+        if self.handle is not None and self.created:
+            self.path.unlink(missing_ok=True)
+        self.release()
 
     def release(self) -> None:
         if self.handle is not None:
@@ -227,13 +253,16 @@ class Store:
         legacy: Iterable[str] = (),
         outputs: Iterable[str] = (),
         writer: bool = True,
+        allow_code_change: bool = False,
     ) -> Store:
         """Open ``directory`` for ``spec``: ``mode`` is ``new``, ``resume`` or ``overwrite`` (module docstring).
 
         ``legacy``: names of files an older version of the study wrote there (they count as results when the folder
         has no ``run.json``). ``outputs``: the paths (relative; files or folders) this run may write: one that is
         in the folder and was not written by a run there stops the opening, naming it. ``writer`` False opens
-        without the lock and writes nothing (the other processes of a ``torchrun`` job).
+        without the lock and writes nothing (the other processes of a ``torchrun`` job). ``allow_code_change``: a
+        resume may continue records made by other code (:func:`kradapter.records.code_identity`); the invocation
+        records from what to what. Without it that resume is refused, naming both.
         """
         if mode not in MODES:
             raise StoreError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -247,6 +276,7 @@ class Store:
             raise StoreError(f"{directory} exists and is not a folder; choose another output folder")
         if not writer:
             return cls._read_only(directory, spec, mode)
+        made = not directory.exists()
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -254,11 +284,18 @@ class Store:
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StoreError(f"cannot write in the output folder {directory} (permission denied); choose another")
         lock = FolderLock(directory)
-        lock.acquire()
         try:
-            store = cls._open_locked(directory, spec, mode, tuple(legacy), tuple(outputs), lock)
+            lock.acquire()
         except BaseException:
-            lock.release()
+            if made:
+                _remove_empty(directory)
+            raise
+        try:
+            store = cls._open_locked(directory, spec, mode, tuple(legacy), tuple(outputs), lock, allow_code_change)
+        except BaseException:
+            lock.discard()  # a refused run leaves the folder as it found it: no lock file, no folder it made
+            if made:
+                _remove_empty(directory)
             raise
         return store
 
@@ -281,12 +318,15 @@ class Store:
         legacy: tuple[str, ...],
         outputs: tuple[str, ...],
         lock: FolderLock,
+        allow_code_change: bool = False,
     ) -> Store:
         run_path, records_path = directory / RUN_FILE, directory / RECORDS_FILE
         remove_temporaries(directory)
         earlier = _earlier_results(directory, legacy)
         meta: dict[str, Any] | None = None
         records: dict[Key, Any] = {}
+        invocation: dict[str, Any] = {"mode": mode}
+        environment = _provenance()
         if earlier and mode == "new":
             raise StoreError(
                 f"{directory} holds the results of an earlier run ({', '.join(earlier)}): pass --resume to continue "
@@ -306,7 +346,9 @@ class Store:
         if earlier and mode == "resume":
             meta = _read_meta(run_path, spec.kind)
             _check_resumable(directory, meta, spec)
+            invocation.update(_check_code(directory, meta, environment["code"], allow_code_change))
             records = _read_records(records_path, spec.kind, repair=True)
+            _narrow_outputs(directory, meta, records, outputs)
         elif earlier or run_path.exists() or records_path.exists():
             # --overwrite, or an earlier run that finished nothing: what it wrote goes (nothing else)
             _remove_outputs(directory, legacy if earlier else ())
@@ -326,7 +368,7 @@ class Store:
         per_value = meta.setdefault("per_value", {})
         for axis, values in _normal(dict(spec.per_value)).items():
             per_value.setdefault(axis, {}).update(values)
-        meta["invocations"].append({"started": now, "command": sys.argv[:], "mode": mode})
+        meta["invocations"].append({"started": now, "command": sys.argv[:], **invocation, "environment": environment})
         store = cls(directory, spec, meta, records, lock, frozenset(found))
         store.save_meta()
         return store
@@ -426,7 +468,10 @@ class Store:
             self.save_meta()
 
     def set_environment(self, environment: Mapping[str, Any]) -> None:
-        self.meta["invocations"][-1]["environment"] = dict(environment)
+        """Add what the study knows of its environment (torch threads, GPU) to the invocation's provenance, which
+        the store recorded when it opened the folder."""
+        invocation = self.meta["invocations"][-1]
+        invocation["environment"] = {**invocation.get("environment", {}), **_normal(dict(environment))}
         self.save_meta()
 
     def finish(self, **summary: Any) -> None:
@@ -622,6 +667,78 @@ def _check_resumable(directory: Path, meta: dict[str, Any], spec: RunSpec) -> No
             f"cannot resume {directory}: its results were made with other settings ({'; '.join(changed)}). "
             "Run with the earlier settings, pass --overwrite to start again, or choose another output folder"
         )
+
+
+def _provenance() -> dict[str, Any]:
+    """The invocation's provenance (:func:`kradapter.records.provenance`: versions, machine, code identity)."""
+    from . import records
+
+    return records.provenance()
+
+
+def _recorded_code(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The code identity of the latest invocation that recorded one (the code the latest records were made with)."""
+    for invocation in reversed(meta["invocations"]):
+        code = (invocation.get("environment") or {}).get("code")
+        if isinstance(code, dict) and code.get("source"):
+            return code
+    return None
+
+
+def _check_code(directory: Path, meta: Mapping[str, Any], code: dict[str, Any], allow: bool) -> dict[str, Any]:
+    """Refuse to resume records made by other code unless ``allow``; what the invocation records about it."""
+    from .records import describe_code
+
+    old = _recorded_code(meta)
+    if old is None:
+        print(
+            f"note: the records in {directory} were made by a kradapter that recorded no code identity; "
+            f"resuming them with {describe_code(code)}",
+            file=sys.stderr,
+        )
+        return {"code_change": {"from": None, "to": code}}
+    if old.get("source") == code.get("source"):
+        return {}
+    change = f"{describe_code(old)} -> {describe_code(code)}"
+    if not allow:
+        raise StoreError(
+            f"cannot resume {directory}: its results were made by other code ({change}); run that code, pass "
+            "--allow-code-change to continue them with this code (recorded in run.json), or --overwrite to start again"
+        )
+    print(f"note: resuming {directory} across a code change ({change}); recorded in {RUN_FILE}", file=sys.stderr)
+    return {"code_change": {"from": old, "to": code, "allowed": True}}
+
+
+def _narrow_outputs(directory: Path, meta: dict[str, Any], records: Mapping[Key, Any], outputs: Iterable[str]) -> None:
+    """An older version listed a whole folder this version writes into (``adapters``, where runs now list
+    ``adapters/<method>``): list instead the entries of it that this run declares or its records name, so neither
+    ``--overwrite`` nor a later write treats the rest of that folder (yours) as the run's."""
+    declared = [_relative(o) for o in outputs]
+    named = {part for key in records for part in key if isinstance(part, str)}
+    listed: list[str] = []
+    for old in meta["outputs"]:
+        folder = directory / old
+        if not any(d != old and _inside(d, old) for d in declared) or not folder.is_dir() or folder.is_symlink():
+            listed.append(old)
+            continue
+        kept = sorted(
+            f"{old}/{name}"
+            for name in os.listdir(folder)
+            if name in named or any(_inside(d, f"{old}/{name}") for d in declared)
+        )
+        listed += kept
+        print(
+            f"note: {directory / RUN_FILE} (an older version's) listed the whole folder {old}; it now lists "
+            f"{', '.join(kept) or 'nothing in it'}; anything else in {old} is left as yours",
+            file=sys.stderr,
+        )
+    meta["outputs"] = listed
+
+
+def _remove_empty(directory: Path) -> None:
+    """Remove ``directory`` if it is empty (a folder a refused run made)."""
+    with contextlib.suppress(OSError):
+        directory.rmdir()
 
 
 def _merge_axes(old: Mapping[str, list[Any]], new: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
