@@ -8,7 +8,8 @@ PEFT's benchmark (``method_comparison/`` in huggingface/peft) writes one JSON fi
 - ``run_info``: ``experiment_name`` ``<method>/<model>-bbc-k<shots>-seed<seed>`` (one experiment per seed, as the
   app keeps one run per experiment), ``created_at`` the invocation's start (UTC), ``total_time`` and
   ``train_time`` the run's training time, ``peft_config`` the saved adapter's config (None for head-only or full
-  fine-tuning, which the app calls ``full-finetuning``), ``peft_branch`` ``"kradapter-<version>"``.
+  fine-tuning, which the app calls ``full-finetuning``), ``peft_branch`` ``"kradapter-<version>"``,
+  ``peft_worktree_is_dirty`` whether kradapter's checkout differed from its commit (None from an installed wheel).
 - ``train_info``: ``accelerator_memory_max`` is the run's peak minus the memory held before it (as PEFT's is);
   the study records only the peak, so ``accelerator_memory_reserved_avg`` and ``_99th`` hold the absolute peak
   (``memory_kind`` says whether that is GPU memory or CPU RSS). ``file_size`` is the saved adapter's bytes.
@@ -83,7 +84,7 @@ def result_rows(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
                         "total_time": run.get("train_time_s"),
                         "experiment_name": f"{method}/{model.get('name', 'model')}-bbc-k{shots}-seed{seed}",
                         "peft_branch": f"kradapter-{__version__}",
-                        "peft_worktree_is_dirty": None,
+                        "peft_worktree_is_dirty": (env.get("code") or {}).get("dirty"),
                         "train_config": {
                             "model_id": model.get("name"),
                             "model_path": model.get("path"),

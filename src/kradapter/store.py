@@ -4,20 +4,28 @@ The contract (``docs/results.md`` says it to users), the same for ``kradapter co
 and the benchmarks:
 
 - A run folder holds ``run.json`` (the settings that determine every finished number, content hashes of the
-  input files, the independent axes run so far, the environment of each invocation, and every path the run
-  wrote) and ``records.jsonl`` (one line per finished unit of work, appended with ``fsync``; nothing is ever
-  rewritten in it). Summaries, tables and plots are derived from the records and rebuilt after each unit.
+  input files, the independent axes run so far, the provenance of each invocation: library versions, the code's
+  identity and the machine, :func:`kradapter.records.provenance`; and every path the run wrote) and
+  ``records.jsonl`` (one line per finished unit of work, appended with ``fsync``; nothing is ever rewritten in
+  it). Summaries, tables and plots are derived from the records and rebuilt after each unit.
 - A folder holds results once a unit has finished (a complete line in ``records.jsonl``): derived files are
   written only from then on, so a run that finished nothing leaves no results, and a new run (with any settings,
   with or without ``resume``) starts over it, deleting what that run wrote. A folder that holds results is
-  continued only with ``resume`` (settings and inputs must match; the axes may grow) and replaced only with
-  ``overwrite`` (which deletes what the earlier run wrote, nothing else); without either, opening it is an error
-  naming both.
+  continued only with ``resume`` (settings, inputs and the code must match; the axes may grow) and replaced only
+  with ``overwrite`` (which deletes what the earlier run wrote, nothing else); without either, opening it is an
+  error naming both.
 - A run writes only paths it created, and records exactly those (a folder it wrote into but did not make is never
   recorded). A path in the folder that no run there wrote is never replaced: a run that declares it among its
   ``outputs`` is refused when the folder is opened, before any work; any other write to it is refused naming it.
+- The code is the content hash of the package's source files (:func:`kradapter.records.code_identity`; with the
+  commit and dirty state from a git checkout): a ``resume`` whose code differs from the one the latest records
+  were made with is refused naming both, unless ``allow_code_change`` (``--allow-code-change``), and then the
+  invocation records ``code_change`` (from, to). A folder from before code identities resumes with a note.
 - The folder is locked (``fcntl.flock`` on ``.lock``) for the whole run: a second run into it fails at once,
-  naming the holder.
+  naming the holder. A run refused when it opens the folder leaves it as it was: a lock file (or folder) it made
+  is removed again.
+- An older version listed the whole ``adapters`` folder as a run's output; a resume or overwrite narrows that to
+  the entries the run declares or its records name (the rest of the folder is the user's).
 - Files are replaced atomically (an unnamed temporary file, ``fsync``, named and renamed at once, ``fsync`` of the
   folder) with ordinary modes; a temporary file a kill leaves in the instant between naming and renaming is
   deleted by the next run's opening. A ``run.json`` or ``records.jsonl`` that cannot be read, or a record of the
@@ -351,7 +359,7 @@ class Store:
             _narrow_outputs(directory, meta, records, outputs)
         elif earlier or run_path.exists() or records_path.exists():
             # --overwrite, or an earlier run that finished nothing: what it wrote goes (nothing else)
-            _remove_outputs(directory, legacy if earlier else ())
+            _remove_outputs(directory, legacy if earlier else (), outputs)
         kept = [str(o) for o in meta["outputs"]] if meta is not None else []
         found = _found(directory, kept)
         clash = [name for name in outputs if _covered(_relative(name), found)]
@@ -710,29 +718,53 @@ def _check_code(directory: Path, meta: Mapping[str, Any], code: dict[str, Any], 
 
 
 def _narrow_outputs(directory: Path, meta: dict[str, Any], records: Mapping[Key, Any], outputs: Iterable[str]) -> None:
-    """An older version listed a whole folder this version writes into (``adapters``, where runs now list
-    ``adapters/<method>``): list instead the entries of it that this run declares or its records name, so neither
-    ``--overwrite`` nor a later write treats the rest of that folder (yours) as the run's."""
-    declared = [_relative(o) for o in outputs]
+    """On resume: :func:`_narrowed` ``meta``'s outputs, with the names in the records read."""
     named = {part for key in records for part in key if isinstance(part, str)}
-    listed: list[str] = []
-    for old in meta["outputs"]:
+    meta["outputs"] = _narrowed(directory, meta["outputs"], named, outputs)
+
+
+def _narrowed(directory: Path, listed: Iterable[str], named: set[str], outputs: Iterable[str]) -> list[str]:
+    """``listed`` (a run.json's outputs) with each folder an older version listed whole although this version
+    writes into it (``adapters``, where runs now list ``adapters/<method>``) replaced by the entries of it that
+    this run declares (``outputs``) or its records name (``named``), so neither ``--overwrite`` nor a later write
+    treats the rest of that folder (yours) as the run's."""
+    declared = [_relative(o) for o in outputs]
+    out: list[str] = []
+    for old in listed:
         folder = directory / old
         if not any(d != old and _inside(d, old) for d in declared) or not folder.is_dir() or folder.is_symlink():
-            listed.append(old)
+            out.append(old)
             continue
         kept = sorted(
             f"{old}/{name}"
             for name in os.listdir(folder)
             if name in named or any(_inside(d, f"{old}/{name}") for d in declared)
         )
-        listed += kept
+        out += kept
         print(
             f"note: {directory / RUN_FILE} (an older version's) listed the whole folder {old}; it now lists "
             f"{', '.join(kept) or 'nothing in it'}; anything else in {old} is left as yours",
             file=sys.stderr,
         )
-    meta["outputs"] = listed
+    return out
+
+
+def _key_names(path: Path) -> set[str]:
+    """The names in the keys of a ``records.jsonl`` read leniently (an overwrite reads it only to narrow an older
+    listing: :func:`_narrowed`)."""
+    names: set[str] = set()
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError:
+        return names
+    for line in lines:
+        try:
+            key = json.loads(line)["key"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if isinstance(key, list):
+            names |= {part for part in key if isinstance(part, str)}
+    return names
 
 
 def _remove_empty(directory: Path) -> None:
@@ -749,12 +781,14 @@ def _merge_axes(old: Mapping[str, list[Any]], new: Mapping[str, list[Any]]) -> d
     return merged
 
 
-def _remove_outputs(directory: Path, legacy: tuple[str, ...]) -> None:
-    """Delete what an earlier run wrote here: its records, its listed outputs, known older files; nothing else."""
+def _remove_outputs(directory: Path, legacy: tuple[str, ...], outputs: tuple[str, ...] = ()) -> None:
+    """Delete what an earlier run wrote here: its records, its listed outputs (an older version's listing of a whole
+    folder this run writes into narrowed first: :func:`_narrowed`), known older files; nothing else."""
     names = [RECORDS_FILE, *legacy]
     try:
         meta = json.loads((directory / RUN_FILE).read_text(encoding="utf-8"))
-        names += [str(n) for n in meta.get("outputs", []) if isinstance(n, str)]
+        listed = [str(n) for n in meta.get("outputs", []) if isinstance(n, str) and n]
+        names += _narrowed(directory, listed, _key_names(directory / RECORDS_FILE), outputs)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         pass
     root = directory.resolve()

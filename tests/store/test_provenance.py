@@ -352,6 +352,22 @@ def test_resume_narrows_an_older_listing_of_the_whole_adapters_folder(
     assert (tmp_path / "adapters/mine/notes.txt").read_text() == "my own"
 
 
+def test_overwrite_deletes_only_the_run_s_part_of_an_older_listing_of_adapters(tmp_path: Path) -> None:
+    with Store.open(tmp_path, spec()) as store:
+        store.make_dir("adapters/lora/seed1")
+        store.make_dir("adapters/dora/seed1")  # a method of the earlier run that this one does not run
+        store.add(("run", "lora", 1), {"value": 0.5})
+        store.add(("run", "dora", 1), {"value": 0.5})
+    meta = json.loads((tmp_path / RUN_FILE).read_text())
+    meta["outputs"] = ["adapters"]
+    (tmp_path / RUN_FILE).write_text(json.dumps(meta))
+    (tmp_path / "adapters/mine").mkdir()
+    (tmp_path / "adapters/mine/notes.txt").write_text("my own")
+    Store.open(tmp_path, spec(), "overwrite", outputs=["adapters/lora"]).close()
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["mine"]
+    assert (tmp_path / "adapters/mine/notes.txt").read_text() == "my own"
+
+
 # -- one reader of results documents -------------------------------------------------------------------------------
 
 
