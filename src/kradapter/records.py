@@ -100,15 +100,15 @@ def _version() -> str:
 @functools.cache
 def code_identity() -> dict[str, Any]:
     """The code this process runs: ``source`` (:func:`source_hash`, the identity the store compares), the package
-    ``version``, and ``commit`` and ``dirty`` from a git checkout (None from an installed distribution).
-    Computed once per process."""
+    ``version``, and ``commit`` and ``dirty`` from a git checkout (None otherwise: an installed wheel, a copy of
+    the files). Computed once per process."""
     git = git_state()
     return {
         "source": source_hash(),
         "version": _version(),
         "commit": git["commit"] if git else None,
         "dirty": git["dirty"] if git else None,
-        "origin": "git checkout" if git else "installed distribution",
+        "origin": "git checkout" if git else "not a git checkout",
     }
 
 

@@ -732,9 +732,11 @@ def _narrowed(directory: Path, listed: Iterable[str], named: set[str], outputs: 
     out: list[str] = []
     for old in listed:
         folder = directory / old
-        if not any(d != old and _inside(d, old) for d in declared) or not folder.is_dir() or folder.is_symlink():
+        if not any(d != old and _inside(d, old) for d in declared) or folder.is_symlink() or folder.is_file():
             out.append(old)
             continue
+        if not folder.exists():
+            continue  # nothing of it left to list
         kept = sorted(
             f"{old}/{name}"
             for name in os.listdir(folder)

@@ -368,6 +368,17 @@ def test_overwrite_deletes_only_the_run_s_part_of_an_older_listing_of_adapters(t
     assert (tmp_path / "adapters/mine/notes.txt").read_text() == "my own"
 
 
+def test_an_older_listing_of_a_folder_that_is_gone_is_dropped(tmp_path: Path) -> None:
+    finished(tmp_path)
+    meta = json.loads((tmp_path / RUN_FILE).read_text())
+    meta["outputs"] = ["adapters"]
+    (tmp_path / RUN_FILE).write_text(json.dumps(meta))
+    with Store.open(tmp_path, spec(), "resume", outputs=["adapters/lora"]) as store:
+        assert store.meta["outputs"] == []
+        store.make_dir("adapters/lora")
+    assert json.loads((tmp_path / RUN_FILE).read_text())["outputs"] == ["adapters"]  # it made adapters itself
+
+
 # -- one reader of results documents -------------------------------------------------------------------------------
 
 
