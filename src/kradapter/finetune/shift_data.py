@@ -35,7 +35,7 @@ import hashlib
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ TOPIC_CLASSES = ("politics", "sport", "tech")
 NEWSGROUP_PREFIXES = {"politics": "talk.politics.", "sport": "rec.sport.", "tech": "comp."}
 BBC_FOLDERS = {"politics": "politics", "sports": "sport", "tech": "tech"}  # BBC folder -> shared class
 
-BENCHMARKS = ("sentiment", "topic")
+BENCHMARKS = ("sentiment", "topic")  # this module's; the cross-domain tasks are shift_tasks.BENCHMARKS
 
 _NOT_LETTERS = re.compile(r"[^a-z]+")
 
@@ -294,12 +294,48 @@ def load_topic(bbc_root: Path | str | None = None, newsgroups_split: str = "test
 
 
 def load_benchmark(name: str) -> ShiftBenchmark:
-    """The benchmark ``name`` (``sentiment`` or ``topic``) with its defaults."""
+    """The benchmark ``name`` with its defaults: ``sentiment``, ``topic``, or one of the six 20 Newsgroups
+    cross-domain tasks (``ng_comp_rec``, ...; :mod:`kradapter.finetune.shift_tasks`), with every text of an
+    evaluation set removed from the training pool (:func:`without_leaks`)."""
+    from . import shift_tasks  # it builds on this module
+
     if name == "sentiment":
-        return load_sentiment()
-    if name == "topic":
-        return load_topic()
-    raise ValueError(f"unknown shift benchmark {name!r}; choose one of {BENCHMARKS}")
+        bench = load_sentiment()
+    elif name == "topic":
+        bench = load_topic()
+    elif name in shift_tasks.BENCHMARKS:
+        bench = shift_tasks.load_benchmark(name)
+    else:
+        raise ValueError(f"unknown shift benchmark {name!r}; choose one of {', '.join(all_benchmarks())}")
+    return without_leaks(bench)
+
+
+def all_benchmarks() -> tuple[str, ...]:
+    """Every benchmark :func:`load_benchmark` knows: this module's two, then the six cross-domain tasks."""
+    from . import shift_tasks
+
+    return (*BENCHMARKS, *shift_tasks.BENCHMARKS)
+
+
+def leaks(bench: ShiftBenchmark) -> dict[str, int]:
+    """Per evaluation set (``test`` and each shifted domain), how many of its distinct texts occur in the pool."""
+    pool = set(bench.pool.texts)
+    sets = {"test": bench.test, **bench.shifted}
+    return {name: len(set(data.texts) & pool) for name, data in sets.items()}
+
+
+def without_leaks(bench: ShiftBenchmark) -> ShiftBenchmark:
+    """The benchmark with every pool text that also occurs in an evaluation set removed from the pool.
+
+    Training and validation draws come from the pool only, so afterwards no evaluated text can have been trained
+    or validated on (the loaders already keep each source's test apart; this also covers a text repeated across
+    domains, such as a short tweet that is also a movie snippet).
+    """
+    held_out = set(bench.test.texts).union(*(set(d.texts) for d in bench.shifted.values()))
+    keep = [i for i, text in enumerate(bench.pool.texts) if text not in held_out]
+    if len(keep) == len(bench.pool):
+        return bench
+    return replace(bench, pool=bench.pool.subset(keep))
 
 
 def cap_per_class(data: LabelledTexts, per_class: int, seed: int) -> LabelledTexts:

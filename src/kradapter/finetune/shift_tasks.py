@@ -101,6 +101,7 @@ DAI_SPLITS: dict[str, tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] 
     ),
 }
 TASKS = tuple(DAI_SPLITS)
+BENCHMARK_PREFIX = "ng_"  # a task as a shift-study benchmark: comp-vs-rec -> ng_comp_rec
 SOURCE_TEST_FRACTION = 0.2
 SPLIT_SEED = 2007  # fixed: the held-out source texts are the same for every run
 VALIDATION_PER_CLASS = 100
@@ -112,6 +113,27 @@ def task_name(name: str) -> str:
     if canonical not in DAI_SPLITS:
         raise ValueError(f"unknown cross-domain task {name!r}; choose one of {', '.join(TASKS)}")
     return canonical
+
+
+def benchmark_name(task: str) -> str:
+    """The task's name as a shift-study benchmark (``comp-vs-rec`` -> ``ng_comp_rec``)."""
+    return BENCHMARK_PREFIX + task_name(task).replace("-vs-", "_")
+
+
+def benchmark_task(benchmark: str) -> str:
+    """The task a benchmark name stands for (``ng_comp_rec`` -> ``comp-vs-rec``); a ValueError if it is none."""
+    for task in TASKS:
+        if benchmark_name(task) == benchmark:
+            return task
+    raise ValueError(f"unknown cross-domain benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+
+
+BENCHMARKS = tuple(BENCHMARK_PREFIX + t.replace("-vs-", "_") for t in TASKS)  # ng_comp_rec, ..., ng_sci_talk
+
+
+def load_benchmark(benchmark: str) -> ShiftBenchmark:
+    """The task ``benchmark`` (``ng_comp_rec``, ...) as a shift benchmark (:meth:`CrossDomainTask.benchmark`)."""
+    return load_task(benchmark_task(benchmark)).benchmark()
 
 
 def task_groups(name: str) -> dict[str, dict[str, tuple[str, ...]]]:
@@ -135,10 +157,11 @@ class CrossDomainTask:
     target_groups: tuple[str, ...]
 
     def benchmark(self) -> ShiftBenchmark:
-        """The task as a :class:`ShiftBenchmark`: source pool and held-out source test, target as shifted domain."""
+        """The task as the shift study's benchmark :func:`benchmark_name`: source pool and held-out source test,
+        the target as its one shifted domain, ``target``."""
         pool, test = source_split(self)
         return ShiftBenchmark(
-            self.name,
+            benchmark_name(self.name),
             self.classes,
             self.source.subset(pool, f"{self.name}-source-pool"),
             self.source.subset(test, f"{self.name}-source-test"),
