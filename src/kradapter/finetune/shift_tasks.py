@@ -35,6 +35,10 @@ collection). Label 0 is the first category of the task name, 1 the second. Each 
 text (first occurrence kept; copies with different labels dropped), and a source text that also occurs in the
 target (a cross-post) is removed from the source, so no text is shared between source and target.
 
+As shift-study benchmarks the tasks are named ``ng_comp_rec`` ... ``ng_sci_talk`` (:data:`BENCHMARKS`,
+:func:`load_benchmark`): the source pool, the held-out source texts as the ID ``test`` set, and the target as the
+one shifted domain, ``target``.
+
 The source is split once, per class, into a training pool and a held-out in-domain test set (fraction
 :data:`SOURCE_TEST_FRACTION`, fixed seed :data:`SPLIT_SEED`). :func:`draw` takes a seeded k-shot training set and
 a disjoint validation set of :data:`VALIDATION_PER_CLASS` texts per class from the pool (all remaining pool texts
