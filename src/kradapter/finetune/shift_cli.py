@@ -58,9 +58,10 @@ def _preset_line(name: str) -> str:
 EPILOG = f"""\
 benchmarks: sentiment (train on movie reviews; test on held-out movie reviews, Amazon reviews, tweets, NYT
 editorials), topic (train on BBC News; test on held-out BBC and 20 Newsgroups), and the six 20 Newsgroups
-cross-domain tasks of Dai et al. (KDD 2007) {", ".join(NEWSGROUP_TASKS)} (train on some subgroups of two top
-categories, test on held-out source texts and on the other subgroups, the domain 'target'); groups:
-{"; ".join(f"{g} = {' '.join(m)}" for g, m in GROUPS.items())}.
+cross-domain tasks of Dai et al. (KDD 2007), trained on some subgroups of two top categories and tested on
+held-out source texts and on the other subgroups (the domain 'target'):
+  {" ".join(NEWSGROUP_TASKS)}
+groups: {"; ".join(f"{g} = the {len(m)} tasks above" for g, m in GROUPS.items())}.
 presets (default {DEFAULT_PRESET}; any flag overrides its preset value; times in docs/shift.md):
 {chr(10).join(_preset_line(name) for name in PRESETS)}
 tuning: every method's learning rate is tuned in every cell on the first seed (its registry grid of at least
