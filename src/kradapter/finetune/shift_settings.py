@@ -49,7 +49,7 @@ REDUCED: dict[str, Any] = {  # the default: end to end in <= 20 minutes on 2 CPU
     "budgets": (1,),
     "eval_per_class": 50,
     "steps": 100,
-    "val_shots": 25,
+    "val_shots": VAL_SHOTS,
 }
 POWERED: dict[str, Any] = {  # the pre-registered study (docs/protocol-generalisation.md)
     "benchmarks": ("sentiment", "topic", *NEWSGROUP_TASKS),
@@ -263,7 +263,7 @@ class StudySettings(LearningRates):
         return out
 
     def estimate(self, steps: int | None = None) -> float:
-        """Estimated wall seconds of the whole study in one process at 1 CPU thread, from :meth:`workload` and
+        """Estimated wall seconds of the whole study in one process on 2 CPU cores, from :meth:`workload` and
         the unit times measured on MiniLM (UNIT_SECONDS, docs/shift.md); ``eval_per_class`` 0 is not estimated
         (a ValueError)."""
         if not self.eval_per_class:
@@ -307,12 +307,14 @@ BENCHMARK_SHAPES: dict[str, tuple[str, int, int]] = {
     "topic": ("long", 3, 2),
     **{task: ("long", 2, 2) for task in NEWSGROUP_TASKS},
 }
-# Measured on all-MiniLM-L6-v2 at 1 CPU thread (docs/shift.md, "Run time"): "setup" seconds per training (loading
-# and wrapping the model), "step" seconds per optimiser step at batch 8 and max length 128 (a LoRA run of 150
-# steps), "eval_text" seconds per text scored at evaluation batch size 64.
+# Unit wall times on 2 CPU cores, one process, all-MiniLM-L6-v2, batch 8, max length 128 (docs/shift.md, "Run
+# time"): "step" seconds per optimiser step, the median over LoRA and KRAdapter runs of the earlier published study
+# (docs/data/shift_results.json, train_time_s / steps: sentiment 0.20 / 0.27, topic 0.63 / 0.65); "eval_text"
+# seconds per text scored, the 1-thread measurement's ratio of a scored text to a step (0.052 for both lengths)
+# times "step"; "setup" seconds per training (loading and wrapping the model, measured 0.3-0.6 s of CPU).
 UNIT_SECONDS: dict[str, dict[str, float]] = {
-    "short": {"setup": 1.0, "step": 0.3, "eval_text": 0.004},
-    "long": {"setup": 1.0, "step": 1.5, "eval_text": 0.03},
+    "short": {"setup": 1.0, "step": 0.24, "eval_text": 0.0124},
+    "long": {"setup": 1.0, "step": 0.64, "eval_text": 0.0335},
 }
 
 
