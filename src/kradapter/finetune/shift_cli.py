@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import registry
 from ..assets import MissingPackageError
@@ -139,7 +139,8 @@ def recipe_with_steps(recipe: Recipe, steps: int | None) -> Recipe:
         positive_int("--steps", steps, error=SettingsError)
     if steps is None or "steps" not in {f.name for f in fields(recipe)} or getattr(recipe, "steps", None):
         return recipe
-    return replace(recipe, steps=steps)
+    with_steps: Any = replace  # the field is the training protocol's (absent from older recipes)
+    return cast(Recipe, with_steps(recipe, steps=steps))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -233,7 +233,7 @@ class StudySettings(LearningRates):
         everywhere = tuple(m for m in self.methods if m not in only_anchor)
         out = [Cell(benchmark, anchor, 1, self.every_method)]
         out += [Cell(benchmark, k, 1, everywhere) for k in self.shots if k != anchor]
-        scalable = tuple(m for m in everywhere if m != ANCHOR and registry.METHODS[m].is_adapter)
+        scalable = tuple(m for m in everywhere if m != ANCHOR and m in registry.ADAPTERS)
         out += [Cell(benchmark, anchor, x, scalable) for x in self.budgets if x != 1]
         return out
 

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..assets import locate_data_file
-from .shift_data import (
+from .shift_corpus import (
     NEWSGROUPS_DIR,
     NEWSGROUPS_FILES,
     ORANGE_TEXT,
