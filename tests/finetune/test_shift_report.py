@@ -38,7 +38,7 @@ def _labels(b: str, name: str) -> np.ndarray:
 
 
 def _predictions(labels: np.ndarray, accuracy: float, rng: np.random.Generator) -> np.ndarray:
-    right = int(round(np.clip(accuracy, 0.0, 1.0) * labels.size))
+    right = round(float(np.clip(accuracy, 0.0, 1.0)) * labels.size)
     wrong = rng.permutation(labels.size)[right:]
     out = labels.copy()
     out[wrong] = 1 - out[wrong]
@@ -81,7 +81,9 @@ def synthetic_records(rng: np.random.Generator) -> dict[tuple, Any]:
                     records[(b, cid, "run", method, seed)] = record
             for method in methods:
                 if method in ("kradapter", "lora", "loha"):
-                    trials = [{"lr": lr, "val_accuracy": 0.6, "val_macro_f1": 0.6, "val_loss": 0.6} for lr in (1e-4, 1e-3)]
+                    trials = [
+                        {"lr": lr, "val_accuracy": 0.6, "val_macro_f1": 0.6, "val_loss": 0.6} for lr in (1e-4, 1e-3)
+                    ]
                     records[(b, cid, "chosen", method)] = {"lr": 1e-3, "trials": trials, "on_edge": method == "loha"}
     # a 4x cell (no KRAdapter: its 1x runs are the reference) where LoHa ran one seed only
     for seed in (0,):
@@ -118,6 +120,7 @@ class FakeStudy:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[dict[str, Any], dict[tuple, Any], Path]:
+    """The document of the synthetic store, written as the command writes it, and its markdown tables."""
     records = synthetic_records(np.random.default_rng(7))
     folder = tmp_path_factory.mktemp("shift")
     with Store.open(folder, RunSpec("shift", {"anchor_shots": 4}), "new") as store:
@@ -129,7 +132,7 @@ def built(tmp_path_factory) -> tuple[dict[str, Any], dict[tuple, Any], Path]:
         try:
             results = sr.document(store, FakeStudy())  # type: ignore[arg-type]
             store.write_json(sr.RESULTS_FILE, results, indent=1)
-            sr.write_reports(results, store)
+            store.write_text(sr.TABLE_FILE, sr.markdown(results))
         finally:
             patch.undo()
     return json.loads((folder / sr.RESULTS_FILE).read_text()), records, folder
@@ -172,8 +175,12 @@ def test_primary_endpoints_against_scipy_and_a_hand_holm(built) -> None:
         assert e["mean"] == pytest.approx(d.mean()) and e["sd"] == pytest.approx(d.std(ddof=1))
         test = sps.ttest_rel(kr, lo)
         low, high = sps.t.interval(0.95, len(d) - 1, loc=d.mean(), scale=sps.sem(d))
-        assert e["t"]["p"] == pytest.approx(test.pvalue) and (e["t"]["low"], e["t"]["high"]) == pytest.approx((low, high))
-        flips = [abs(sum(s * x for s, x in zip(signs, d, strict=True))) for signs in itertools.product((1, -1), repeat=6)]
+        assert e["t"]["p"] == pytest.approx(test.pvalue) and (e["t"]["low"], e["t"]["high"]) == pytest.approx(
+            (low, high)
+        )
+        flips = [
+            abs(sum(s * x for s, x in zip(signs, d, strict=True))) for signs in itertools.product((1, -1), repeat=6)
+        ]
         assert e["sign_flip"]["p"] == pytest.approx(np.mean([f >= abs(d.sum()) - 1e-9 for f in flips]))
         power = sps.nct.sf(sps.t.ppf(0.975, 5), 5, e["mde"] * np.sqrt(6) / e["sd"]) + sps.nct.cdf(
             -sps.t.ppf(0.975, 5), 5, e["mde"] * np.sqrt(6) / e["sd"]
@@ -247,7 +254,6 @@ def test_tables_carry_every_method_baselines_flags_and_rates(built) -> None:
         if section.startswith(("sent,", "g1,", "g2,", "news")) and "4x" not in section.split("\n")[0]:
             assert "(baseline)" in section, section.split("\n")[0]
     assert "⚠ 1 underfit" in text and "(edge)" in text and "supported" in text and "contradicted" in text
-    assert (folder / sr.MECHANISM_PLOT).stat().st_size > 0
     # the document carries the labels (to recompute the two-way interval) but no predictions
     raw = (folder / sr.RESULTS_FILE).read_text()
     assert "predictions" not in raw and "loss_curve" not in raw
@@ -285,7 +291,9 @@ def test_mechanism_regression_against_dummy_least_squares(built) -> None:
     groups = sorted({(r["benchmark"], r["cell"], r["method"]) for r in rows})
     x = np.array([r["effective_rank"] for r in rows])
     y = np.array([r["ood"] for r in rows])
-    design = np.column_stack([x, *[[float((r["benchmark"], r["cell"], r["method"]) == g) for r in rows] for g in groups]])
+    design = np.column_stack(
+        [x, *[[float((r["benchmark"], r["cell"], r["method"]) == g) for r in rows] for g in groups]]
+    )
     beta, *_ = np.linalg.lstsq(design, y, rcond=None)
     residual = y - design @ beta
     df = len(y) - design.shape[1]
@@ -312,3 +320,26 @@ def test_fixed_effects_slope_refuses_what_it_cannot_estimate() -> None:
     assert not sr.fixed_effects_slope([1.0, 2.0], [1.0, 2.0], ["a", "b"])["estimable"]
     out = sr.fixed_effects_slope([1.0, 2.0, 3.0, 5.0], [1.0, 1.0, 1.0, 1.0], ["a", "a", "b", "b"])
     assert not out["estimable"] and "does not vary" in out["why"]
+
+
+@pytest.mark.parametrize(("sd", "n"), [(0.7, 2), (1.41, 5), (4.47, 17)])
+def test_mde_by_scaling_is_the_solved_mde(sd: float, n: int) -> None:
+    assert sr.mde(sd, n) == pytest.approx(stats.minimum_detectable_difference(sd, n), rel=1e-9)
+
+
+@pytest.mark.parametrize("sd", [1.41, 4.47])
+def test_seeds_for_target_is_seeds_needed(sd: float) -> None:
+    assert sr.seeds_for(sd) == stats.seeds_needed(sd, sr.MDE_TARGET)
+
+
+@pytest.mark.slow
+def test_write_reports_draws_every_plot(built, tmp_path: Path) -> None:
+    results, records, _ = built
+    with Store.open(tmp_path / "out", RunSpec("shift", {"anchor_shots": 4}), "new") as store:
+        for key, record in records.items():
+            store.add(key, record)
+        text = sr.write_reports(results, store)
+    assert (tmp_path / "out" / sr.TABLE_FILE).read_text() == text + "\n"
+    for name in (sr.MECHANISM_PLOT, "shift_sent_kshot.png", "shift_sent_rank.png", "shift_g1_spectra.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    assert set(sr.report_outputs(DOMAINS)) >= {p.name for p in (tmp_path / "out").glob("*.png")}

@@ -25,6 +25,7 @@ fractions (as the records hold them); every statistic is in percentage points.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -260,8 +261,38 @@ def units(benchmarks: Mapping[str, Any], groups: Mapping[str, Sequence[str]]) ->
 # -- paired statistics ----------------------------------------------------------------------------------------------
 
 
-def paired_entry(differences: Mapping[str, float]) -> dict[str, Any]:
-    """The tests of one paired contrast (points, keyed by seed) before the family's Holm adjustment."""
+@functools.cache
+def _unit_mde(n: int) -> float:
+    return stats.minimum_detectable_difference(1.0, n)
+
+
+def mde(sd: float, n: int) -> float:
+    """:func:`kradapter.stats.minimum_detectable_difference` at 80% power and 5%, through its scaling: the paired
+    t-test's power depends on ``difference / sd`` only, so the MDE is ``sd`` times the MDE at ``sd = 1`` (one root
+    per ``n``, cached)."""
+    return sd * _unit_mde(n)
+
+
+def seeds_for(sd: float, target: float = MDE_TARGET, max_n: int = 100_000) -> int | None:
+    """:func:`kradapter.stats.seeds_needed` through the same scaling: the fewest pairs whose MDE is at most
+    ``target``; None beyond ``max_n``."""
+    if sd == 0 or mde(sd, 2) <= target:
+        return 2
+    if mde(sd, max_n) > target:
+        return None
+    high = 4
+    while mde(sd, high) > target:  # double first: the bisection then visits few (cached) n
+        high = min(2 * high, max_n)
+    low = max(2, high // 2)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if mde(sd, mid) <= target else (mid, high)
+    return high
+
+
+def paired_entry(differences: Mapping[str, float], primary: bool = False) -> dict[str, Any]:
+    """The tests of one paired contrast (points, keyed by seed) before the family's Holm adjustment; a primary
+    endpoint also gets the bootstrap-t interval and the seeds its MDE target needs."""
     seeds = sorted(differences, key=int)
     d = np.array([differences[s] for s in seeds], dtype=np.float64)
     entry: dict[str, Any] = {"n": int(d.size), "seeds": [int(s) for s in seeds], "differences": d.tolist()}
@@ -278,15 +309,14 @@ def paired_entry(differences: Mapping[str, float]) -> dict[str, Any]:
         "t": {"low": t.low, "high": t.high, "p": t.p_value, "df": int(d.size - 1), "se": t.standard_error},
         "sign_flip": {"p": flip.p_value, "exact": flip.exact, "flips": flip.flips, "smallest_p": flip.smallest_p},
         "tests_disagree": bool((t.p_value or 0.0) <= stats.ALPHA) != bool(flip.p_value <= stats.ALPHA),
-        "mde": stats.minimum_detectable_difference(sd, int(d.size)),
+        "mde": mde(sd, int(d.size)),
     }
+    if not primary:
+        return entry
     if d.size >= 3:
         st = stats.studentized_interval(d)
         entry["studentized"] = {"low": st.low, "high": st.high, "resamples": (st.details or {}).get("resamples")}
-    try:
-        entry["seeds_for_target_mde"] = stats.seeds_needed(sd, MDE_TARGET)
-    except ValueError:
-        entry["seeds_for_target_mde"] = None
+    entry["seeds_for_target_mde"] = seeds_for(sd)
     return entry
 
 
@@ -422,12 +452,12 @@ def primary(
             continue
         head = {"name": f"{unit.name}/{unit.cell}", "benchmark": unit.name, "cell": unit.cell, "shots": unit.shots,
                 "members": list(unit.members)}  # fmt: skip
-        entry = head | paired_entry(_differences(unit, b, PRIMARY_METRIC))
+        entry = head | paired_entry(_differences(unit, b, PRIMARY_METRIC), primary=True)
         entry["flagged"] = {s: unit.flags[a].get(s, []) + unit.flags[b].get(s, []) for s in map(str, entry["seeds"])}
         entry["flagged"] = {s: f for s, f in entry["flagged"].items() if f}
         entry["two_way"] = two_way(unit, b, PRIMARY_METRIC, entry["seeds"], benchmarks, predictions)
         endpoints.append(entry)
-        clean = head | paired_entry(_differences(unit, b, PRIMARY_METRIC, exclude_flagged=True))
+        clean = head | paired_entry(_differences(unit, b, PRIMARY_METRIC, exclude_flagged=True), primary=True)
         clean["excluded_seeds"] = sorted(int(s) for s in entry["flagged"])
         sensitivity.append(clean)
     family = holm_family(endpoints)
@@ -571,10 +601,10 @@ def fixed_effects_slope(y: Sequence[float], x: Sequence[float], groups: Sequence
     p = float(2 * sps.t.sf(abs(slope) / se, df)) if se > 0 else (0.0 if slope else 1.0)
     x_sd = math.sqrt(sxx / df)  # the spread of x within groups
     per_sd_se = se * x_sd
-    mde = stats.minimum_detectable_difference(per_sd_se * math.sqrt(df + 1), df + 1) if se > 0 else 0.0
+    detectable = mde(per_sd_se * math.sqrt(df + 1), df + 1)
     return out | {
         "estimable": True, "slope": slope, "se": se, "low": slope - q * se, "high": slope + q * se, "p": p,
-        "x_within_sd": x_sd, "slope_per_sd": slope * x_sd, "mde_per_sd": mde,
+        "x_within_sd": x_sd, "slope_per_sd": slope * x_sd, "mde_per_sd": detectable,
     }  # fmt: skip
 
 
