@@ -162,6 +162,7 @@ def collect(store: Store, study: Study) -> tuple[dict[str, Any], Predictions]:
                 if items is not None:
                     predictions[(b, cid, method, seed, name)] = np.asarray(items, dtype=np.int64)
         entry["runs"] = {m: dict(sorted(r.items(), key=lambda kv: int(kv[0]))) for m, r in entry["runs"].items()}
+        entry["reference_cell"] = _reference_cell(entry, cid)
         bench["cells"][cid] = entry
     return benchmarks, predictions
 
