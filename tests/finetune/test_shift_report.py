@@ -288,11 +288,11 @@ def test_mechanism_regression_against_dummy_least_squares(built) -> None:
     results, _, _ = built
     mech = results["mechanism"]
     rows = [r for r in mech["rows"] if r["effective_rank"] is not None]
-    groups = sorted({(r["benchmark"], r["cell"], r["method"]) for r in rows})
+    groups = sorted({(r["benchmark"], r["shots"], r["method"]) for r in rows})
     x = np.array([r["effective_rank"] for r in rows])
     y = np.array([r["ood"] for r in rows])
     design = np.column_stack(
-        [x, *[[float((r["benchmark"], r["cell"], r["method"]) == g) for r in rows] for g in groups]]
+        [x, *[[float((r["benchmark"], r["shots"], r["method"]) == g) for r in rows] for g in groups]]
     )
     beta, *_ = np.linalg.lstsq(design, y, rcond=None)
     residual = y - design @ beta

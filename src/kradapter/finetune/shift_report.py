@@ -16,7 +16,8 @@ What is computed (docs/protocol-generalisation.md is the pre-registration; it na
   chosen rate and its trials); KRAdapter minus every other method with t intervals, sign-flip p and Holm within
   one family per metric; McNemar's exact test where a contrast has a single seed.
 - **Mechanism** (exploratory): per run the learned update's effective rank (mean over layers), ``||dW||_F`` and
-  intruder dimensions; least-squares regressions of OOD accuracy on each with method-by-cell fixed effects, and
+  intruder dimensions; least-squares regressions of OOD accuracy on each with benchmark x shots x method fixed
+  effects, and
   a verdict on the rank and norm statements (Holm over the two).
 
 The percentile bootstrap is never used below ``stats.PERCENTILE_MIN_PAIRS`` pairs. Accuracies of runs are
@@ -569,9 +570,9 @@ def mechanism_rows(benchmarks: Mapping[str, Any]) -> list[dict[str, Any]]:
                     values = {k: r.get(k) for k in MECHANISM_X}
                     if all(v is None for v in values.values()):
                         continue
-                    rows.append({"benchmark": b, "cell": cid, "method": method, "seed": int(seed),
-                                 "ood": POINTS * r["scores"]["ood"], "id": POINTS * r["scores"]["id"],
-                                 "fit": r["fit"], **values})  # fmt: skip
+                    rows.append({"benchmark": b, "cell": cid, "shots": cell["shots"], "method": method,
+                                 "seed": int(seed), "ood": POINTS * r["scores"]["ood"],
+                                 "id": POINTS * r["scores"]["id"], "fit": r["fit"], **values})  # fmt: skip
     return rows
 
 
@@ -609,16 +610,23 @@ def fixed_effects_slope(y: Sequence[float], x: Sequence[float], groups: Sequence
     }  # fmt: skip
 
 
+def fixed_effect(row: Mapping[str, Any]) -> tuple[str, int, str]:
+    """A run's fixed-effect group: its benchmark, shot count and method. Runs of one method at the same shots share
+    the k-shot draws, so what varies inside a group is the seed and the method's own configuration (its 1x and 4x
+    sizes, or the ranks of a rank sweep), never the comparison across unlike methods."""
+    return (row["benchmark"], int(row["shots"]), row["method"])
+
+
 def mechanism(benchmarks: Mapping[str, Any]) -> dict[str, Any]:
-    """OOD accuracy regressed on each update metric with method-by-cell fixed effects, pooled over every cell
-    and per benchmark; verdicts on the rank and norm statements with Holm over the two (exploratory)."""
+    """OOD accuracy regressed on each update metric with benchmark x shots x method fixed effects, pooled over
+    every cell and per benchmark; verdicts on the rank and norm statements with Holm over the two (exploratory)."""
     rows = mechanism_rows(benchmarks)
     regressions: dict[str, Any] = {}
     for x in MECHANISM_X:
         usable = [r for r in rows if r[x] is not None]
 
         def fit(rs: list[dict[str, Any]], x: str = x) -> dict[str, Any]:
-            groups = [(r["benchmark"], r["cell"], r["method"]) for r in rs]
+            groups = [fixed_effect(r) for r in rs]
             return fixed_effects_slope([r["ood"] for r in rs], [float(r[x]) for r in rs], groups)
 
         regressions[x] = {
@@ -638,7 +646,7 @@ def mechanism(benchmarks: Mapping[str, Any]) -> dict[str, Any]:
             verdicts[x] = {"expected": MECHANISM[x], "holm_p": q,
                            "verdict": stats.endpoint_verdict(q, r["slope"], MECHANISM[x],  # type: ignore[arg-type]
                                                              r["mde_per_sd"])}  # fmt: skip
-    return {"label": "exploratory", "fixed_effects": "benchmark x cell x method", "y": "ood (points)",
+    return {"label": "exploratory", "fixed_effects": "benchmark x shots x method", "y": "ood (points)",
             "rows": rows, "regressions": regressions, "verdicts": verdicts}  # fmt: skip
 
 
@@ -786,7 +794,7 @@ def _exploratory_lines(expl: Mapping[str, Any]) -> list[str]:
 
 def _mechanism_lines(mech: Mapping[str, Any]) -> list[str]:
     lines = ["", "## Mechanism (exploratory)", "",
-             "OOD accuracy (points) regressed on each learned-update metric with one intercept per benchmark x cell x "
+             "OOD accuracy (points) regressed on each learned-update metric with one intercept per benchmark x shots x "
              "method (least squares); slope per unit of the metric and per within-group SD of it.", "",
              "| metric | scope | n | groups | slope | 95% t interval | p | per SD | MDE per SD | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -834,7 +842,7 @@ def plot_kshot(results: Mapping[str, Any], benchmark: str, path: Path) -> Path |
 
 def plot_mechanism(results: Mapping[str, Any], path: Path) -> Path | None:
     """What the fixed-effects regressions fit: OOD accuracy against effective rank and update norm, both centred
-    within benchmark x cell x method, with the pooled slope."""
+    within benchmark x shots x method, with the pooled slope."""
     mech = results["mechanism"]
     panels = [x for x in ("effective_rank", "update_norm") if mech["regressions"][x]["pooled"].get("estimable")]
     if not panels:
@@ -843,7 +851,7 @@ def plot_mechanism(results: Mapping[str, Any], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     for ax, x in zip(axes[0], panels, strict=True):
         rows = [r for r in mech["rows"] if r[x] is not None]
-        keys = [(r["benchmark"], r["cell"], r["method"]) for r in rows]
+        keys = [fixed_effect(r) for r in rows]
         xs, ys = np.array([float(r[x]) for r in rows]), np.array([r["ood"] for r in rows])
         for key in set(keys):
             mask = np.array([k == key for k in keys])
@@ -855,7 +863,7 @@ def plot_mechanism(results: Mapping[str, Any], path: Path) -> Path | None:
         slope = mech["regressions"][x]["pooled"]["slope"]
         grid = np.linspace(xs.min(), xs.max(), 2)
         ax.plot(grid, slope * grid, color="black", linewidth=1)
-        ax.set_xlabel(f"{x.replace('_', ' ')} (centred within method x cell)")
+        ax.set_xlabel(f"{x.replace('_', ' ')} (centred within method x shots)")
         ax.set_ylabel("OOD accuracy, points (centred)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
