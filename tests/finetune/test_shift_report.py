@@ -340,6 +340,24 @@ def test_write_reports_draws_every_plot(built, tmp_path: Path) -> None:
             store.add(key, record)
         text = sr.write_reports(results, store)
     assert (tmp_path / "out" / sr.TABLE_FILE).read_text() == text + "\n"
-    for name in (sr.MECHANISM_PLOT, "shift_sent_kshot.png", "shift_sent_rank.png", "shift_g1_spectra.png"):
+    for name in (sr.MECHANISM_PLOT, "shift_sent_kshot.png", "shift_news_kshot.png", "shift_sent_rank.png",
+                 "shift_g1_spectra.png"):  # fmt: skip
         assert (tmp_path / "out" / name).stat().st_size > 0, name
-    assert set(sr.report_outputs(DOMAINS)) >= {p.name for p in (tmp_path / "out").glob("*.png")}
+    assert set(sr.report_outputs(DOMAINS, GROUP)) >= {p.name for p in (tmp_path / "out").glob("*.png")}
+
+
+def test_an_incomplete_group_leaves_its_members_as_endpoints(built) -> None:
+    results, records, _ = built
+    benchmarks = {b: v for b, v in results["benchmarks"].items() if b != "g2"}
+    predictions = {
+        (k[0], k[1], k[3], str(k[4]), name): np.array(r[name]["predictions"])
+        for k, r in records.items()
+        if k[2] == "run" and k[0] != "g2"
+        for name in ["test", *DOMAINS[k[0]]]
+    }
+    out = sr.analyse(benchmarks, predictions, GROUP)
+    assert out["groups"]["news"] == {"members": ["g1", "g2"], "scored": False, "missing": ["g2"]}
+    names = [e["name"] for e in out["primary"]["endpoints"]]
+    assert names == ["sent/k4_x1", "sent/k8_x1", "g1/k4_x1", "g1/k8_x1"]
+    g1 = out["primary"]["endpoints"][2]
+    assert g1["two_way"]["estimate"] == pytest.approx(g1["mean"])

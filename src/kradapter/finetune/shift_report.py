@@ -64,10 +64,10 @@ MECHANISM_X = ("effective_rank", "update_norm", "intruders")
 POINTS = 100.0
 
 
-def report_outputs(benchmarks: Iterable[str]) -> list[str]:
+def report_outputs(benchmarks: Iterable[str], groups: Iterable[str] = ()) -> list[str]:
     """The files :func:`write_reports` may write in a run folder (besides :data:`RESULTS_FILE`)."""
     plots = [f"shift_{b}_{p}.png" for b in benchmarks for p in ("kshot", "rank", "spectra")]
-    return [TABLE_FILE, MECHANISM_PLOT, *plots]
+    return [TABLE_FILE, MECHANISM_PLOT, *plots, *(f"shift_{g}_kshot.png" for g in groups)]
 
 
 def run_scores(record: Mapping[str, Any], domains: list[str]) -> dict[str, float]:
@@ -242,7 +242,7 @@ def units(benchmarks: Mapping[str, Any], groups: Mapping[str, Sequence[str]]) ->
     for group, members in groups.items():
         present = [m for m in members if m in benchmarks]
         if len(present) < 2 or len(present) != len(members):
-            continue  # a group is only scored with all of its members
+            continue  # a group is only scored with all of its members (``analyse`` passes complete groups only)
         by_cell = [{u.cell: u for u in out if u.name == m} for m in present]
         for cid in [c for c in by_cell[0] if all(c in other for other in by_cell[1:])]:
             parts = [cells[cid] for cells in by_cell]
@@ -414,10 +414,14 @@ def analyse(
     benchmarks: Mapping[str, Any], predictions: Predictions, groups: Mapping[str, Sequence[str]]
 ) -> dict[str, Any]:
     """The primary endpoints, the exploratory tables and contrasts, and the mechanism analysis."""
-    all_units = units(benchmarks, groups)
-    grouped = {m for members in groups.values() for m in members}
+    complete = {g: tuple(m) for g, m in groups.items() if len(m) > 1 and all(b in benchmarks for b in m)}
+    all_units = units(benchmarks, complete)
+    grouped = {m for members in complete.values() for m in members}  # scored as their group, not one by one
     return {
-        "groups": {g: list(m) for g, m in groups.items()},
+        "groups": {
+            g: {"members": list(m), "scored": g in complete, "missing": [b for b in m if b not in benchmarks]}
+            for g, m in groups.items()
+        },
         "protocol": {
             "contrast": list(CONTRAST),
             "metric": PRIMARY_METRIC,
@@ -879,11 +883,11 @@ def write_reports(results: Mapping[str, Any], store: Store) -> str:
         store.written(MECHANISM_PLOT)
     settings = results.get("settings") or {}
     anchor = cell_id(settings["anchor_shots"], 1) if settings.get("anchor_shots") else None
-    for b in results["benchmarks"]:
+    for b in [*results["benchmarks"], *(g for g, v in results["groups"].items() if v["scored"])]:
         path = store.path(f"shift_{b}_kshot.png")
         if plot_kshot(results, b, path) is not None:
             store.written(path.name)
-        if anchor is None:
+        if anchor is None or b not in results["benchmarks"]:
             continue
         first: dict[str, Any] = {}
         for key, record in sorted(store.matching(b, anchor, "run"), key=lambda kv: int(kv[0][4])):
