@@ -456,8 +456,8 @@ def primary(
     for unit in all_units:
         if not _is_primary(unit, grouped) or a not in unit.scores or b not in unit.scores:
             continue
-        head = {"name": f"{unit.name}/{unit.cell}", "benchmark": unit.name, "cell": unit.cell, "shots": unit.shots,
-                "members": list(unit.members)}  # fmt: skip
+        head: dict[str, Any] = {"name": f"{unit.name}/{unit.cell}", "benchmark": unit.name, "cell": unit.cell,
+                                "shots": unit.shots, "members": list(unit.members)}  # fmt: skip
         entry = head | paired_entry(_differences(unit, b, PRIMARY_METRIC), primary=True)
         entry["flagged"] = {s: unit.flags[a].get(s, []) + unit.flags[b].get(s, []) for s in map(str, entry["seeds"])}
         entry["flagged"] = {s: f for s, f in entry["flagged"].items() if f}
