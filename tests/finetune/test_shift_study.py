@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kradapter import stats
 from kradapter.cli import main
 from kradapter.finetune.protocol import Recipe, SettingsError
 from kradapter.finetune.shift_data import (
@@ -21,7 +20,7 @@ from kradapter.finetune.shift_data import (
     benchmark_data,
     data_hash,
 )
-from kradapter.finetune.shift_report import NO_VERDICT, RESULTS_FILE, run_scores
+from kradapter.finetune.shift_report import RESULTS_FILE, run_scores
 from kradapter.finetune.shift_settings import StudySettings
 from tests import support
 
@@ -211,40 +210,49 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
     bench = results["benchmarks"]["sentiment"]
     assert list(bench["cells"]) == ["k4_x1", "k2_x1", "k4_x4"]
     anchor, small, large = (bench["cells"][c] for c in ("k4_x1", "k2_x1", "k4_x4"))
-    chosen = anchor["methods"]["lora"]["lr"]
+    chosen = anchor["chosen"]["lora"]["lr"]
     assert chosen in (3e-3, 3e-2)
-    assert finished[("sentiment", "k4_x1", "chosen", "lora")] == {"lr": chosen}  # the choice is a record
+    assert finished[("sentiment", "k4_x1", "chosen", "lora")]["lr"] == chosen  # the choice is a record
     assert reports and min(reports) >= 1  # the report is the caller's, and never runs before a finished unit
     for cell in (anchor, small, large):
         for method, by_seed in cell["runs"].items():
             assert sorted(by_seed) == [str(s) for s in seeds], method
             for record in by_seed.values():
                 scores = record["scores"]
-                assert set(record) >= {"test", "shop", "updates"}
+                assert set(record) >= {"test", "shop", "effective_rank"} and "predictions" not in record["test"]
                 assert scores["gap"] == pytest.approx(scores["ood"] - scores["id"])
                 assert record["lr"] == (chosen if method == "lora" else 1e-2)  # the anchor's rate everywhere
     # budgets: LoRA at 4x trains four times KRAdapter's count; KRAdapter is not in the 4x cell
     assert large["methods"]["lora"]["adapter_params"] == 4 * anchor["methods"]["kradapter"]["adapter_params"]
     assert "kradapter" not in large["runs"] and large["reference_cell"] == "k4_x1"
-    # paired differences: KRAdapter (of the reference cell) minus the other, seed by seed, recomputed here
-    for cell in (anchor, small, large):
+    # paired differences (points): KRAdapter (of the reference cell) minus the other, seed by seed, recomputed here;
+    # mean OOD at 1x is a primary endpoint, the rest exploratory
+    primary = {e["name"]: e for e in results["primary"]["endpoints"]}
+    contrasts = {(e["unit"], e["metric"]): e for m in results["exploratory"]["contrasts"].values() for e in m
+                 if e["against"] == "lora"}  # fmt: skip
+    for cid, cell in (("k4_x1", anchor), ("k2_x1", small), ("k4_x4", large)):
         reference = bench["cells"][cell["reference_cell"]]["runs"]["kradapter"]
         for metric in ("id", "ood", "gap", "shop"):
-            entry = cell["paired"][metric]["lora"]
-            mine = [reference[str(s)]["scores"][metric] - cell["runs"]["lora"][str(s)]["scores"][metric] for s in seeds]
+            key = f"sentiment/{cid}"
+            entry = primary[key] if metric == "ood" and cell["budget"] == 1 else contrasts[(key, metric)]
+            mine = [100 * (reference[str(s)]["scores"][metric] - cell["runs"]["lora"][str(s)]["scores"][metric])
+                    for s in seeds]  # fmt: skip
             assert entry["differences"] == pytest.approx(mine)
-            assert entry["mean_difference"] == pytest.approx(np.mean(mine))
-            assert entry["low"] <= entry["mean_difference"] <= entry["high"]
-            assert entry["verdict"] == stats.verdict(entry["low"], entry["high"]) != NO_VERDICT
+            assert entry["mean"] == pytest.approx(np.mean(mine))
+            assert entry["t"]["low"] <= entry["mean"] <= entry["t"]["high"]
+            assert entry["verdict"].split(" (")[0] in ("supported", "contradicted", "not detected")
     # the learned updates: LoRA's effective rank is at most its rank; KRAdapter's is far higher; the record is
     # what the saved adapter gives
     r = anchor["methods"]["lora"]["knobs"]["r"]
-    lora_ranks = [row["effective_rank"] for rec in anchor["runs"]["lora"].values() for row in rec["updates"]]
-    kr_ranks = [row["effective_rank"] for rec in anchor["runs"]["kradapter"].values() for row in rec["updates"]]
+    updates = {
+        m: [finished[("sentiment", "k4_x1", "run", m, s)]["updates"] for s in seeds] for m in ("lora", "kradapter")
+    }
+    lora_ranks = [row["effective_rank"] for rows in updates["lora"] for row in rows]
+    kr_ranks = [row["effective_rank"] for rows in updates["kradapter"] for row in rows]
     assert max(lora_ranks) <= r + 1e-3 and min(kr_ranks) > 2 * r
     record = anchor["runs"]["kradapter"]["1"]
     again = analyse_updates(load_trained("kradapter", tmp_path / "out" / record["adapter_dir"], model, 2), top=32)
-    recorded = [row["effective_rank"] for row in record["updates"]]
+    recorded = [row["effective_rank"] for row in updates["kradapter"][1]]
     assert [row["effective_rank"] for row in again] == pytest.approx(recorded)
     for name in ("shift_table.md", "shift_sentiment_kshot.png", "shift_sentiment_rank.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
