@@ -30,20 +30,28 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
-def run_once(command: str) -> dict:
+def run_once(command: str, timeout: float | None) -> dict:
+    """One fresh process; past ``timeout`` it is killed and its time is a lower bound (``"killed": true``)."""
     with tempfile.TemporaryDirectory(prefix="whole-process-") as tmp:
         argv = shlex.split(command.replace("{tmp}", tmp))
         before = load()
         start = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+            rc, out, err, killed = proc.returncode, proc.stdout, proc.stderr, False
+        except subprocess.TimeoutExpired as exc:
+            rc, killed = -9, True
+            out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            err = ""
         seconds = time.perf_counter() - start
         return {
             "seconds": round(seconds, 3),
-            "rc": proc.returncode,
+            "rc": rc,
+            "killed": killed,
             "load_before": before,
             "load_after": load(),
-            "stderr_tail": proc.stderr[-300:] if proc.returncode else "",
-            "stdout_tail": proc.stdout[-400:],
+            "stderr_tail": err[-300:] if rc else "",
+            "stdout_tail": out[-400:],
         }
 
 
@@ -52,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", action="append", required=True, metavar="LABEL=COMMAND")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--timeout", type=float, default=None, help="kill a run after this many seconds (a lower bound)")
     args = p.parse_args(argv)
     variants = dict(v.split("=", 1) for v in args.variant)
     labels = list(variants)
@@ -60,10 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(args.rounds):
         order = labels[r % len(labels) :] + labels[: r % len(labels)]
         for label in order:
-            result = run_once(variants[label])
+            result = run_once(variants[label], args.timeout)
             runs[label].append(result)
-            print(f"round {r + 1} {label}: {result['seconds']:.1f} s rc {result['rc']} "
-                  f"load {result['load_before']:.2f}->{result['load_after']:.2f}", flush=True)
+            print(
+                f"round {r + 1} {label}: {result['seconds']:.1f} s rc {result['rc']} "
+                f"load {result['load_before']:.2f}->{result['load_after']:.2f}",
+                flush=True,
+            )
             args.out.write_text(json.dumps({"started": started, "variants": variants, "runs": runs}, indent=1))
     medians = {label: statistics.median(x["seconds"] for x in runs[label]) for label in labels}
     loads = [x[k] for label in labels for x in runs[label] for k in ("load_before", "load_after")]
@@ -79,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.write_text(json.dumps(payload, indent=1))
     for label in labels:
-        times = ", ".join(f"{x['seconds']:.1f}" for x in runs[label])
+        times = ", ".join(f"{'>' if x['killed'] else ''}{x['seconds']:.1f}" for x in runs[label])
         print(f"{label}: median {medians[label]:.1f} s ({times})")
     print(f"load average (1 min) {min(loads):.2f} to {max(loads):.2f}")
     return 0
