@@ -54,6 +54,7 @@ def document(folder: Path) -> dict:
 
     data = json.loads((folder / "experimental_results.json").read_text())
     data.pop("environment")
+    data["config"]["output"].pop("directory")
     return strip(data)
 
 
