@@ -193,7 +193,7 @@ def run_study(
 
     with executor:
         executor.run(
-            _Cells(todo, config, store, device, dtype),  # type: ignore[arg-type]
+            _Cells(todo, config, store, device, dtype),
             on_result,
             on_failure,
             progress=progress,
