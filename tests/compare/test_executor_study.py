@@ -198,10 +198,9 @@ def test_ray_command_output_is_the_bar_and_the_table(tmp_path):
     pytest.importorskip("ray")
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)
-    argv = [a for a in SMALL if a != "--quiet"]
+    argv = [a for a in SMALL if a != "--quiet"] + ["--methods", "lora", "--out", str(tmp_path / "r")]
     proc = subprocess.run(
-        [sys.executable, "-m", "kradapter.cli", "compare", *argv, "--methods", "lora", "--out", str(tmp_path / "r")]
-        + ["--executor", "ray", "--workers", "2"],
+        [sys.executable, "-m", "kradapter.cli", "compare", *argv, "--executor", "ray", "--workers", "2"],
         cwd=ROOT,
         env=env,
         capture_output=True,
