@@ -8,6 +8,11 @@ For each workload the contenders are built from copies of one base model, warmed
 step each), then timed in rounds: each round runs every contender once, in a rotating order, until the workload's
 time budget is spent (at least ``--min-rounds``, at most ``--rounds``). Medians and ratios are printed, and the
 JSON file is rewritten atomically after every workload, so an interrupted run keeps what it finished.
+
+It has no ``--executor`` option, on purpose: its workloads are independent computations but not independent
+measurements. Two workloads timed at once on one machine share its cores, caches and memory bandwidth and
+slow each other down, and workloads timed on different nodes of a cluster are timed on different machines
+while the ratios and the JSON's ``machine`` record assume one. Each workload runs alone, in this process.
 """
 
 from __future__ import annotations

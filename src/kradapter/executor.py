@@ -28,7 +28,7 @@ import os
 import pickle
 import socket
 import time
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sized
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -282,7 +282,7 @@ class Executor:
 
     def run(
         self,
-        units: Sequence[Unit],
+        units: Iterable[Unit],
         on_result: OnResult,
         on_failure: OnFailure | None = None,
         *,
@@ -293,14 +293,15 @@ class Executor:
     ) -> Summary:
         """Run ``units``, calling ``on_result``/``on_failure`` in completion order; a tqdm bar shows progress.
 
-        ``initial``/``total`` let a resumed run count the units already on disk. An exception raised by a callback
-        stops the run (units in flight are cancelled) and propagates.
+        ``initial``/``total`` let a resumed run count the units already on disk (``total`` is needed when ``units``
+        has no length: a lazy iterable whose units are made as they are handed out). An exception raised by a
+        callback stops the run (units in flight are cancelled) and propagates.
         """
         from tqdm.auto import tqdm
 
         summary = Summary()
         bar = tqdm(
-            total=len(units) + initial if total is None else total,
+            total=(len(units) if isinstance(units, Sized) else 0) + initial if total is None else total,
             initial=initial,
             desc=desc,
             unit="unit",

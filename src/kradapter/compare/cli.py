@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..assets import MissingPackageError
+from ..executor import Executor, ExecutorError, add_executor_arguments, executor_from_args
 from ..registry import methods_help
 from ..store import Store, StoreError
 from .config import ConfigError, StudyConfig, load_config, with_changes
@@ -59,7 +60,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=str, help="output folder (default results/)")
     parser.add_argument("--device", type=str, help="cpu, cuda, cuda:N, mps or auto (default cpu)")
     parser.add_argument("--dtype", type=str, help="float32 (default), float64 or bfloat16")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads of each cell (default 1: docs/executor.md); same as --threads-per-unit",
+    )
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument(
         "--resume",
@@ -71,6 +76,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--allow-code-change", action="store_true", help="let --resume continue results of other code")
     parser.add_argument("--no-plots", action="store_true", help="write the JSON and the table only")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_executor_arguments(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = build_config(args)
+        executor = study_executor(args, config)
         spec = run_spec(config)
         mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
         out = config.output
@@ -120,7 +127,28 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, MissingInputError, MissingPackageError, StoreError) as exc:
         return fail(str(exc))
     with store:
-        return _run(config, store, not args.quiet, fail)
+        return _run(config, store, not args.quiet, fail, executor)
+
+
+def study_executor(args: argparse.Namespace, config: StudyConfig) -> Executor:
+    """Where the cells run (``--executor`` and friends), checked before any work; a ConfigError names the flag.
+
+    ``--threads`` (``runtime.threads``) and ``--threads-per-unit`` are one setting: each cell's torch threads.
+    """
+    from .study import unit_threads
+
+    given = getattr(args, "threads_per_unit", None)
+    if given is not None and config.runtime.threads and given != config.runtime.threads:
+        raise ConfigError(
+            f"--threads-per-unit {given} disagrees with --threads/runtime.threads {config.runtime.threads}; give one"
+        )
+    executor_name = getattr(args, "executor", "sequential") or "sequential"
+    if executor_name == "ray" and config.runtime.device != "cpu":
+        raise ConfigError(
+            f"--executor ray runs cells on CPU workers; --device {config.runtime.device} needs the sequential executor"
+        )
+    resolved = argparse.Namespace(**{**vars(args), "threads_per_unit": unit_threads(config, given)})
+    return executor_from_args(resolved, ConfigError)
 
 
 # Optional quantisation back-ends that PEFT and transformers import when installed. The matrix study fits plain
@@ -135,16 +163,23 @@ def skip_unused_imports() -> None:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
-def _run(config: StudyConfig, store: Store, progress: bool, fail: Any) -> int:
+def _run(config: StudyConfig, store: Store, progress: bool, fail: Any, executor: Executor | None = None) -> int:
     skip_unused_imports()
+    import torch
+
+    from ..executor import SequentialExecutor
     from ..records import environment
     from .matrices import MatrixError
-    from .study import run_study
+    from .study import run_study, unit_threads
 
     start = time.perf_counter()
-    store.set_environment(environment())
+    executor = executor or SequentialExecutor(unit_threads(config))
+    torch.set_num_threads(getattr(executor, "threads_per_unit", None) or unit_threads(config))
+    store.set_environment({**environment(), **executor.describe()})
     try:
-        results, failed = run_study(config, store, progress=progress)
+        results, failed = run_study(config, store, progress=progress, executor=executor)
+    except ExecutorError as exc:  # a cluster that cannot be started or reached: before any cell
+        return fail(str(exc))
     except (ValueError, RuntimeError, MatrixError) as exc:
         return fail(str(exc))
     written = [config.output.results_file]

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import registry
+from ..executor import Executor, SequentialExecutor, Unit
 from ..registry import Plan
-from ..store import Store
+from ..store import Key, Store
 from .config import StudyConfig
 from .fit import fit_method, inject
 from .matrices import Target, load_target
@@ -104,50 +106,101 @@ def preflight(config: StudyConfig, device: torch.device, dtype: torch.dtype) -> 
     return shapes
 
 
-def run_study(config: StudyConfig, store: Store, progress: bool = True) -> tuple[dict[str, Any], list[str]]:
+DEFAULT_THREADS = 1  # torch threads per unit unless asked: measured in docs/executor.md ("Threads")
+
+
+def unit_threads(config: StudyConfig, threads_per_unit: int | None = None) -> int:
+    """The torch threads each cell runs with: ``threads_per_unit``, else ``runtime.threads``, else 1.
+
+    One default for every machine (not a guess from the cores or the load) because the thread count changes the
+    last bits of a fit: a study gives the same numbers wherever and whenever it runs with the same count.
+    """
+    return threads_per_unit or config.runtime.threads or DEFAULT_THREADS
+
+
+def cell_unit(method: str, target: Target, s_target: torch.Tensor, config: StudyConfig, seed: int) -> dict[str, Any]:
+    """One cell's record: the unit of work an executor runs (in this process or in a Ray worker).
+
+    Everything the record depends on is in the arguments (the target itself, its singular values, the config and
+    the seed), so the cell computes the same record wherever it runs; the executor pins the threads.
+    """
+    log = tqdm.write if config.training.log_interval else None
+    return jsonable(_cell(method, target, s_target, config, seed, log))
+
+
+class _Cells:
+    """The cells to run as executor units, made lazily in study order: each target is loaded (and its record
+    written by the driver) just before its first cell is handed out, so a sequential run reads one target at a
+    time and writes its records in the order it always did."""
+
+    def __init__(self, todo: list[tuple[int, str, str]], config: StudyConfig, store: Store, device, dtype) -> None:
+        self.todo, self.config, self.store, self.device, self.dtype = todo, config, store, device, dtype
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __iter__(self) -> Iterator[Unit]:
+        by_target: dict[tuple[int, str], list[str]] = {}
+        for seed, name, method in self.todo:
+            by_target.setdefault((seed, name), []).append(method)
+        for (seed, name), methods in by_target.items():
+            target = load_target(name, seed, self.config, self.dtype, self.device)
+            start = time.perf_counter()
+            s_target = singular_values(target.matrix)
+            if not self.store.done(("target", name, seed)):
+                self.store.add(("target", name, seed), target_record(target, s_target, time.perf_counter() - start))
+            for method in methods:
+                yield Unit(("cell", name, method, seed), cell_unit, (method, target, s_target, self.config, seed))
+
+
+def run_study(
+    config: StudyConfig, store: Store, progress: bool = True, executor: Executor | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """Run every unfinished cell into ``store``, rebuilding the results document after each one.
 
-    Returns the document and the cells that failed (their errors are recorded; a resumed run tries them again).
+    Cells run on ``executor`` (default: one after another in this process at :func:`unit_threads` threads) and
+    come back in completion order; this process alone writes the store. Returns the document and the cells that
+    failed (their errors are recorded; a resumed run tries them again).
     """
     device = resolve_device(config.runtime.device)
     dtype = DTYPES[config.runtime.dtype]
-    if config.runtime.threads:
-        torch.set_num_threads(config.runtime.threads)
+    if executor is None:
+        executor = SequentialExecutor(unit_threads(config))
+    threads = getattr(executor, "threads_per_unit", None) or unit_threads(config)
+    torch.set_num_threads(threads)  # the driver's own work (targets, spectra) at the units' count
     preflight(config, device, dtype)
     config_dict = jsonable(config.to_dict())
     names = config.matrices.selected()
     columns = study_columns(config.methods.names, config.methods.references)
     cells = [(seed, name, method) for seed in config.training.seeds for name in names for method in columns]
     todo = [c for c in cells if not store.done(("cell", c[1], c[2], c[0]))]
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not progress, leave=True)
-    log = bar.write if config.training.log_interval else None
     failed: list[str] = []
-    by_target: dict[tuple[int, str], list[str]] = {}
-    for seed, name, method in todo:
-        by_target.setdefault((seed, name), []).append(method)
 
     def save() -> None:
         store.write_json(config.output.results_file, summary(store, config_dict))
 
-    for (seed, name), methods in by_target.items():
-        bar.set_description(f"{name} (seed {seed})")
-        target = load_target(name, seed, config, dtype, device)
-        start = time.perf_counter()
-        s_target = singular_values(target.matrix)
-        if not store.done(("target", name, seed)):
-            store.add(("target", name, seed), target_record(target, s_target, time.perf_counter() - start))
-        for method in methods:
-            bar.set_postfix_str(method)
-            try:
-                record = jsonable(_cell(method, target, s_target, config, seed, log))
-            except Exception as exc:  # a method that fails on a shape: recorded, reported, tried again on resume
-                record = {"error": _error_text(exc)}
-                failed.append(f"{name} / {method} (seed {seed}): {record['error']}")
-                bar.write(failed[-1])
-            store.add(("cell", name, method, seed), record)
-            save()
-            bar.update(1)
-    bar.close()
+    def on_result(key: Key, record: Any, artifacts: dict[str, bytes]) -> None:
+        store.add(key, record)
+        save()
+
+    def on_failure(key: Key, reason: str) -> None:
+        _, name, method, seed = key
+        store.add(key, {"error": reason})
+        failed.append(f"{name} / {method} (seed {seed}): {reason}")
+        if progress:
+            tqdm.write(failed[-1])
+        save()
+
+    with executor:
+        executor.run(
+            _Cells(todo, config, store, device, dtype),
+            on_result,
+            on_failure,
+            progress=progress,
+            desc="cells",
+            initial=len(cells) - len(todo),
+            total=len(cells),
+        )
     save()
     return summary(store, config_dict), failed
 
