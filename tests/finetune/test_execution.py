@@ -174,8 +174,18 @@ def records(out: Path) -> dict[tuple, dict]:
     return found
 
 
-def files(out: Path) -> dict[str, bytes]:
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted((out / "adapters").rglob("*")) if p.is_file()}
+def files(out: Path) -> dict[str, object]:
+    """The saved adapters' files as bytes; PEFT's config as JSON with its target modules sorted (PEFT writes a
+    set, in an order that varies from process to process with Python's string hashing)."""
+    found: dict[str, object] = {}
+    for p in sorted((out / "adapters").rglob("*")):
+        if p.name == "adapter_config.json":
+            config = json.loads(p.read_text())
+            config["target_modules"] = sorted(config["target_modules"])
+            found[p.relative_to(out).as_posix()] = config
+        elif p.is_file():
+            found[p.relative_to(out).as_posix()] = p.read_bytes()
+    return found
 
 
 @pytest.mark.slow

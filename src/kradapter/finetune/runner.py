@@ -574,27 +574,19 @@ class Execution:
         recorded = self.store.records.get(key)
         if recorded is not None:
             return float(recorded["lr"])
-        if not part.sweeps(method):
+        if not part.sweeps(method):  # one rate: recorded with the method's first finished run
             (lr,) = part.plan.settings.grid(method)
-            record: dict[str, Any] = {"lr": float(lr), "trials": [], "on_edge": False}
-        else:
-            trials = self.trials(part, method)
-            scores = self.scores(part, method)
-            lr = best_rate(scores)
-            record = {
-                "lr": lr,
-                "trials": [
-                    {
-                        "lr": float(t["lr"]),
-                        "val_accuracy": t["val"]["accuracy"],
-                        "val_macro_f1": t["val"]["macro_f1"],
-                        "val_loss": t["val"]["loss"],
-                    }
-                    for t in trials
-                ],
-                "on_edge": on_edge(list(scores), lr),
-                "val_texts": len(part.plan.validation(part.plan.settings.sweep_seed)),
-            }
+            return float(lr)
+        trials = self.trials(part, method)
+        scores = self.scores(part, method)
+        chosen = best_rate(scores)
+        fields = {"accuracy": "val_accuracy", "macro_f1": "val_macro_f1", "loss": "val_loss"}
+        record = {
+            "lr": chosen,
+            "trials": [{"lr": float(t["lr"]), **{new: t["val"][old] for old, new in fields.items()}} for t in trials],
+            "on_edge": on_edge(list(scores), chosen),
+            "val_texts": len(part.plan.validation(part.plan.settings.sweep_seed)),
+        }
         self.store.add(key, record)
         self.prune(part, method, float(record["lr"]))
         return float(record["lr"])
@@ -622,6 +614,11 @@ class Execution:
         if artifacts and self.rank == 0:
             self.write_folder(record["adapter_dir"], artifacts)
         self.store.add(key, record)
+        if len(key) >= 3 and key[-3] == "run":
+            part = next(p for p in self.parts if key[: len(p.prefix)] == p.prefix and len(key) == len(p.prefix) + 3)
+            chosen = (*part.prefix, "chosen", str(key[-2]))
+            if chosen not in self.store.records:  # a method with one rate: nothing was tuned
+                self.store.add(chosen, {"lr": float(record["lr"]), "trials": [], "on_edge": False})
         self.trained += not record.get("from_sweep", False)
         self.save()
         if self.progress and len(key) >= 3 and key[-3] == "run":
