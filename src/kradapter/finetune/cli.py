@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import registry
 from ..assets import MissingPackageError, bbc_news_dir
-from ..executor import Executor, ExecutorError, Fingerprint, add_executor_arguments, executor_from_args
+from ..executor import Executor, ExecutorError, add_executor_arguments
 from ..store import Store, StoreError, file_hash
 from .commands import (
     Fail,
@@ -94,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
             lr_grids=parse_lr_grid(args.lr_grid),
             recipe=recipe_from(args),
         )
+        from .runner import check_executor
+
         executor = check_executor(args, world_size)
         model_dir = check_model(args, settings.recipe, world_size)
         data_dir = Path(settings.data) if settings.data else bbc_news_dir()
@@ -107,40 +109,6 @@ def run(args: argparse.Namespace) -> int:
         return execute(settings, store, model_dir, corpus, args, fail, executor)
 
 
-def check_executor(args: argparse.Namespace, world_size: int) -> Executor:
-    """The executor the flags ask for; a SettingsError (one line) for a bad combination, before any work."""
-    executor = executor_from_args(args, SettingsError)
-    if world_size > 1 and executor.name != "sequential":
-        raise SettingsError(
-            f"--executor {executor.name} under torchrun ({world_size} processes): torchrun's processes train each "
-            "unit together; run one process with --executor ray to train several units at once"
-        )
-    return executor
-
-
-def with_fingerprint(executor: Executor, model_dir: Path) -> Executor:
-    """A Ray worker refuses units unless its packages and its copy of the model folder are the driver's."""
-    import functools
-
-    from .runner import model_inputs
-
-    if hasattr(executor, "fingerprint"):
-        probe = functools.partial(model_inputs, str(model_dir))
-        executor.fingerprint = Fingerprint.here(probe(), probe)
-    return executor
-
-
-def report_failures(command: str, failed: list[tuple[tuple[Any, ...], str]], rank: int) -> int:
-    """Name every failed unit on stderr; exit status 1 if any (``--resume`` tries them again), else 0."""
-    if not failed:
-        return 0
-    if rank == 0:
-        for key, reason in failed:
-            print(f"kradapter {command}: unit {' '.join(map(str, key))} failed: {reason}", file=sys.stderr)
-        print(f"kradapter {command}: {len(failed)} unit(s) failed; --resume tries them again", file=sys.stderr)
-    return 1
-
-
 def execute(
     settings: Settings, store: Store, model_dir: Path, corpus: Any, args: argparse.Namespace, fail: Fail,
     executor: Executor | None = None,
@@ -149,7 +117,7 @@ def execute(
     from ..records import environment
     from .plan import make_plan
     from .report import RESULTS_FILE, document, write_reports, writer
-    from .runner import Execution
+    from .runner import Execution, check_executor, report_failures, with_fingerprint
 
     rank, world_size = world()
     started = time.perf_counter()

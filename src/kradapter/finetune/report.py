@@ -37,7 +37,8 @@ def document(store: Store, plan: Plan) -> dict[str, Any]:
     sweep, runs = tables["sweep"], tables["run"]
     tuning = {m: store.records[("chosen", m)] for m in s.methods if ("chosen", m) in store.records}
     chosen = {m: record["lr"] for m, record in tuning.items()}
-    features = [r["head_feature_time_s"] for r in runs.get("head", {}).values() if "head_feature_time_s" in r]
+    features = [r["head_feature_time_s"] for by_seed in runs.values() for r in by_seed.values()
+                if isinstance(r, dict) and "head_feature_time_s" in r]  # fmt: skip
     environments = [i["environment"] for i in store.meta.get("invocations", []) if "environment" in i]
     methods = {}
     for name, method_plan in plan.methods.items():

@@ -31,10 +31,12 @@ runs; every method of every plan advances at once, so the units in flight come f
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import math
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,13 +46,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..executor import Executor, SequentialExecutor, Unit, UnitResult, collect_artifacts
+from ..executor import (
+    Executor,
+    Fingerprint,
+    SequentialExecutor,
+    Unit,
+    UnitResult,
+    collect_artifacts,
+    executor_from_args,
+)
 from ..files import replace_dir, write_atomic
 from ..registry import Plan as MethodPlan
 from ..store import Key, Store, file_hash
 from .metrics import classification_metrics
 from .plan import Plan
-from .protocol import EVAL_BATCH_SIZE, Recipe, lr_key
+from .protocol import EVAL_BATCH_SIZE, Recipe, SettingsError, lr_key
 
 RELOAD_CHECK_EXAMPLES = 8
 ADAPTERS_DIR = "adapters"
@@ -320,6 +330,14 @@ def _pretrained_weights(model_dir: str, num_labels: int, layers: tuple[str, ...]
     return {name: _weight(model, name).to(torch.float64).clone() for name in layers}
 
 
+def _weight_trains(model: torch.nn.Module, name: str) -> bool:
+    """Whether the target layer's own weight is trained (full fine-tuning), as the built model says."""
+    try:
+        return bool(model.get_submodule(name).weight.requires_grad)
+    except AttributeError:  # not a layer of this model (the head alone is trained on features)
+        return False
+
+
 def _weight(model: torch.nn.Module, name: str) -> torch.Tensor:
     weight = model.get_submodule(name).weight
     assert isinstance(weight, torch.Tensor), name
@@ -341,7 +359,7 @@ def update_measures(context: Context, training: Any, model: torch.nn.Module) -> 
         for _, layer, active in adapted_layers(model):  # the same layers, in the same order, as ``rows``
             pairs.append((layer.get_base_layer().weight.detach(), layer_update(layer, active).detach()))
         out["updates"] = rows
-    elif getattr(training.method, "trains_base", False):  # every weight: dW = trained - pretrained
+    elif context.layers and all(_weight_trains(model, name) for name in context.layers):  # dW = trained - pretrained
         base = _pretrained_weights(context.model_dir, context.num_labels, context.layers, context.trust_remote_code)
         for name, w0 in base.items():
             pairs.append((w0, _weight(model, name).to(torch.float64) - w0))
@@ -664,6 +682,36 @@ class Execution:
                               initial=self.finished(), total=total)  # fmt: skip
         self.save()
         return sorted(self.failed.items(), key=lambda item: str(item[0]))
+
+
+def check_executor(args: argparse.Namespace, world_size: int) -> Executor:
+    """The executor the flags ask for; a SettingsError (one line) for a bad combination, before any work."""
+    executor = executor_from_args(args, SettingsError)
+    if world_size > 1 and executor.name != "sequential":
+        raise SettingsError(
+            f"--executor {executor.name} under torchrun ({world_size} processes): torchrun's processes train each "
+            "unit together; run one process with --executor ray to train several units at once"
+        )
+    return executor
+
+
+def with_fingerprint(executor: Executor, model_dir: Path) -> Executor:
+    """A Ray worker refuses units unless its packages and its copy of the model folder are the driver's."""
+    if hasattr(executor, "fingerprint"):
+        probe = functools.partial(model_inputs, str(model_dir))
+        executor.fingerprint = Fingerprint.here(probe(), probe)
+    return executor
+
+
+def report_failures(command: str, failed: list[tuple[tuple[Any, ...], str]], rank: int) -> int:
+    """Name every failed unit on stderr; exit status 1 if any (``--resume`` tries them again), else 0."""
+    if not failed:
+        return 0
+    if rank == 0:
+        for key, reason in failed:
+            print(f"kradapter {command}: unit {' '.join(map(str, key))} failed: {reason}", file=sys.stderr)
+        print(f"kradapter {command}: {len(failed)} unit(s) failed; --resume tries them again", file=sys.stderr)
+    return 1
 
 
 def line(method: str, seed: int, record: dict[str, Any]) -> str:

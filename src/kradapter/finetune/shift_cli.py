@@ -93,7 +93,7 @@ def settings_from(args: argparse.Namespace) -> StudySettings:
 
 def run(args: argparse.Namespace) -> int:
     """Settings, device, model and data checked, then every cell planned, before any training."""
-    from .cli import check_executor
+    from .runner import check_executor
     from .shift import check_data
     from .shift_data import benchmark_data, data_hash, load_benchmark
 
@@ -121,7 +121,7 @@ def execute(settings: StudySettings, store: Store, model_dir: Path, data: Any, a
             fail: Fail, executor: Any = None) -> int:  # fmt: skip
     from ..executor import ExecutorError
     from ..records import environment
-    from .cli import check_executor, report_failures, with_fingerprint
+    from .runner import check_executor, report_failures, with_fingerprint
     from .shift import Study
     from .shift_report import RESULTS_FILE, document, write_reports
 
