@@ -599,15 +599,15 @@ class Execution:
         scores = self.scores(part, method)
         chosen = best_rate(scores)
         fields = {"accuracy": "val_accuracy", "macro_f1": "val_macro_f1", "loss": "val_loss"}
-        record = {
+        record: dict[str, Any] = {
             "lr": chosen,
             "trials": [{"lr": float(t["lr"]), **{new: t["val"][old] for old, new in fields.items()}} for t in trials],
             "on_edge": on_edge(list(scores), chosen),
             "val_texts": len(part.plan.validation(part.plan.settings.sweep_seed)),
         }
         self.store.add(key, record)
-        self.prune(part, method, float(record["lr"]))
-        return float(record["lr"])
+        self.prune(part, method, chosen)
+        return chosen
 
     def reusable(self, part: Part, method: str, lr: float) -> tuple[dict, dict[str, bytes]] | None:
         """The sweep seed's trial at ``lr`` and its saved files, if they are in the run folder."""
