@@ -14,7 +14,7 @@ Records (``prefix`` = the plan's, e.g. ``(benchmark, cell)``):
 - ``(*prefix, "sweep", METHOD, LR)``: one tuning trial on the sweep seed (the first), scored on that seed's
   validation draw (``"val"``).
 - ``(*prefix, "chosen", METHOD)``: ``{"lr", "trials": [{"lr", "val_accuracy", "val_macro_f1", "val_loss"}],
-  "on_edge", "val_texts"}``.
+  "on_edge", "val_texts"}``, trials by rate.
 - ``(*prefix, "run", METHOD, SEED)``: the run at the chosen rate, one entry per evaluation set with per-item
   ``predictions``, and for methods that learn an update its ``update_norm`` and ``intruders``.
 
@@ -595,7 +595,7 @@ class Execution:
         if not part.sweeps(method):  # one rate: recorded with the method's first finished run
             (lr,) = part.plan.settings.grid(method)
             return float(lr)
-        trials = self.trials(part, method)
+        trials = sorted(self.trials(part, method), key=lambda t: float(t["lr"]))  # by rate: the same on any executor
         scores = self.scores(part, method)
         chosen = best_rate(scores)
         fields = {"accuracy": "val_accuracy", "macro_f1": "val_macro_f1", "loss": "val_loss"}
