@@ -8,7 +8,8 @@ PEFT's benchmark (``method_comparison/`` in huggingface/peft) writes one JSON fi
 - ``run_info``: ``experiment_name`` ``<method>/<model>-bbc-k<shots>-seed<seed>`` (one experiment per seed, as the
   app keeps one run per experiment), ``created_at`` the invocation's start (UTC), ``total_time`` and
   ``train_time`` the run's training time, ``peft_config`` the saved adapter's config (None for head-only or full
-  fine-tuning, which the app calls ``full-finetuning``), ``peft_branch`` ``"kradapter-<version>"``.
+  fine-tuning, which the app calls ``full-finetuning``), ``peft_branch`` ``"kradapter-<version>"``,
+  ``peft_worktree_is_dirty`` whether kradapter's checkout differed from its commit (None from an installed wheel).
 - ``train_info``: ``accelerator_memory_max`` is the run's peak minus the memory held before it (as PEFT's is);
   the study records only the peak, so ``accelerator_memory_reserved_avg`` and ``_99th`` hold the absolute peak
   (``memory_kind`` says whether that is GPU memory or CPU RSS). ``file_size`` is the saved adapter's bytes.
@@ -30,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_atomic
+from .records import RESULTS_FILES, ResultsError, read_results
 
-RESULTS_FILE = "finetune_results.json"
+RESULTS_FILE = RESULTS_FILES["finetune"]
 MB = 1024 * 1024
 
 
@@ -40,17 +42,11 @@ class ExportError(ValueError):
 
 
 def load_finetune(results_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    folder = Path(results_dir)
-    path = folder / RESULTS_FILE
-    if not path.is_file():
-        raise ExportError(f"{str(folder)!r} holds no {RESULTS_FILE}: not a finished `kradapter finetune` folder")
+    """The finished ``finetune_results.json`` of ``results_dir`` (:func:`kradapter.records.read_results`)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ExportError(f"cannot read {str(path)!r}: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
-        raise ExportError(f"{str(path)!r} has no 'runs': not a finetune results file")
-    return data
+        return read_results(results_dir, "finetune")[1]
+    except ResultsError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def result_rows(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -88,7 +84,7 @@ def result_rows(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
                         "total_time": run.get("train_time_s"),
                         "experiment_name": f"{method}/{model.get('name', 'model')}-bbc-k{shots}-seed{seed}",
                         "peft_branch": f"kradapter-{__version__}",
-                        "peft_worktree_is_dirty": None,
+                        "peft_worktree_is_dirty": (env.get("code") or {}).get("dirty"),
                         "train_config": {
                             "model_id": model.get("name"),
                             "model_path": model.get("path"),

@@ -87,7 +87,7 @@ class Method:
     update_uses_base: bool = False  # the update is made from the frozen weight (HiRA: W0 * (B A))
     rank_of: str | None = None  # a reference: the truncated SVD at this method's rank (None: rank 0, i.e. zero)
     optimum_of: str | None = None  # a reference: this method's best update on the target (compare/optima.py)
-    lr_grid: tuple[float, ...] = ()  # finetune's learning-rate sweep
+    lr_grid: tuple[float, ...] = ()  # finetune's and the shift study's learning-rate grid (half_decades)
     study: Mapping[str, Any] = field(default_factory=dict)  # the matrix study's defaults
     build: Callable[[Any, Settings], Any] | None = None  # (target_modules, settings) -> PeftConfig
     counter: Callable[[list[Shape], Settings], int] | None = None
@@ -411,18 +411,34 @@ def _c3a_candidates(layers: list[Shape], fixed: Settings) -> list[list[Candidate
 
 # -- the registry -------------------------------------------------------------------------------------------------
 
+LR_GRID_RATES = 5  # rates in every registry grid: the shift study's tuning rule needs at least 5 (log-spaced)
+
+
+def half_decades(centre: float, rates: int = LR_GRID_RATES) -> tuple[float, ...]:
+    """``rates`` learning rates in half-decade steps (ratio sqrt(10)) centred on ``10 ** centre`` (a half decade):
+    ``half_decades(-2.5)`` = 3.2e-4, 1e-3, 3.2e-3, 1e-2, 3.2e-2, bracketing the earlier 1e-3, 3e-3, 1e-2 by one
+    step on each side, so a sweep can tell whether the best rate sits inside the grid."""
+    twice = round(2 * centre)
+    if twice != 2 * centre:
+        raise MethodError(f"a grid's centre must be a whole or half decade, got 10^{centre}")
+    low = -(rates // 2)
+    return tuple(10.0 ** ((twice + k) / 2) for k in range(low, low + rates))
+
+
 _ENTRIES = (
     Method(
         "lora",
         "LoRA",
         "adapter",
-        tags=frozenset({"compare-default", "finetune-default", "shift-reduced", "shift-full", "reference-adapter"}),
+        tags=frozenset(
+            {"compare-default", "finetune-default", "shift-reduced", "shift-primary", "shift-full", "reference-adapter"}
+        ),
         positions={"finetune-default": 2},
         settings=("r", "lora_alpha", "lora_dropout", "use_rslora", "init_lora_weights"),
         count_knobs=("r",),
         rank_knob="r",
         scale_one="lora_alpha",
-        lr_grid=(1e-3, 3e-3, 1e-2),
+        lr_grid=half_decades(-2.5),
         build=_lora_config,
         counter=_lora_count,
         candidates=_rank_candidates(_lora_count, _smallest_side),
@@ -436,7 +452,7 @@ _ENTRIES = (
         settings=("r", "alpha", "frequency", "dropout", "init_weights", "amplitude"),
         count_knobs=("r",),
         rank_knob="r",
-        lr_grid=(3e-4, 1e-3, 3e-3),
+        lr_grid=half_decades(-3),
         study={"frequency": 20.0, "amplitude": 1.0},
         build=_sinlora_config,
         counter=_lora_count,
@@ -452,6 +468,7 @@ _ENTRIES = (
                 "compare-default",
                 "finetune-default",
                 "shift-reduced",
+                "shift-primary",
                 "shift-full",
                 "shift-anchor",
                 "budget",
@@ -461,7 +478,7 @@ _ENTRIES = (
         positions={"finetune-default": 5, "export-source": 0},
         settings=("scaling", "factorization", "execution", "dropout", "init_weights"),
         count_knobs=("factorization",),
-        lr_grid=(1e-3, 3e-3, 1e-2),
+        lr_grid=half_decades(-2.5),
         study={"scaling": 1.0},
         build=_kradapter_config,
         counter=lambda layers, s: kradapter_budget(layers, s.get("factorization", "sqrt_min")),
@@ -480,7 +497,7 @@ _ENTRIES = (
         scale_one="randlora_alpha",
         seed_setting="projection_prng_key",
         tolerance=0.10,  # its count moves in steps of ceil(m / r): on MiniLM's layers the closest is -6.7%
-        lr_grid=(3e-4, 1e-3, 3e-3),
+        lr_grid=half_decades(-3),
         build=_randlora_config,
         counter=_randlora_count,
         candidates=_rank_candidates(_randlora_count, lambda layers: max(min(s) for s in layers)),
@@ -496,7 +513,7 @@ _ENTRIES = (
         count_knobs=("r", "decompose_both", "decompose_factor"),
         rank_knob="r",
         scale_one="alpha",
-        lr_grid=(1e-3, 3e-3, 1e-2),
+        lr_grid=half_decades(-2.5),
         build=_lokr_config,
         counter=_lokr_count,
         candidates=_lokr_candidates,
@@ -511,7 +528,7 @@ _ENTRIES = (
         count_knobs=("r",),
         rank_knob="r",
         scale_one="alpha",
-        lr_grid=(1e-3, 3e-3, 1e-2),
+        lr_grid=half_decades(-2.5),
         build=_loha_config,
         counter=_loha_count,
         candidates=_rank_candidates(_loha_count, _smallest_side),
@@ -524,7 +541,7 @@ _ENTRIES = (
         settings=("r", "random_seed", "init_weights"),
         count_knobs=("r",),
         rank_knob="r",
-        lr_grid=(1e-3, 3e-3, 1e-2),
+        lr_grid=half_decades(-2.5),
         build=_shira_config,
         counter=_shira_count,
         candidates=_rank_candidates(_shira_count, _shira_bound),
@@ -538,7 +555,7 @@ _ENTRIES = (
         count_knobs=("r",),
         rank_knob="r",
         update_uses_base=True,
-        lr_grid=(3e-3, 1e-2, 3e-2),  # its update is W0 * (B A): entries ~W0 (0.05) times smaller than LoRA's
+        lr_grid=half_decades(-2),  # its update is W0 * (B A): entries ~W0 (0.05) times smaller than LoRA's
         build=_hira_config,
         counter=_lora_count,
         candidates=_rank_candidates(_lora_count, _smallest_side),
@@ -552,7 +569,7 @@ _ENTRIES = (
         count_knobs=("r", "gralora_k", "hybrid_r"),
         rank_knob="r",
         scale_one="alpha",
-        lr_grid=(1e-3, 3e-3, 1e-2),
+        lr_grid=half_decades(-2.5),
         build=_gralora_config,
         counter=_gralora_count,
         candidates=_gralora_candidates,
@@ -565,7 +582,7 @@ _ENTRIES = (
         settings=("block_size", "init_weights"),
         count_knobs=("block_size",),
         tolerance=0.10,  # its count moves in steps of d k / b: on MiniLM's layers the closest is +6.7% (b = 12)
-        lr_grid=(1e-2, 3e-2, 1e-1),  # PEFT divides its output by the input width
+        lr_grid=half_decades(-1.5),  # PEFT divides its output by the input width
         build=_c3a_config,
         counter=_c3a_count,
         candidates=_c3a_candidates,
@@ -579,18 +596,18 @@ _ENTRIES = (
         "head",
         "head only",
         "baseline",
-        tags=frozenset({"finetune-default"}),
+        tags=frozenset({"finetune-default", "shift-full"}),
         positions={"finetune-default": 0},
-        lr_grid=(1e-2, 3e-2, 1e-1),
+        lr_grid=half_decades(-1.5),
         describe=lambda s: "",
     ),
     Method(
         "full",
         "full fine-tuning",
         "baseline",
-        tags=frozenset({"finetune-default"}),
+        tags=frozenset({"finetune-default", "shift-contender", "shift-anchor-cell"}),
         positions={"finetune-default": 1},
-        lr_grid=(1e-4, 3e-4, 1e-3),
+        lr_grid=half_decades(-3.5),
         trains_base=True,
         describe=lambda s: "",
     ),
@@ -602,8 +619,10 @@ TAGS = {
     "compare-default": "in kradapter compare's default --methods",
     "finetune-default": "in kradapter finetune's default --methods",
     "shift-reduced": "in the shift study's reduced preset (its --methods)",
+    "shift-primary": "a side of the shift study's primary endpoints (the powered preset's --methods)",
     "shift-full": "in the shift study's full preset (its --methods)",
     "shift-contender": "a contender of the shift study's full preset (anchor cell only)",
+    "shift-anchor-cell": "run by the shift study in each benchmark's anchor cell only, whatever the flag (its cost)",
     "shift-anchor": "the method every shift comparison is against",
     "budget": "the method whose trainable count is the budget every other adapter is sized to",
     "reference-adapter": "the adapter others are shown relative to (compare's error bars, the benchmarks' speed)",

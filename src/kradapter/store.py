@@ -4,20 +4,28 @@ The contract (``docs/results.md`` says it to users), the same for ``kradapter co
 and the benchmarks:
 
 - A run folder holds ``run.json`` (the settings that determine every finished number, content hashes of the
-  input files, the independent axes run so far, the environment of each invocation, and every path the run
-  wrote) and ``records.jsonl`` (one line per finished unit of work, appended with ``fsync``; nothing is ever
-  rewritten in it). Summaries, tables and plots are derived from the records and rebuilt after each unit.
+  input files, the independent axes run so far, the provenance of each invocation: library versions, the code's
+  identity and the machine, :func:`kradapter.records.provenance`; and every path the run wrote) and
+  ``records.jsonl`` (one line per finished unit of work, appended with ``fsync``; nothing is ever rewritten in
+  it). Summaries, tables and plots are derived from the records and rebuilt after each unit.
 - A folder holds results once a unit has finished (a complete line in ``records.jsonl``): derived files are
   written only from then on, so a run that finished nothing leaves no results, and a new run (with any settings,
   with or without ``resume``) starts over it, deleting what that run wrote. A folder that holds results is
-  continued only with ``resume`` (settings and inputs must match; the axes may grow) and replaced only with
-  ``overwrite`` (which deletes what the earlier run wrote, nothing else); without either, opening it is an error
-  naming both.
+  continued only with ``resume`` (settings, inputs and the code must match; the axes may grow) and replaced only
+  with ``overwrite`` (which deletes what the earlier run wrote, nothing else); without either, opening it is an
+  error naming both.
 - A run writes only paths it created, and records exactly those (a folder it wrote into but did not make is never
   recorded). A path in the folder that no run there wrote is never replaced: a run that declares it among its
   ``outputs`` is refused when the folder is opened, before any work; any other write to it is refused naming it.
+- The code is the content hash of the package's source files (:func:`kradapter.records.code_identity`; with the
+  commit and dirty state from a git checkout): a ``resume`` whose code differs from the one the latest records
+  were made with is refused naming both, unless ``allow_code_change`` (``--allow-code-change``), and then the
+  invocation records ``code_change`` (from, to). A folder from before code identities resumes with a note.
 - The folder is locked (``fcntl.flock`` on ``.lock``) for the whole run: a second run into it fails at once,
-  naming the holder.
+  naming the holder. A run refused when it opens the folder leaves it as it was: a lock file (or folder) it made
+  is removed again.
+- An older version listed the whole ``adapters`` folder as a run's output; a resume or overwrite narrows that to
+  the entries the run declares or its records name (the rest of the folder is the user's).
 - Files are replaced atomically (an unnamed temporary file, ``fsync``, named and renamed at once, ``fsync`` of the
   folder) with ordinary modes; a temporary file a kill leaves in the instant between naming and renaming is
   deleted by the next run's opening. A ``run.json`` or ``records.jsonl`` that cannot be read, or a record of the
@@ -32,6 +40,7 @@ Only the standard library is imported, so every check happens before any heavy w
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import fcntl
@@ -120,22 +129,22 @@ class FolderLock:
     def __init__(self, directory: Path) -> None:
         self.path = directory / LOCK_FILE
         self.handle: TextIO | None = None
+        self.created = False  # whether this run made the lock file (a refused run removes it again)
 
     def acquire(self) -> None:
         """Take the lock or name its holder. The holder writes its name just after it locks and clears it just before
         it unlocks, so an empty file while locked means one of those moments: look again for up to ``HOLDER_WAIT_S``
         seconds (taking the lock if it comes free) rather than naming no one."""
-        try:
-            handle = self.path.open("a+", encoding="utf-8")
-        except OSError as exc:
-            raise StoreError(
-                f"cannot write in the output folder {self.path.parent} ({exc.strerror}); choose another output folder"
-            ) from None
+        handle = self._open()
         deadline = time.monotonic() + HOLDER_WAIT_S
         while True:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                if self._current(handle):
+                    break
+                handle.close()  # a refused run removed the file we locked: lock the one at the path now
+                handle = self._open()
+                continue
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     handle.close()
@@ -155,6 +164,31 @@ class FolderLock:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}: {' '.join(sys.argv)}\n")
         handle.flush()
         self.handle = handle
+
+    def _open(self) -> TextIO:
+        self.created = not self.path.exists()
+        try:
+            return self.path.open("a+", encoding="utf-8")
+        except OSError as exc:
+            raise StoreError(
+                f"cannot write in the output folder {self.path.parent} ({exc.strerror}); choose another output folder"
+            ) from None
+
+    def _current(self, handle: TextIO) -> bool:
+        """Whether ``handle`` is still the file at the lock's path (:meth:`discard` may have removed it)."""
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(handle.fileno())
+        return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
+
+    def discard(self) -> None:
+        """Release the lock of a run that was refused, removing the lock file if this run made it, so a refusal
+        leaves the folder as it found it. A run waiting on the removed file takes the lock of a new one."""
+        if self.handle is not None and self.created:
+            self.path.unlink(missing_ok=True)
+        self.release()
 
     def release(self) -> None:
         if self.handle is not None:
@@ -227,13 +261,16 @@ class Store:
         legacy: Iterable[str] = (),
         outputs: Iterable[str] = (),
         writer: bool = True,
+        allow_code_change: bool = False,
     ) -> Store:
         """Open ``directory`` for ``spec``: ``mode`` is ``new``, ``resume`` or ``overwrite`` (module docstring).
 
         ``legacy``: names of files an older version of the study wrote there (they count as results when the folder
         has no ``run.json``). ``outputs``: the paths (relative; files or folders) this run may write: one that is
         in the folder and was not written by a run there stops the opening, naming it. ``writer`` False opens
-        without the lock and writes nothing (the other processes of a ``torchrun`` job).
+        without the lock and writes nothing (the other processes of a ``torchrun`` job). ``allow_code_change``: a
+        resume may continue records made by other code (:func:`kradapter.records.code_identity`); the invocation
+        records from what to what. Without it that resume is refused, naming both.
         """
         if mode not in MODES:
             raise StoreError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -247,6 +284,7 @@ class Store:
             raise StoreError(f"{directory} exists and is not a folder; choose another output folder")
         if not writer:
             return cls._read_only(directory, spec, mode)
+        made = not directory.exists()
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -254,11 +292,18 @@ class Store:
         if not os.access(directory, os.W_OK | os.X_OK):
             raise StoreError(f"cannot write in the output folder {directory} (permission denied); choose another")
         lock = FolderLock(directory)
-        lock.acquire()
         try:
-            store = cls._open_locked(directory, spec, mode, tuple(legacy), tuple(outputs), lock)
+            lock.acquire()
         except BaseException:
-            lock.release()
+            if made:
+                _remove_empty(directory)
+            raise
+        try:
+            store = cls._open_locked(directory, spec, mode, tuple(legacy), tuple(outputs), lock, allow_code_change)
+        except BaseException:
+            lock.discard()  # a refused run leaves the folder as it found it: no lock file, no folder it made
+            if made:
+                _remove_empty(directory)
             raise
         return store
 
@@ -281,12 +326,15 @@ class Store:
         legacy: tuple[str, ...],
         outputs: tuple[str, ...],
         lock: FolderLock,
+        allow_code_change: bool = False,
     ) -> Store:
         run_path, records_path = directory / RUN_FILE, directory / RECORDS_FILE
         remove_temporaries(directory)
         earlier = _earlier_results(directory, legacy)
         meta: dict[str, Any] | None = None
         records: dict[Key, Any] = {}
+        invocation: dict[str, Any] = {"mode": mode}
+        environment = _provenance()
         if earlier and mode == "new":
             raise StoreError(
                 f"{directory} holds the results of an earlier run ({', '.join(earlier)}): pass --resume to continue "
@@ -306,10 +354,12 @@ class Store:
         if earlier and mode == "resume":
             meta = _read_meta(run_path, spec.kind)
             _check_resumable(directory, meta, spec)
+            invocation.update(_check_code(directory, meta, environment["code"], allow_code_change))
             records = _read_records(records_path, spec.kind, repair=True)
+            _narrow_outputs(directory, meta, records, outputs)
         elif earlier or run_path.exists() or records_path.exists():
             # --overwrite, or an earlier run that finished nothing: what it wrote goes (nothing else)
-            _remove_outputs(directory, legacy if earlier else ())
+            _remove_outputs(directory, legacy if earlier else (), outputs)
         kept = [str(o) for o in meta["outputs"]] if meta is not None else []
         found = _found(directory, kept)
         clash = [name for name in outputs if _covered(_relative(name), found)]
@@ -326,7 +376,7 @@ class Store:
         per_value = meta.setdefault("per_value", {})
         for axis, values in _normal(dict(spec.per_value)).items():
             per_value.setdefault(axis, {}).update(values)
-        meta["invocations"].append({"started": now, "command": sys.argv[:], "mode": mode})
+        meta["invocations"].append({"started": now, "command": sys.argv[:], **invocation, "environment": environment})
         store = cls(directory, spec, meta, records, lock, frozenset(found))
         store.save_meta()
         return store
@@ -426,7 +476,10 @@ class Store:
             self.save_meta()
 
     def set_environment(self, environment: Mapping[str, Any]) -> None:
-        self.meta["invocations"][-1]["environment"] = dict(environment)
+        """Add what the study knows of its environment (torch threads, GPU) to the invocation's provenance, which
+        the store recorded when it opened the folder."""
+        invocation = self.meta["invocations"][-1]
+        invocation["environment"] = {**invocation.get("environment", {}), **_normal(dict(environment))}
         self.save_meta()
 
     def finish(self, **summary: Any) -> None:
@@ -624,6 +677,104 @@ def _check_resumable(directory: Path, meta: dict[str, Any], spec: RunSpec) -> No
         )
 
 
+def _provenance() -> dict[str, Any]:
+    """The invocation's provenance (:func:`kradapter.records.provenance`: versions, machine, code identity)."""
+    from . import records
+
+    return records.provenance()
+
+
+def _recorded_code(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The code identity of the latest invocation that recorded one (the code the latest records were made with)."""
+    for invocation in reversed(meta["invocations"]):
+        code = (invocation.get("environment") or {}).get("code")
+        if isinstance(code, dict) and code.get("source"):
+            return code
+    return None
+
+
+def _check_code(directory: Path, meta: Mapping[str, Any], code: dict[str, Any], allow: bool) -> dict[str, Any]:
+    """Refuse to resume records made by other code unless ``allow``; what the invocation records about it."""
+    from .records import describe_code
+
+    old = _recorded_code(meta)
+    if old is None:
+        print(
+            f"note: the records in {directory} were made by a kradapter that recorded no code identity; "
+            f"resuming them with {describe_code(code)}",
+            file=sys.stderr,
+        )
+        return {"code_change": {"from": None, "to": code}}
+    if old.get("source") == code.get("source"):
+        return {}
+    change = f"{describe_code(old)} -> {describe_code(code)}"
+    if not allow:
+        raise StoreError(
+            f"cannot resume {directory}: its results were made by other code ({change}); run that code, pass "
+            "--allow-code-change to continue them with this code (recorded in run.json), or --overwrite to start again"
+        )
+    print(f"note: resuming {directory} across a code change ({change}); recorded in {RUN_FILE}", file=sys.stderr)
+    return {"code_change": {"from": old, "to": code, "allowed": True}}
+
+
+def _narrow_outputs(directory: Path, meta: dict[str, Any], records: Mapping[Key, Any], outputs: Iterable[str]) -> None:
+    """On resume: :func:`_narrowed` ``meta``'s outputs, with the names in the records read."""
+    named = {part for key in records for part in key if isinstance(part, str)}
+    meta["outputs"] = _narrowed(directory, meta["outputs"], named, outputs)
+
+
+def _narrowed(directory: Path, listed: Iterable[str], named: set[str], outputs: Iterable[str]) -> list[str]:
+    """``listed`` (a run.json's outputs) with each folder an older version listed whole although this version
+    writes into it (``adapters``, where runs now list ``adapters/<method>``) replaced by the entries of it that
+    this run declares (``outputs``) or its records name (``named``), so neither ``--overwrite`` nor a later write
+    treats the rest of that folder (yours) as the run's."""
+    declared = [_relative(o) for o in outputs]
+    out: list[str] = []
+    for old in listed:
+        folder = directory / old
+        if not any(d != old and _inside(d, old) for d in declared) or folder.is_symlink() or folder.is_file():
+            out.append(old)
+            continue
+        if not folder.exists():
+            continue  # nothing of it left to list
+        kept = sorted(
+            f"{old}/{name}"
+            for name in os.listdir(folder)
+            if name in named or any(_inside(d, f"{old}/{name}") for d in declared)
+        )
+        out += kept
+        print(
+            f"note: {directory / RUN_FILE} (an older version's) listed the whole folder {old}; it now lists "
+            f"{', '.join(kept) or 'nothing in it'}; anything else in {old} is left as yours",
+            file=sys.stderr,
+        )
+    return out
+
+
+def _key_names(path: Path) -> set[str]:
+    """The names in the keys of a ``records.jsonl`` read leniently (an overwrite reads it only to narrow an older
+    listing: :func:`_narrowed`)."""
+    names: set[str] = set()
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError:
+        return names
+    for line in lines:
+        try:
+            key = json.loads(line)["key"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if isinstance(key, list):
+            names |= {part for part in key if isinstance(part, str)}
+    return names
+
+
+def _remove_empty(directory: Path) -> None:
+    """Remove ``directory`` if it is empty (a folder a refused run made)."""
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
 def _merge_axes(old: Mapping[str, list[Any]], new: Mapping[str, list[Any]]) -> dict[str, list[Any]]:
     merged = {name: list(values) for name, values in _normal(dict(old)).items()}
     for name, values in _normal(dict(new)).items():
@@ -632,12 +783,14 @@ def _merge_axes(old: Mapping[str, list[Any]], new: Mapping[str, list[Any]]) -> d
     return merged
 
 
-def _remove_outputs(directory: Path, legacy: tuple[str, ...]) -> None:
-    """Delete what an earlier run wrote here: its records, its listed outputs, known older files; nothing else."""
+def _remove_outputs(directory: Path, legacy: tuple[str, ...], outputs: tuple[str, ...] = ()) -> None:
+    """Delete what an earlier run wrote here: its records, its listed outputs (an older version's listing of a whole
+    folder this run writes into narrowed first: :func:`_narrowed`), known older files; nothing else."""
     names = [RECORDS_FILE, *legacy]
     try:
         meta = json.loads((directory / RUN_FILE).read_text(encoding="utf-8"))
-        names += [str(n) for n in meta.get("outputs", []) if isinstance(n, str)]
+        listed = [str(n) for n in meta.get("outputs", []) if isinstance(n, str) and n]
+        names += _narrowed(directory, listed, _key_names(directory / RECORDS_FILE), outputs)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         pass
     root = directory.resolve()

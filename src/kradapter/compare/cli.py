@@ -68,6 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "matrices, methods or seeds); starts it if --out holds none",
     )
     mode.add_argument("--overwrite", action="store_true", help="delete the results in --out first")
+    parser.add_argument("--allow-code-change", action="store_true", help="let --resume continue results of other code")
     parser.add_argument("--no-plots", action="store_true", help="write the JSON and the table only")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
@@ -108,7 +109,14 @@ def run(args: argparse.Namespace) -> int:
         mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
         out = config.output
         outputs = [out.results_file, *((out.plot_file, out.spectra_file, out.effective_rank_file) if out.plots else ())]
-        store = Store.open(out.directory, spec, mode, legacy=[out.results_file], outputs=outputs)
+        store = Store.open(
+            out.directory,
+            spec,
+            mode,
+            legacy=[out.results_file],
+            outputs=outputs,
+            allow_code_change=args.allow_code_change,
+        )
     except (ConfigError, MissingInputError, MissingPackageError, StoreError) as exc:
         return fail(str(exc))
     with store:

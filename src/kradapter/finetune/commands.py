@@ -43,6 +43,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser, out_default: str) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue the results in --out, skipping finished runs")
     mode.add_argument("--overwrite", action="store_true", help="delete the results in --out first")
+    p.add_argument("--allow-code-change", action="store_true", help="let --resume continue results of other code")
     p.add_argument("--model", default="", help="local transformers model directory (default: all-MiniLM-L6-v2)")
     p.add_argument(
         "--trust-remote-code",
@@ -125,18 +126,30 @@ def _run_outputs(adapter_folders: Iterable[str]) -> list[str]:
 
 
 def open_store(
-    out: str, spec: RunSpec, mode: str, rank: int, world_size: int, device: str, outputs: list[str]
+    out: str,
+    spec: RunSpec,
+    mode: str,
+    rank: int,
+    world_size: int,
+    device: str,
+    outputs: list[str],
+    allow_code_change: bool = False,
 ) -> Store:
     """Rank 0 opens (and locks) the run folder; under torchrun the others wait for its verdict, then read it.
-    A file or folder the run would write that is already there, written by no run, stops it here."""
+    A file or folder the run would write that is already there, written by no run, stops it here, and so does a
+    resume across a code change unless ``allow_code_change`` (``--allow-code-change``)."""
     if world_size == 1:
-        return Store.open(out, spec, mode, legacy=["finetune_results.json"], outputs=outputs)
+        return Store.open(
+            out, spec, mode, legacy=["finetune_results.json"], outputs=outputs, allow_code_change=allow_code_change
+        )
     from .train import broadcast_object
 
     store, error = None, None
     if rank == 0:
         try:
-            store = Store.open(out, spec, mode, legacy=["finetune_results.json"], outputs=outputs)
+            store = Store.open(
+                out, spec, mode, legacy=["finetune_results.json"], outputs=outputs, allow_code_change=allow_code_change
+            )
         except StoreError as exc:
             error = str(exc)
     error = broadcast_object(error, device)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .. import registry
 from ..assets import MissingPackageError
 from ..executor import add_executor_arguments
+from ..guards import positive_int
 from ..store import Store, StoreError, file_hash
 from .commands import (
     Fail,
@@ -30,30 +32,65 @@ from .commands import (
     shift_outputs,
 )
 from .data import MODEL_NAME
-from .protocol import SettingsError, check_launch, parse_lr_grid, world
-from .shift_settings import ANCHOR, BENCHMARKS, FULL, PRESETS, REDUCED, StudySettings
+from .protocol import Recipe, SettingsError, check_launch, parse_lr_grid, world
+from .shift_settings import (
+    ANCHOR,
+    BASELINES,
+    DEFAULT_PRESET,
+    GROUPS,
+    MIN_GRID_RATES,
+    NEWSGROUP_TASKS,
+    PRESETS,
+    StudySettings,
+)
+
+
+def _preset_line(name: str) -> str:
+    p = PRESETS[name]
+    contenders = f"; contenders {' '.join(p['contenders'])}" if p["contenders"] else ""
+    return (
+        f"  {name}: {' '.join(p['benchmarks']) if len(p['benchmarks']) < 3 else 'every benchmark'}; "
+        f"{' '.join(p['methods'])}{contenders}; shots {' '.join(map(str, p['shots']))}; "
+        f"budgets {' '.join(f'{x}x' for x in p['budgets'])}; {len(p['seeds'])} seeds; {p['steps']} steps; "
+        f"--val-shots {p['val_shots']}; --eval-per-class {p['eval_per_class']}"
+    )
+
 
 EPILOG = f"""\
 benchmarks: sentiment (train on movie reviews; test on held-out movie reviews, Amazon reviews, tweets, NYT
-editorials) and topic (train on BBC News; test on held-out BBC and 20 Newsgroups). Presets: reduced (default:
-{" ".join(REDUCED["methods"])}; 32 shots; 5 seeds; 17 minutes on 2 CPU cores) and full ({" ".join(FULL["methods"])};
-shots 8 32 128, budgets 1x and 4x, contenders {" ".join(FULL["contenders"])}); any flag overrides its preset
-value. --methods must include {ANCHOR}: every comparison is against it.
-methods: {registry.methods_help("adapter")}.
+editorials), topic (train on BBC News; test on held-out BBC and 20 Newsgroups), and the six 20 Newsgroups
+cross-domain tasks of Dai et al. (KDD 2007), trained on some subgroups of two top categories and tested on
+held-out source texts and on the other subgroups (the domain 'target'):
+  {" ".join(NEWSGROUP_TASKS)}
+groups: {"; ".join(f"{g} = the {len(m)} tasks above" for g, m in GROUPS.items())}.
+presets (default {DEFAULT_PRESET}; any flag overrides its preset value; times in docs/shift.md):
+{chr(10).join(_preset_line(name) for name in PRESETS)}
+tuning: every method's learning rate is tuned in every cell on the first seed (its registry grid of at least
+{MIN_GRID_RATES} log-spaced rates, extended while the best is an edge; the same number of trials for every method).
+--methods must include {ANCHOR}: every comparison is against it. Methods tagged shift-anchor-cell
+({", ".join(registry.tagged("shift-anchor-cell"))}) and --contenders run in each benchmark's anchor cell only.
+The reference rows {" and ".join(BASELINES)} run in every cell and seed (not flags).
+methods: {registry.methods_help(("adapter", "baseline"))}.
 """
 
 
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add_recipe_arguments(p, "shift_out")
-    p.add_argument("--preset", choices=tuple(PRESETS), default="reduced", help="study preset (default: reduced)")
-    p.add_argument("--benchmarks", nargs="+", default=None, help=f"of {', '.join(BENCHMARKS)}")
-    p.add_argument("--contenders", nargs="+", default=None, help="anchor-cell-only adapters ('none': none)")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help="study preset (default: reduced)")
+    p.add_argument(
+        "--benchmarks", nargs="+", default=None, help=f"benchmarks or groups ({', '.join(GROUPS)}); see below"
+    )
+    p.add_argument("--contenders", nargs="+", default=None, help="anchor-cell-only methods ('none': none)")
     budget = registry.budget_method().label
     p.add_argument("--budgets", nargs="+", type=ints, default=None, help=f"multiples of {budget}'s count")
-    p.add_argument("--anchor-shots", type=int, default=None, help="shots of the learning-rate sweep cell")
+    p.add_argument("--anchor-shots", type=int, default=None, help="shots of the cell that also runs the contenders")
     p.add_argument("--eval-per-class", type=int, default=None, help="evaluation texts per class (0: all)")
     add_executor_arguments(p)
-    p.set_defaults(run=run)
+    try:  # the recipe's flags may already hold it
+        p.add_argument("--steps", type=int, default=None, help="optimiser steps per training (default: the preset's)")
+    except argparse.ArgumentError:
+        p.set_defaults(steps=None)
+    p.set_defaults(val_shots=None, run=run)  # --val-shots: the preset's (100 per class outside reduced)
     return p
 
 
@@ -76,9 +113,14 @@ def _texts() -> dict[str, Any]:
 
 
 def settings_from(args: argparse.Namespace) -> StudySettings:
+    """The settings: each flag not given takes the preset's value (``--steps`` and ``--val-shots`` too)."""
     preset = PRESETS[args.preset]
+    if args.val_shots is None:
+        args.val_shots = preset["val_shots"]
+    if getattr(args, "steps", None) is None:
+        args.steps = preset["steps"]
     return StudySettings(
-        recipe_from(args),
+        recipe_with_steps(recipe_from(args), args.steps),
         benchmarks=tuple(args.benchmarks or preset["benchmarks"]),
         methods=tuple(args.methods or preset["methods"]),
         contenders=tuple(c for c in (args.contenders or preset["contenders"]) if c.lower() != "none"),
@@ -88,7 +130,19 @@ def settings_from(args: argparse.Namespace) -> StudySettings:
         budgets=flat(args.budgets) or preset["budgets"],
         eval_per_class=preset["eval_per_class"] if args.eval_per_class is None else args.eval_per_class,
         lr_grids=parse_lr_grid(args.lr_grid),
+        preset=args.preset,
     )
+
+
+def recipe_with_steps(recipe: Recipe, steps: int | None) -> Recipe:
+    """The recipe training for ``steps`` optimiser steps, where the recipe has the field (the steps protocol);
+    a SettingsError naming a step count that is not a positive integer."""
+    if steps is not None:
+        positive_int("--steps", steps, error=SettingsError)
+    if steps is None or "steps" not in {f.name for f in fields(recipe)} or getattr(recipe, "steps", None):
+        return recipe
+    with_steps: Any = replace  # the field is the training protocol's (absent from older recipes)
+    return cast(Recipe, with_steps(recipe, steps=steps))
 
 
 def run(args: argparse.Namespace) -> int:

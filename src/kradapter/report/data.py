@@ -17,13 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
+from ..records import RESULTS_FILES, ResultsError, read_results, results_file
 from ..store import LOCK_FILE, RUN_FILE
-
-KINDS = {  # results file -> kind
-    "experimental_results.json": "compare",
-    "finetune_results.json": "finetune",
-    "shift_results.json": "shift",
-}
 
 
 class ReportError(ValueError):
@@ -50,15 +45,10 @@ class ReportData:
 
 def find_results(folder: Path) -> tuple[str, Path]:
     """The kind and results file of ``folder``, or a ReportError naming what is missing."""
-    if not folder.is_dir():
-        raise ReportError(f"{str(folder)!r} is not a folder")
-    for name, kind in KINDS.items():
-        if (folder / name).is_file():
-            return kind, folder / name
-    raise ReportError(
-        f"{str(folder)!r} is not a results folder: it holds none of {', '.join(KINDS)} "
-        "(written by `kradapter compare`, `kradapter finetune` and `kradapter shift`)"
-    )
+    try:
+        return results_file(folder)
+    except ResultsError as exc:
+        raise ReportError(str(exc)) from None
 
 
 def lock_holder(folder: Path) -> str | None:
@@ -80,13 +70,11 @@ def lock_holder(folder: Path) -> str | None:
 
 def load(folder: str | Path) -> ReportData:
     folder = Path(folder)
-    kind, path = find_results(folder)
     try:
-        results = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ReportError(f"cannot read {str(path)!r}: {exc}") from None
-    if not isinstance(results, dict):
-        raise ReportError(f"{str(path)!r} does not hold a results object")
+        kind, results = read_results(folder)  # the one reader of results documents (with the PEFT export)
+    except ResultsError as exc:
+        raise ReportError(str(exc)) from None
+    path = folder / RESULTS_FILES[kind]
     run_meta: dict[str, Any] = {}
     if (folder / RUN_FILE).is_file():
         try:
