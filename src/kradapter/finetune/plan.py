@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import registry
 from ..registry import Plan as MethodPlan
-from .data import Corpus, check_shots, kshot_train, test_split, validation
+from .data import SPLIT_SEED, Corpus, check_shots, kshot_train, test_split
 from .protocol import Settings
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ class Plan:
     methods: dict[str, MethodPlan]
     evals: Mapping[str, np.ndarray] | None = None  # what each run is evaluated on (default: the test split)
     trust_remote_code: bool = False  # the user's --trust-remote-code: load the model folder's own code
+    val_sets: Mapping[int, np.ndarray] | None = None  # each seed's own validation draw (default: ``val`` for all)
     training: Mapping[str, Training] = field(init=False)  # each method's strategy, chosen once
 
     def __post_init__(self) -> None:
@@ -48,6 +49,10 @@ class Plan:
     @property
     def evaluations(self) -> Mapping[str, np.ndarray]:
         return self.evals if self.evals is not None else {"test": self.test}
+
+    def validation(self, seed: int) -> np.ndarray:
+        """The validation draw of ``seed``: its checkpoint selection and, for the sweep seed, its tuning trials."""
+        return self.val_sets[seed] if self.val_sets is not None else self.val
 
     @property
     def num_labels(self) -> int:
@@ -97,9 +102,30 @@ def make_plan(
     pool, test = test_split(corpus.labels)
     check_shots(corpus, pool, settings.shots, val_shots)
     train_sets = {seed: kshot_train(corpus.labels, pool, settings.shots, seed) for seed in settings.seeds}
-    val = validation(corpus.labels, pool, train_sets[settings.sweep_seed], val_shots, settings.sweep_seed)
+    val_sets = validation_sets(corpus.labels, pool, train_sets, val_shots)
     probe = probe_model(model_dir, len(corpus.classes), settings.recipe.targets, trust_remote_code)
     budget = registry.kradapter_budget(list(probe.layers.values()))
     methods = size_methods(settings.methods, probe, budget)
-    return Plan(settings, corpus, pool, test, train_sets, val, model_dir, model_name, probe.head, probe.head_params,
-                probe.layers, budget, methods, trust_remote_code=trust_remote_code)  # fmt: skip
+    return Plan(settings, corpus, pool, test, train_sets, val_sets[settings.sweep_seed], model_dir, model_name,
+                probe.head, probe.head_params, probe.layers, budget, methods, trust_remote_code=trust_remote_code,
+                val_sets=val_sets)  # fmt: skip
+
+
+def validation_draw(labels: np.ndarray, pool: np.ndarray, train: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """``per_class`` pool texts of each class outside ``train`` (all of a class's spare texts when it has fewer).
+
+    Where every class has enough this is :func:`kradapter.finetune.data.validation`'s draw (same random stream)."""
+    candidates = np.setdiff1d(pool, train)
+    rng = np.random.default_rng([SPLIT_SEED, 2, seed])
+    chosen = []
+    for c in np.unique(labels):
+        members = candidates[labels[candidates] == c]
+        chosen.append(rng.choice(members, size=min(per_class, len(members)), replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def validation_sets(
+    labels: np.ndarray, pool: np.ndarray, train_sets: Mapping[int, np.ndarray], per_class: int
+) -> dict[int, np.ndarray]:
+    """Each seed's own validation draw (checkpoint selection for every run; the sweep seed's also tunes)."""
+    return {seed: validation_draw(labels, pool, train, per_class, seed) for seed, train in train_sets.items()}

@@ -25,15 +25,20 @@ TABLE_FILE = "finetune_table.md"
 FORMAT = 2
 
 
-def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> dict[str, Any]:
+def document(store: Store, plan: Plan) -> dict[str, Any]:
     """The results document of every record in ``store`` (the sweep, the chosen rates, the runs, the summary)."""
     s = plan.settings
     tables: dict[str, dict[str, dict[str, Any]]] = {"sweep": {}, "run": {}}
+    last = (store.meta.get("invocations") or [{}])[-1]
+    failed = last.get("failed_units", [])  # failed in this invocation: no record, --resume tries them again
     for key, record in store.records.items():
         if str(key[0]) in tables:
             tables[str(key[0])].setdefault(str(key[1]), {})[str(key[2])] = record
     sweep, runs = tables["sweep"], tables["run"]
-    chosen = {m: store.records[("chosen", m)]["lr"] for m in s.methods if ("chosen", m) in store.records}
+    tuning = {m: store.records[("chosen", m)] for m in s.methods if ("chosen", m) in store.records}
+    chosen = {m: record["lr"] for m, record in tuning.items()}
+    features = [r["head_feature_time_s"] for by_seed in runs.values() for r in by_seed.values()
+                if isinstance(r, dict) and "head_feature_time_s" in r]  # fmt: skip
     environments = [i["environment"] for i in store.meta.get("invocations", []) if "environment" in i]
     methods = {}
     for name, method_plan in plan.methods.items():
@@ -57,6 +62,7 @@ def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> 
             "shots": s.shots,
             "val_shots": s.recipe.val_shots,
             "sweep_seed": s.sweep_seed,
+            "val_texts": {str(seed): len(plan.validation(seed)) for seed in s.seeds},
         },
         "model": {
             "name": plan.model_name,
@@ -69,8 +75,10 @@ def document(store: Store, plan: Plan, feature_seconds: float | None = None) -> 
         "methods": methods,
         "sweep": sweep,
         "chosen_lr": chosen,
+        "tuning": tuning,
         "runs": runs,
-        "head_feature_time_s": feature_seconds,
+        "failed_units": failed,
+        "head_feature_time_s": features[0] if features else None,
         "invocations": store.meta.get("invocations", []),
     }
     results["summary"] = summarize(results, s.methods, s.seeds)
@@ -81,7 +89,7 @@ def writer(store: Store, plan: Plan) -> Callable[[Execution], None]:
     """The report an execution of ``plan`` rebuilds after each unit: the results document, from the records."""
 
     def write(execution: Execution) -> None:
-        store.write_json(RESULTS_FILE, document(store, plan, execution.tokens.feature_seconds), indent=1)
+        store.write_json(RESULTS_FILE, document(store, plan), indent=1)
 
     return write
 

@@ -1,265 +1,727 @@
-"""The execution of a comparison: one learning-rate sweep per method, then one run per method and seed.
+"""The execution of a comparison: per plan (one cell), each method's learning-rate trials, then one run per seed.
 
-Each finished unit is a record in the results store (:mod:`kradapter.store`): ``("sweep", METHOD, LR)`` and
-``("run", METHOD, SEED)``; a resumed comparison skips them. Once a method's sweep is complete, the rate it chose is
-recorded too, ``("chosen", METHOD)`` -> ``{"lr": LR}``, and reports read it from there. The sweep runs on the first
-seed's k-shot set; the run of the first seed at the chosen rate *is* that sweep run (same data, initialisation and
-rate), so it is reloaded from its saved adapter and evaluated on the test split instead of being trained twice.
-The command that runs an execution gives it its report writer, called after every finished unit.
+Every training is a *unit* (:mod:`kradapter.executor`): a module-level function (:func:`train_unit`,
+:func:`evaluate_unit`) of picklable arguments, a :class:`Context` (the plan's texts, model and recipe) and a
+:class:`Job` (method, size, seed, rate, which texts to train on, select with and evaluate on). A unit trains in a
+temporary folder of the process that runs it and returns an :class:`~kradapter.executor.UnitResult`: its record
+and the saved adapter's files. The driver alone writes: the files, then the record (``store.add``), in completion
+order, and rebuilds the report after each. So a run on :class:`~kradapter.executor.SequentialExecutor` (the
+default) and one on :class:`~kradapter.executor.RayExecutor` leave the same folder, and ``--resume`` works across
+them. A unit that fails is recorded failed (``{"error": ...}``) and tried again by ``--resume``.
 
-How a method trains (head only, every weight, an adapter) is its strategy's business
-(:mod:`kradapter.finetune.strategies`); this module never asks.
+Records (``prefix`` = the plan's, e.g. ``(benchmark, cell)``):
+
+- ``(*prefix, "sweep", METHOD, LR)``: one tuning trial on the sweep seed (the first), scored on that seed's
+  validation draw (``"val"``).
+- ``(*prefix, "chosen", METHOD)``: ``{"lr", "trials": [{"lr", "val_accuracy", "val_macro_f1", "val_loss"}],
+  "on_edge", "val_texts"}``, trials by rate.
+- ``(*prefix, "run", METHOD, SEED)``: the run at the chosen rate, one entry per evaluation set with per-item
+  ``predictions``, and for methods that learn an update its ``update_norm`` and ``intruders``.
+
+The tuning rule (:func:`next_rate`, :func:`best_rate`): every method of a plan gets the same number of trials,
+its grid's rates (the longest grid of the plan sets the count) plus :data:`EXTRA_TRIALS`; each extra trial
+extends the tried range outward by the grid's ratio while the best rate is an edge of it, else tries the
+geometric midpoint next to the best on the side of the better neighbour. Best: validation accuracy, then
+macro-F1, then lower loss (then the lower rate). The sweep seed's run at the chosen rate *is* that trial (same
+data, initialisation, rate and validation draw): its saved adapter is evaluated instead of trained again.
+
+Order: a method's grid trials are submitted together, then its adaptive trials one at a time, then its seeds'
+runs; every method of every plan advances at once, so the units in flight come from all of them.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
+import hashlib
+import math
 import shutil
-import time
-from collections.abc import Callable
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-from transformers import DataCollatorWithPadding
 
-from ..analysis import analyse_updates
-from ..store import Store
+from ..executor import (
+    Executor,
+    Fingerprint,
+    SequentialExecutor,
+    Unit,
+    UnitResult,
+    collect_artifacts,
+    executor_from_args,
+)
+from ..files import replace_dir, write_atomic
+from ..registry import Plan as MethodPlan
+from ..store import Key, Store, file_hash
 from .metrics import classification_metrics
-from .models import FeatureTap, count_params, load_classifier, load_tokenizer
 from .plan import Plan
-from .protocol import lr_key
-from .train import Examples, barrier, fit, local_logits, predict, training_args
+from .protocol import EVAL_BATCH_SIZE, Recipe, SettingsError, lr_key
 
 RELOAD_CHECK_EXAMPLES = 8
 ADAPTERS_DIR = "adapters"
-TRAINER_DIR = ".trainer"
+TRAINER_DIR = ".trainer"  # older versions' scratch folder in the run folder (units now train in a temporary one)
 UPDATE_SPECTRUM = 32  # singular values of each learned update kept in a record (the metrics use all of them)
+EXTRA_TRIALS = 2  # adaptive tuning trials beyond the grid
+RATE_DIGITS = 3  # significant digits of an adaptive trial's rate
+TOKEN_CACHE = 4  # tokenised plans a worker process keeps
 
 
-__all__ = ["Execution", "Tokens", "choose", "line", "lr_key"]
+__all__ = [
+    "Context",
+    "Execution",
+    "Job",
+    "Tokens",
+    "best_rate",
+    "evaluate_unit",
+    "line",
+    "lr_key",
+    "next_rate",
+    "train_unit",
+    "tuning_sequence",
+]
+
+
+# -- what a unit receives -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every unit of one plan shares, picklable: the texts any unit needs (only those), their labels, the
+    model folder, the recipe. ``digest`` names it in a worker's tokenisation cache."""
+
+    digest: str
+    model_dir: str
+    trust_remote_code: bool
+    recipe: Recipe
+    num_labels: int
+    layers: tuple[str, ...]
+    needed: np.ndarray  # corpus indices, sorted
+    texts: tuple[str, ...]  # of ``needed``
+    labels: np.ndarray  # of ``needed``
+
+    @classmethod
+    def of(cls, plan: Plan) -> Context:
+        sets = [plan.val, *plan.evaluations.values(), *plan.train_sets.values()]
+        sets += list(plan.val_sets.values()) if plan.val_sets is not None else []
+        needed = np.unique(np.concatenate(sets)).astype(np.int64)
+        texts = tuple(plan.corpus.texts[i] for i in needed)
+        labels = np.asarray(plan.corpus.labels[needed], dtype=np.int64)
+        h = hashlib.sha256()
+        for part in (
+            str(plan.model_dir),
+            str(plan.trust_remote_code),
+            repr(plan.settings.recipe),
+            str(plan.num_labels),
+        ):
+            h.update(part.encode() + b"\0")
+        h.update(needed.tobytes() + labels.tobytes())
+        for text in texts:
+            h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+        return cls(h.hexdigest(), str(plan.model_dir), plan.trust_remote_code, plan.settings.recipe, plan.num_labels,
+                   tuple(plan.layers), needed, texts, labels)  # fmt: skip
+
+    def label_of(self, indices: np.ndarray) -> np.ndarray:
+        return self.labels[np.searchsorted(self.needed, indices)]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training: ``method`` sized ``size`` on ``train`` at ``lr`` with ``seed``; checkpoint selection on
+    ``val`` (the seed's validation draw); the record's evaluation entries on ``evals``; files under
+    ``adapter_dir`` (relative to the run folder)."""
+
+    method: str
+    size: MethodPlan
+    trainable: int
+    seed: int
+    lr: float
+    train: np.ndarray
+    val: np.ndarray
+    evals: Mapping[str, np.ndarray]
+    adapter_dir: str
 
 
 class Tokens:
-    """Every article any run or split needs, tokenised once, and the head's cached input features."""
+    """Every text a plan's units need, tokenised once per process, and the head's cached input features."""
 
-    def __init__(self, plan: Plan, device: str, workdir: Path) -> None:
-        self.needed = np.unique(np.concatenate([plan.val, *plan.evaluations.values(), *plan.train_sets.values()]))
-        tokenizer = load_tokenizer(plan.model_dir, trust_remote_code=plan.trust_remote_code)
-        encoded = tokenizer(
-            [plan.corpus.texts[i] for i in self.needed], truncation=True, max_length=plan.settings.recipe.max_length
-        )
+    def __init__(self, context: Context) -> None:
+        from transformers import DataCollatorWithPadding
+
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(context.model_dir), trust_remote_code=context.trust_remote_code)
+        encoded = tokenizer(list(context.texts), truncation=True, max_length=context.recipe.max_length)
         self.columns: dict[str, list[Any]] = {k: list(v) for k, v in encoded.items()}
-        self.columns["labels"] = plan.corpus.labels[self.needed].tolist()
-        self.position = {int(g): i for i, g in enumerate(self.needed)}
+        self.columns["labels"] = context.labels.tolist()
+        self.needed = context.needed
         self.text_collator = DataCollatorWithPadding(tokenizer)
-        self.plan, self.device, self.workdir = plan, device, workdir
+        self.context = context
         self.features: np.ndarray | None = None
         self.feature_seconds: float | None = None
 
     def head_features(self) -> np.ndarray:
-        """The frozen model's input to its head for every needed article, computed once (eval mode)."""
+        """The frozen model's input to its head for every needed text, computed once per process (eval mode)."""
         if self.features is None:
+            import time
+
+            from .models import FeatureTap, load_classifier
+            from .train import Examples, predict
+
             start = time.perf_counter()
-            plan = self.plan
-            model, head = load_classifier(plan.model_dir, plan.num_labels, 0, trust_remote_code=plan.trust_remote_code)
+            c = self.context
+            model, head = load_classifier(c.model_dir, c.num_labels, 0, trust_remote_code=c.trust_remote_code)
             tokens = {k: v for k, v in self.columns.items() if k != "labels"}
-            args = training_args(self.workdir, device=self.device)
-            self.features = predict(FeatureTap(model, head[0]), Examples(tokens), self.text_collator, args)
+            with tempfile.TemporaryDirectory(prefix="kradapter-") as work:
+                args = _training_args(Path(work), c.recipe)
+                self.features = predict(FeatureTap(model, head[0]), Examples(tokens), self.text_collator, args)
             self.feature_seconds = time.perf_counter() - start
         return self.features
 
     def local(self, indices: np.ndarray) -> np.ndarray:
-        """Positions in the tokenised columns of the corpus articles ``indices``."""
-        return np.array([self.position[int(i)] for i in indices])
+        """Positions in the tokenised columns of the corpus texts ``indices``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        positions = np.searchsorted(self.needed, indices)
+        if len(indices) and (positions.max() >= len(self.needed) or (self.needed[positions] != indices).any()):
+            raise KeyError("a unit asked for texts its plan's context does not hold")
+        return positions
+
+
+_TOKENS: dict[str, Tokens] = {}  # per process: a worker runs many units of the same plans
+
+
+def tokens_for(context: Context) -> Tokens:
+    """The plan's tokenised texts, made once per process (the most recent :data:`TOKEN_CACHE` plans are kept)."""
+    tokens = _TOKENS.pop(context.digest, None) or Tokens(context)
+    _TOKENS[context.digest] = tokens  # most recently used last
+    while len(_TOKENS) > TOKEN_CACHE:
+        _TOKENS.pop(next(iter(_TOKENS)))
+    return tokens
+
+
+def _training_args(workdir: Path, recipe: Recipe, **values: Any) -> Any:
+    from .train import training_args
+
+    return training_args(workdir, device=recipe.device, **values)
+
+
+# -- the units ------------------------------------------------------------------------------------------------------
+
+
+def predictions_and_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, Any]:
+    """Accuracy, macro-F1, loss and the per-item predicted classes (ints, in the evaluation set's order)."""
+    out: dict[str, Any] = dict(classification_metrics(logits, labels, num_labels))
+    out["predictions"] = [int(p) for p in np.asarray(logits).argmax(axis=1)]
+    return out
+
+
+def evaluate(context: Context, training: Any, tokens: Tokens, model: torch.nn.Module,
+             evals: Mapping[str, np.ndarray], args: Any) -> dict[str, Any]:  # fmt: skip
+    """Each evaluation set's metrics and predictions."""
+    from .train import predict
+
+    collator = training.collator(tokens)
+    out = {}
+    for name, indices in evals.items():
+        logits = predict(model, training.dataset(tokens, indices), collator, args)
+        out[name] = predictions_and_metrics(logits, context.label_of(indices), context.num_labels)
+    return out
+
+
+def scorer(context: Context, training: Any, tokens: Tokens, indices: np.ndarray) -> Callable[[torch.nn.Module], dict]:
+    """``score(model) -> {accuracy, macro_f1, loss}`` on ``indices`` (train.fit's checkpoint selection): this
+    process only, eval mode for the pass, the model's mode restored after; no random numbers drawn."""
+    from .train import local_logits
+
+    data, collator = training.dataset(tokens, indices), training.collator(tokens)
+    labels = context.label_of(indices)
+
+    def score(model: torch.nn.Module) -> dict[str, float]:
+        was_training = model.training
+        try:
+            chunks = []
+            for start in range(0, len(data), EVAL_BATCH_SIZE):
+                batch = collator([data[i] for i in range(start, min(start + EVAL_BATCH_SIZE, len(data)))])
+                chunks.append(local_logits(model, batch).numpy())
+        finally:
+            model.train(was_training)
+        return classification_metrics(np.concatenate(chunks), labels, context.num_labels)
+
+    return score
+
+
+def train_unit(context: Context, job: Job) -> UnitResult:
+    """Train ``job.method`` on its seed's k-shot set at its rate, evaluate, save to a temporary folder and check
+    the saved copy reloads to the same logits; the record and the saved files (under ``job.adapter_dir``)."""
+    from .models import count_params
+    from .strategies import training_for
+    from .train import fit
+
+    training = training_for(job.method)
+    tokens = tokens_for(context)
+    model = training.build(job.size, list(context.layers), Path(context.model_dir), context.num_labels, job.seed,
+                           context.trust_remote_code)  # fmt: skip
+    trainable = count_params(model)
+    if trainable != job.trainable:
+        raise RuntimeError(f"{job.method} trains {trainable:,} parameters, expected {job.trainable:,}")
+    r = context.recipe
+    record: dict[str, Any] = {"seed": job.seed, "lr": job.lr, "trainable_params": trainable}
+    with tempfile.TemporaryDirectory(prefix="kradapter-unit-") as work:
+        workdir = Path(work)
+        args = _training_args(workdir / "trainer", r, lr=job.lr, epochs=r.epochs, batch_size=r.batch_size,
+                              seed=job.seed)  # fmt: skip
+        data = training.dataset(tokens, job.train)
+        val = scorer(context, training, tokens, job.val) if len(job.val) else None
+        record.update(fit(model, data, training.collator(tokens), args, val=val))
+        record["val_texts"] = len(job.val)
+        record.update(update_measures(context, training, model))
+        record.update(evaluate(context, training, tokens, model, job.evals, args))
+        saved = workdir / "adapter"
+        record["adapter_dir"] = job.adapter_dir
+        record["adapter_bytes"] = training.save(model, saved)
+        record["reload_max_abs_diff"] = reload_difference(context, training, tokens, model, saved, job.train)
+        if tokens.feature_seconds is not None:
+            record["head_feature_time_s"] = tokens.feature_seconds
+        return UnitResult(record, collect_artifacts(saved, prefix=job.adapter_dir))
+
+
+def evaluate_unit(context: Context, job: Job, trial: Mapping[str, Any], files: Mapping[str, bytes]) -> dict:
+    """The sweep seed's run at the chosen rate: the trial ``trial`` (its saved files ``files``, relative to the
+    adapter folder) evaluated on ``job.evals``; training fields as the trial recorded them."""
+    from .strategies import training_for
+
+    training = training_for(job.method)
+    tokens = tokens_for(context)
+    with tempfile.TemporaryDirectory(prefix="kradapter-unit-") as work:
+        folder = Path(work) / "adapter"
+        for name, data in files.items():
+            write_atomic(folder / name, data)
+        model = training.load(folder, context.model_dir, context.num_labels, context.trust_remote_code)
+        record = {k: v for k, v in trial.items() if k != "val"}
+        record.update(evaluate(context, training, tokens, model, job.evals, _training_args(Path(work), context.recipe)))
+    record["from_sweep"] = True
+    return record
+
+
+def reload_difference(context: Context, training: Any, tokens: Tokens, model: torch.nn.Module, directory: Path,
+                      indices: np.ndarray) -> float:  # fmt: skip
+    """Largest logit difference between the trained model and its saved copy reloaded from disk."""
+    from .train import local_logits
+
+    data = training.dataset(tokens, indices[:RELOAD_CHECK_EXAMPLES])
+    batch = training.collator(tokens)([data[i] for i in range(len(data))])
+    again = training.load(directory, context.model_dir, context.num_labels, context.trust_remote_code)
+    return float((local_logits(model, batch) - local_logits(again, batch)).abs().max())
+
+
+# -- what a run learned ---------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _pretrained_weights(model_dir: str, num_labels: int, layers: tuple[str, ...], trust: bool) -> dict:
+    """The pretrained weight of each target layer (float64), loaded once per process (full fine-tuning's dW)."""
+    from .models import load_classifier
+
+    model, _ = load_classifier(model_dir, num_labels, 0, trust_remote_code=trust)
+    return {name: _weight(model, name).to(torch.float64).clone() for name in layers}
+
+
+def _weight_trains(model: torch.nn.Module, name: str) -> bool:
+    """Whether the target layer's own weight is trained (full fine-tuning), as the built model says."""
+    try:
+        return bool(model.get_submodule(name).weight.requires_grad)
+    except AttributeError:  # not a layer of this model (the head alone is trained on features)
+        return False
+
+
+def _weight(model: torch.nn.Module, name: str) -> torch.Tensor:
+    weight = model.get_submodule(name).weight
+    assert isinstance(weight, torch.Tensor), name
+    return weight.detach()
+
+
+@torch.no_grad()
+def update_measures(context: Context, training: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """For a method that learns an update of the target layers: ``updates`` (adapters: spectrum and effective rank
+    per layer), ``update_norm`` (sqrt of the sum over layers of ||dW||_F^2) and ``intruders`` (intruder
+    dimensions summed over layers, :func:`kradapter.intruders.update_intruder_dimensions`). The head alone: {}."""
+    from ..analysis import adapted_layers, analyse_updates, layer_update
+    from ..intruders import update_intruder_dimensions
+
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out: dict[str, Any] = {}
+    if training.learns_update:  # an adapter: dW as its merge would add it, against its frozen base weight
+        rows = analyse_updates(model, top=UPDATE_SPECTRUM)
+        for _, layer, active in adapted_layers(model):  # the same layers, in the same order, as ``rows``
+            pairs.append((layer.get_base_layer().weight.detach(), layer_update(layer, active).detach()))
+        out["updates"] = rows
+    elif context.layers and all(_weight_trains(model, name) for name in context.layers):  # dW = trained - pretrained
+        base = _pretrained_weights(context.model_dir, context.num_labels, context.layers, context.trust_remote_code)
+        for name, w0 in base.items():
+            pairs.append((w0, _weight(model, name).to(torch.float64) - w0))
+    else:
+        return out
+    squares, intruders = 0.0, []
+    for w0, delta in pairs:
+        w0, delta = w0.to(torch.float64).cpu(), delta.to(torch.float64).cpu()
+        squares += float((delta**2).sum())
+        intruders.append(update_intruder_dimensions(w0, delta).count)
+    if "updates" in out:
+        for row, count in zip(out["updates"], intruders, strict=True):
+            row["intruders"] = count
+    out["update_norm"] = math.sqrt(squares)
+    out["intruders"] = int(sum(intruders))
+    return out
+
+
+# -- the tuning rule (pure) -----------------------------------------------------------------------------------------
+
+Score = tuple[float, float, float]  # (val accuracy, val macro-F1, -val loss): larger is better
+
+
+def best_rate(scores: Mapping[float, Score]) -> float:
+    """The rate with the best score (accuracy, then macro-F1, then lower loss; the lower rate on a full tie)."""
+    rates = sorted(scores)
+    return max(rates, key=lambda lr: scores[lr])  # max keeps the first (lowest) of equals
+
+
+def grid_ratio(grid: Sequence[float]) -> float:
+    """The grid's step as a factor: ``(max / min) ** (1 / (n - 1))`` (a log-spaced grid's ratio)."""
+    lo, hi = min(grid), max(grid)
+    if len(grid) < 2 or not hi > lo:
+        raise ValueError(f"a tuning grid needs two different rates, got {list(grid)}")
+    return float((hi / lo) ** (1 / (len(grid) - 1)))
+
+
+def _rounded(lr: float) -> float:
+    return float(f"{lr:.{RATE_DIGITS}g}")
+
+
+def next_rate(scores: Mapping[float, Score], ratio: float) -> float:
+    """The next adaptive trial after those scored in ``scores``: while the best rate is an edge of the tried
+    rates, one grid step (``ratio``) beyond it; otherwise the geometric midpoint between the best and its better
+    neighbour (ties: the lower one), then the other side. Rates are rounded to :data:`RATE_DIGITS` digits; a rate
+    already tried (by its key) is skipped for the next candidate, extension outward last."""
+    rates = sorted(scores)
+    best = best_rate(scores)
+    i = rates.index(best)
+    low_edge, high_edge = rates[0] / ratio, rates[-1] * ratio
+    if i == 0:
+        candidates = [low_edge, high_edge]
+    elif i == len(rates) - 1:
+        candidates = [high_edge, low_edge]
+    else:
+        below, above = rates[i - 1], rates[i + 1]
+        sides = [math.sqrt(below * best), math.sqrt(best * above)]
+        if scores[above] > scores[below]:
+            sides.reverse()
+        candidates = [*sides, low_edge, high_edge]
+    tried = {lr_key(lr) for lr in rates}
+    for lr in candidates:
+        if lr_key(_rounded(lr)) not in tried:
+            return _rounded(lr)
+    return _rounded(high_edge * ratio)  # unreachable in practice: both extensions are new rates
+
+
+def on_edge(rates: Sequence[float], chosen: float) -> bool:
+    """Whether ``chosen`` is still the lowest or the highest rate tried."""
+    return chosen in (min(rates), max(rates))
+
+
+def tuning_sequence(grid: Sequence[float], trials: int, score: Callable[[float], Score]) -> list[float]:
+    """The rates the rule tries, in order, for a method with ``grid`` given ``trials`` trials in all (what the
+    execution does one trial at a time; for tests and planning)."""
+    if trials < len(grid):
+        raise ValueError(f"{trials} trials cannot cover a grid of {len(grid)} rates")
+    scores = {float(lr): score(float(lr)) for lr in grid}
+    order = [float(lr) for lr in grid]
+    ratio = grid_ratio(grid)
+    while len(order) < trials:
+        lr = next_rate(scores, ratio)
+        scores[lr] = score(lr)
+        order.append(lr)
+    return order
+
+
+# -- the driver -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Part:
+    """One plan of an execution: its key prefix, plan, context and the number of trials of its sweeps."""
+
+    prefix: tuple[str, ...]
+    plan: Plan
+    context: Context
+
+    @property
+    def trials(self) -> int:
+        return tuning_trials(self.plan)
+
+    def sweeps(self, method: str) -> bool:
+        return len(self.plan.settings.grid(method)) > 1
+
+
+def tuning_trials(plan: Plan) -> int:
+    """Trials of each tuned method of ``plan``: its longest grid plus :data:`EXTRA_TRIALS` (0: nothing to tune)."""
+    s = plan.settings
+    grids = [len(s.grid(m)) for m in s.methods if len(s.grid(m)) > 1]
+    return max(grids) + EXTRA_TRIALS if grids else 0
+
+
+def plan_units(plan: Plan) -> int:
+    """Trials and runs of ``plan``."""
+    s, trials = plan.settings, tuning_trials(plan)
+    return sum((trials if len(s.grid(m)) > 1 else 0) + len(s.seeds) for m in s.methods)
+
+
+def model_inputs(model_dir: str) -> dict[str, str]:
+    """The model folder's hash where this runs (a worker's environment check, :class:`executor.Fingerprint`)."""
+    return {"model": file_hash(model_dir)}
 
 
 class Execution:
-    """Runs every unit of ``plan`` not yet in ``store``; ``rank``/``world_size`` as torchrun sets them.
+    """Runs every unit of ``plans`` not yet in ``store`` on ``executor`` (default: sequential, in this process).
 
-    ``report`` (the command's) rebuilds the results document from the store; it is called after each finished
-    unit, never before the first (a folder with no finished unit holds no results). ``prefix`` starts every
-    record key and adapter folder (a study of several plans in one store).
+    ``plans``: one :class:`Plan` (keys without prefix) or ``(prefix, plan)`` pairs (a study of several plans in
+    one store). ``report`` rebuilds the results document from the store; it is called after each finished unit,
+    never before the first. ``rank``/``world_size`` as torchrun sets them: every process runs every unit (the
+    trainer is data-parallel) and rank 0 alone writes.
     """
 
     def __init__(
-        self, plan: Plan, store: Store, report: Callable[[Execution], Any], rank: int = 0, world_size: int = 1,
-        progress: bool = True, *, prefix: tuple[str, ...] = (), desc: str = "finetune", tokens: Tokens | None = None,
+        self, plans: Plan | Sequence[tuple[tuple[str, ...], Plan]], store: Store, report: Callable[[Execution], Any],
+        rank: int = 0, world_size: int = 1, progress: bool = True, *, executor: Executor | None = None,
+        desc: str = "finetune",
     ) -> None:  # fmt: skip
-        self.plan = plan
-        self.prefix = prefix
-        self.report = report
-        self.desc = desc
-        self.settings = plan.settings
-        self.recipe = plan.settings.recipe
+        pairs: list[tuple[tuple[str, ...], Plan]] = [((), plans)] if isinstance(plans, Plan) else list(plans)
+        self.parts = [Part(tuple(prefix), plan, Context.of(plan)) for prefix, plan in pairs]
         self.store = store
+        self.report = report
         self.rank = rank
         self.world_size = world_size
         self.progress = progress and rank == 0
-        self.workdir = store.directory / TRAINER_DIR
-        store.written(TRAINER_DIR)  # the Trainer's scratch folder: a killed run leaves it, --overwrite removes it
-        self.tokens = tokens if tokens is not None else Tokens(plan, self.recipe.device, self.workdir)
+        self.executor = executor if executor is not None else SequentialExecutor()
+        self.desc = desc
         self.trained = 0
+        self.failed: dict[Key, str] = {}
 
-    # -- units ----------------------------------------------------------------------------------------------------
-    def key(self, *parts: Any) -> tuple[Any, ...]:
-        return (*self.prefix, *parts)
+    @property
+    def plan(self) -> Plan:
+        return self.parts[0].plan
 
-    def adapter_dir(self, method: str, seed: int, lr: float) -> Path:
-        return self.store.directory.joinpath(ADAPTERS_DIR, *self.prefix, method, f"seed{seed}_lr{lr_key(lr)}")
+    # -- keys and counts ------------------------------------------------------------------------------------------
+    def total(self) -> int:
+        """Every unit of the execution (trials and runs)."""
+        return sum(plan_units(p.plan) for p in self.parts)
 
-    def args(self, **recipe: Any) -> Any:
-        return training_args(self.workdir, device=self.recipe.device, **recipe)
+    def finished(self) -> int:
+        done = 0
+        for p in self.parts:
+            for m in p.plan.settings.methods:
+                done += len(self.trials(p, m)) + sum(
+                    self.store.done((*p.prefix, "run", m, s)) for s in p.plan.settings.seeds
+                )
+        return done
 
-    def evaluate(
-        self, method: str, model: torch.nn.Module, evals: dict[str, np.ndarray], args: Any = None
-    ) -> dict[str, Any]:
-        """Accuracy, macro-F1 and loss of ``model`` on each evaluation set."""
-        plan, training = self.plan, self.plan.training[method]
-        args, collator = args or self.args(), training.collator(self.tokens)
-        out = {}
-        for name, indices in evals.items():
-            logits = predict(model, training.dataset(self.tokens, indices), collator, args)
-            out[name] = classification_metrics(logits, plan.corpus.labels[indices], plan.num_labels)
-        return out
+    def trials(self, part: Part, method: str) -> list[dict[str, Any]]:
+        """The method's finished trials in the order they finished."""
+        head = (*part.prefix, "sweep", method)
+        return [r for k, r in self.store.matching(*head) if len(k) == len(head) + 1 and self.store.done(k)]
 
-    def train_unit(self, method: str, seed: int, lr: float, evals: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Train ``method`` on the k-shot set of ``seed`` at ``lr``, evaluate on ``evals``, save and reload-check."""
-        plan, r, training = self.plan, self.recipe, self.plan.training[method]
-        model = training.build(plan.methods[method], list(plan.layers), plan.model_dir, plan.num_labels, seed,
-                               plan.trust_remote_code)  # fmt: skip
-        trainable = count_params(model)
-        if trainable != plan.trainable(method):
-            raise RuntimeError(f"{method} trains {trainable:,} parameters, expected {plan.trainable(method):,}")
-        args = self.args(lr=lr, epochs=r.epochs, batch_size=r.batch_size, seed=seed)
-        data = training.dataset(self.tokens, plan.train_sets[seed])
-        record: dict[str, Any] = {"seed": seed, "lr": lr, "trainable_params": trainable}
-        record.update(fit(model, data, training.collator(self.tokens), args))
-        if training.learns_update:  # what it learned: spectrum and effective rank per layer
-            record["updates"] = analyse_updates(model, top=UPDATE_SPECTRUM)
-        record.update(self.evaluate(method, model, evals, args))
-        directory = self.adapter_dir(method, seed, lr)
-        record["adapter_dir"] = str(directory.relative_to(self.store.directory))
-        if self.rank == 0:
-            self.store.make_dir(directory.relative_to(self.store.directory))  # records only folders it creates
-            record["adapter_bytes"] = training.save(model, directory)
-            record["reload_max_abs_diff"] = self.reload_difference(method, model, directory, plan.train_sets[seed])
-        barrier()
-        self.trained += 1
-        return record
+    def adapter_dir(self, part: Part, method: str, seed: int, lr: float) -> str:
+        return str(Path(ADAPTERS_DIR, *part.prefix, method, f"seed{seed}_lr{lr_key(lr)}").as_posix())
 
-    def load(self, method: str, directory: Path) -> torch.nn.Module:
-        plan = self.plan
-        return plan.training[method].load(directory, plan.model_dir, plan.num_labels, plan.trust_remote_code)
+    def job(self, part: Part, method: str, seed: int, lr: float, evals: Mapping[str, np.ndarray]) -> Job:
+        plan = part.plan
+        return Job(method, plan.methods[method], plan.trainable(method), seed, float(lr),
+                   np.asarray(plan.train_sets[seed]), np.asarray(plan.validation(seed)), dict(evals),
+                   self.adapter_dir(part, method, seed, lr))  # fmt: skip
 
-    def reload_difference(self, method: str, model: torch.nn.Module, directory: Path, indices: np.ndarray) -> float:
-        """Largest logit difference between the trained model and its saved copy reloaded from disk."""
-        training = self.plan.training[method]
-        data = training.dataset(self.tokens, indices[:RELOAD_CHECK_EXAMPLES])
-        batch = training.collator(self.tokens)([data[i] for i in range(len(data))])
-        again = self.load(method, directory)
-        return float((local_logits(model, batch) - local_logits(again, batch)).abs().max())
+    # -- what can run now -----------------------------------------------------------------------------------------
+    def ready(self) -> list[Unit]:
+        """Every unit whose inputs are known and that is neither finished nor failed in this invocation."""
+        units: list[Unit] = []
+        for part in self.parts:
+            for method in part.plan.settings.methods:
+                units += self.method_units(part, method)
+        return [u for u in units if u.key not in self.failed]
 
-    def test_from_sweep(self, method: str, lr: float) -> dict[str, Any] | None:
-        """The first seed's run: its sweep run at the chosen ``lr``, reloaded and evaluated on the test split."""
-        swept = self.store.records[self.key("sweep", method, lr_key(lr))]
-        directory = self.store.directory / swept.get("adapter_dir", "-")
-        if not directory.is_dir():
-            return None
-        record = {k: v for k, v in swept.items() if k != "val"}
-        record.update(self.evaluate(method, self.load(method, directory), dict(self.plan.evaluations)))
-        record["from_sweep"] = True
-        return record
-
-    # -- loop -----------------------------------------------------------------------------------------------------
-    def units(self) -> list[tuple[str, str, Any]]:
-        s = self.settings
-        out: list[tuple[str, str, Any]] = []
-        for method in s.methods:
-            out += [self.key("sweep", method, lr_key(lr)) for lr in s.grid(method)]
-            out += [self.key("run", method, seed) for seed in s.seeds]
-        return out
-
-    def save(self) -> None:
-        self.report(self)
-
-    def run(self) -> None:
-        """Run every unit not already in the store, rebuilding the results document after each."""
-        units = self.units()
-        done = sum(self.store.done(u) for u in units)
-        if done:
-            self.save()  # a resumed plan: its document is rebuilt at once
-        bar = tqdm(total=len(units), initial=done, desc=self.desc, unit="run", disable=not self.progress)
-        for method in self.settings.methods:
-            chosen = self.sweep(method, bar)
-            self.runs(method, chosen, bar)
-            self.prune_sweep(method, chosen)
-        bar.close()
-        self.save()
-        if self.rank == 0:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def sweep(self, method: str, bar: Any) -> float:
-        """Train ``method`` at each rate of its grid not yet swept; record and return the chosen rate."""
-        s = self.settings
-        grid = s.grid(method)
-        for lr in grid:
-            if self.store.done(self.key("sweep", method, lr_key(lr))):
+    def method_units(self, part: Part, method: str) -> list[Unit]:
+        s, prefix = part.plan.settings, part.prefix
+        seed0 = s.sweep_seed
+        if part.sweeps(method):
+            grid = s.grid(method)
+            done = {lr_key(r["lr"]) for r in self.trials(part, method)}
+            todo = [lr for lr in grid if lr_key(lr) not in done]
+            if not todo and len(done) < part.trials:
+                todo = [next_rate(self.scores(part, method), grid_ratio(grid))]
+            if todo:
+                val = {"val": part.plan.validation(seed0)}
+                keys: list[Key] = [(*prefix, "sweep", method, lr_key(lr)) for lr in todo]
+                return [Unit(key, train_unit, (part.context, self.job(part, method, seed0, lr, val)))
+                        for key, lr in zip(keys, todo, strict=True)]  # fmt: skip
+        chosen = self.choose(part, method)
+        units = []
+        for seed in s.seeds:
+            key: Key = (*prefix, "run", method, seed)
+            if self.store.done(key):
                 continue
-            bar.set_postfix_str(f"{method} sweep lr={lr_key(lr)}")
-            evals = {"val": self.plan.val} if len(grid) > 1 else {}  # one rate: nothing to choose
-            self.store.add(self.key("sweep", method, lr_key(lr)), self.train_unit(method, s.sweep_seed, lr, evals))
-            self.save()
-            bar.update()
-        recorded = self.store.records.get(self.key("chosen", method))
+            job = self.job(part, method, seed, chosen, part.plan.evaluations)
+            reuse = self.reusable(part, method, chosen) if seed == seed0 else None
+            if reuse is not None:
+                units.append(Unit(key, evaluate_unit, (part.context, job, *reuse)))
+            else:
+                units.append(Unit(key, train_unit, (part.context, job)))
+        return units
+
+    def scores(self, part: Part, method: str) -> dict[float, Score]:
+        out = {}
+        for r in self.trials(part, method):
+            val = r["val"]
+            out[float(r["lr"])] = (float(val["accuracy"]), float(val["macro_f1"]), -float(val["loss"]))
+        return out
+
+    def choose(self, part: Part, method: str) -> float:
+        """The method's chosen rate, recorded once its trials are complete (pruning the other trials' files)."""
+        key = (*part.prefix, "chosen", method)
+        recorded = self.store.records.get(key)
         if recorded is not None:
             return float(recorded["lr"])
-        chosen = choose(self.store, method, grid, self.prefix)
-        self.store.add(self.key("chosen", method), {"lr": chosen})
+        if not part.sweeps(method):  # one rate: recorded with the method's first finished run
+            (lr,) = part.plan.settings.grid(method)
+            return float(lr)
+        trials = sorted(self.trials(part, method), key=lambda t: float(t["lr"]))  # by rate: the same on any executor
+        scores = self.scores(part, method)
+        chosen = best_rate(scores)
+        fields = {"accuracy": "val_accuracy", "macro_f1": "val_macro_f1", "loss": "val_loss"}
+        record: dict[str, Any] = {
+            "lr": chosen,
+            "trials": [{"lr": float(t["lr"]), **{new: t["val"][old] for old, new in fields.items()}} for t in trials],
+            "on_edge": on_edge(list(scores), chosen),
+            "val_texts": len(part.plan.validation(part.plan.settings.sweep_seed)),
+        }
+        self.store.add(key, record)
+        self.prune(part, method, chosen)
         return chosen
 
-    def runs(self, method: str, chosen: float, bar: Any) -> None:
-        """Run ``method`` at ``chosen`` for every seed not yet run (the first seed: its sweep run, reloaded)."""
-        s = self.settings
-        for seed in s.seeds:
-            if self.store.done(self.key("run", method, seed)):
-                continue
-            bar.set_postfix_str(f"{method} seed={seed} lr={lr_key(chosen)}")
-            record = self.test_from_sweep(method, chosen) if seed == s.sweep_seed else None
-            if record is None:
-                record = self.train_unit(method, seed, chosen, dict(self.plan.evaluations))
-            self.store.add(self.key("run", method, seed), record)
-            self.save()
-            bar.update()
-            if self.progress:
-                bar.write(line(method, seed, record))
+    def reusable(self, part: Part, method: str, lr: float) -> tuple[dict, dict[str, bytes]] | None:
+        """The sweep seed's trial at ``lr`` and its saved files, if they are in the run folder."""
+        trial = self.store.records.get((*part.prefix, "sweep", method, lr_key(lr)))
+        if not isinstance(trial, dict) or "adapter_dir" not in trial:
+            return None
+        folder = self.store.directory / trial["adapter_dir"]
+        if not folder.is_dir():
+            return None
+        return trial, collect_artifacts(folder)
 
-    def prune_sweep(self, method: str, chosen: float) -> None:
-        """Delete the saved adapters of the learning rates not chosen (full fine-tuning saves whole models)."""
+    def prune(self, part: Part, method: str, chosen: float) -> None:
+        """Delete the saved adapters of the trials not chosen (full fine-tuning saves whole models)."""
         if self.rank != 0:
             return
-        for lr in self.settings.grid(method):
-            if lr != chosen:
-                shutil.rmtree(self.adapter_dir(method, self.settings.sweep_seed, lr), ignore_errors=True)
+        for trial in self.trials(part, method):
+            if lr_key(trial["lr"]) != lr_key(chosen) and "adapter_dir" in trial:
+                shutil.rmtree(self.store.directory / trial["adapter_dir"], ignore_errors=True)
+
+    # -- the driver's side: the one writer ------------------------------------------------------------------------
+    def on_result(self, key: Key, record: Any, artifacts: dict[str, bytes]) -> None:
+        if artifacts and self.rank == 0:
+            self.write_folder(record["adapter_dir"], artifacts)
+        self.store.add(key, record)
+        if len(key) >= 3 and key[-3] == "run":
+            part = next(p for p in self.parts if key[: len(p.prefix)] == p.prefix and len(key) == len(p.prefix) + 3)
+            chosen = (*part.prefix, "chosen", str(key[-2]))
+            if chosen not in self.store.records:  # a method with one rate: nothing was tuned
+                self.store.add(chosen, {"lr": float(record["lr"]), "trials": [], "on_edge": False})
+        self.trained += not record.get("from_sweep", False)
+        self.save()
+        if self.progress and len(key) >= 3 and key[-3] == "run":
+            from tqdm.auto import tqdm
+
+            tqdm.write(line(str(key[-2]), int(key[-1]), record))
+
+    def write_folder(self, folder: str, artifacts: Mapping[str, bytes]) -> None:
+        """A unit's files, written as one folder: staged beside it, then renamed into place."""
+        self.store.make_dir(Path(folder).parent)
+        target = self.store.directory / folder
+        staging = target.with_name(target.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        prefix = folder.rstrip("/") + "/"
+        for name, data in artifacts.items():
+            if not name.startswith(prefix):
+                raise ValueError(f"unit file {name!r} is outside its folder {folder!r}")
+            write_atomic(staging / name[len(prefix) :], data)
+        replace_dir(staging, target)
+
+    def on_failure(self, key: Key, reason: str) -> None:
+        """A failed unit is recorded in this invocation's entry of ``run.json`` (not as a record: a resumed run
+        finds no record and tries it again), and named when the run ends."""
+        self.failed[tuple(key)] = reason
+        if self.rank == 0:
+            invocation = self.store.meta["invocations"][-1]
+            invocation.setdefault("failed_units", []).append({"key": list(key), "reason": reason})
+            self.store.save_meta()
+
+    def save(self) -> None:
+        if self.rank == 0:
+            self.report(self)
+
+    def run(self) -> list[tuple[Key, str]]:
+        """Run every unit not already in the store, in waves (grid trials, each adaptive trial, runs: every method
+        of every plan in each wave), rebuilding the results document after each unit; returns the failed units
+        ``(key, reason)`` (a resumed run tries them again). Choosing a rate is the driver's, between waves."""
+        if self.store.records:
+            self.save()  # a resumed plan: its document is rebuilt at once
+        total = self.total()
+        while units := self.ready():
+            self.executor.run(units, self.on_result, self.on_failure, progress=self.progress, desc=self.desc,
+                              initial=self.finished(), total=total)  # fmt: skip
+        self.save()
+        return sorted(self.failed.items(), key=lambda item: str(item[0]))
 
 
-def choose(store: Store, method: str, grid: tuple[float, ...], prefix: tuple[Any, ...] = ()) -> float:
-    """The grid's learning rate with the best validation accuracy (ties: macro-F1, then loss)."""
-    if len(grid) == 1:
-        return grid[0]
+def check_executor(args: argparse.Namespace, world_size: int) -> Executor:
+    """The executor the flags ask for; a SettingsError (one line) for a bad combination, before any work."""
+    executor = executor_from_args(args, SettingsError)
+    if world_size > 1 and executor.name != "sequential":
+        raise SettingsError(
+            f"--executor {executor.name} under torchrun ({world_size} processes): torchrun's processes train each "
+            "unit together; run one process with --executor ray to train several units at once"
+        )
+    return executor
 
-    def score(lr: float) -> tuple[float, float, float]:
-        val = store.records[(*prefix, "sweep", method, lr_key(lr))]["val"]
-        return val["accuracy"], val["macro_f1"], -val["loss"]
 
-    return max(grid, key=score)
+def with_fingerprint(executor: Executor, model_dir: Path) -> Executor:
+    """A Ray worker refuses units unless its packages and its copy of the model folder are the driver's."""
+    if hasattr(executor, "fingerprint"):
+        probe = functools.partial(model_inputs, str(model_dir))
+        executor.fingerprint = Fingerprint.here(probe(), probe)
+    return executor
+
+
+def report_failures(command: str, failed: list[tuple[tuple[Any, ...], str]], rank: int) -> int:
+    """Name every failed unit on stderr; exit status 1 if any (``--resume`` tries them again), else 0."""
+    if not failed:
+        return 0
+    if rank == 0:
+        for key, reason in failed:
+            print(f"kradapter {command}: unit {' '.join(map(str, key))} failed: {reason}", file=sys.stderr)
+        print(f"kradapter {command}: {len(failed)} unit(s) failed; --resume tries them again", file=sys.stderr)
+    return 1
 
 
 def line(method: str, seed: int, record: dict[str, Any]) -> str:
     test = record["test"]
+    extra = (
+        f" loss {record['loss_first_epoch']:.3f}->{record['loss_last_epoch']:.3f}"
+        if "loss_first_epoch" in record
+        else ""
+    )
     return (
         f"{method:>10} seed {seed} lr {lr_key(record['lr']):>7}: acc {test['accuracy']:.4f} "
-        f"macro-F1 {test['macro_f1']:.4f} train {record['train_time_s']:.1f}s "
-        f"loss {record['loss_first_epoch']:.3f}->{record['loss_last_epoch']:.3f}"
+        f"macro-F1 {test['macro_f1']:.4f} train {record.get('train_time_s', 0.0):.1f}s{extra}"
     )

@@ -4,12 +4,14 @@ Per benchmark (``sentiment``: movie reviews -> Amazon, tweets, NYT; ``topic``: B
 :mod:`kradapter.finetune.shift_data`) each *cell* (shots per class, budget multiple) trains every method on a
 k-shot draw of the source pool per seed and evaluates it on the held-out source test set (ID) and on every
 shifted domain (OOD). Training, evaluation and method sizing are ``kradapter finetune``'s own: one
-:class:`~kradapter.finetune.runner.Execution` per cell, all cells in one results store, keys
-``(benchmark, cell, "run" | "sweep", method, seed | lr)`` and ``(benchmark, cell, "chosen", method)``.
+:class:`~kradapter.finetune.runner.Execution` of every cell's plan, all cells in one results store, keys
+``(benchmark, cell, "run" | "sweep", method, seed | lr)`` and ``(benchmark, cell, "chosen", method)``; the units
+run on the executor given (sequential, or Ray: :mod:`kradapter.executor`).
 
-- Learning rates: each method's grid is swept once per benchmark, in the *anchor* cell (``anchor_shots`` shots,
-  KRAdapter's budget, the first seed, validation articles from the pool), and the chosen rate is used in every
-  other cell of that benchmark.
+- Learning rates: chosen in every cell, per method, by :mod:`kradapter.finetune.runner`'s tuning rule (the grid
+  plus adaptive trials, the same number for every method) on the cell's first seed, scored on that seed's own
+  validation draw (``--val-shots`` texts per class from the pool outside the k-shot set, all of a class's spare
+  texts when it has fewer: the records say how many). Every seed's run selects its checkpoint on its own draw.
 - Budgets are multiples of KRAdapter's trainable count. KRAdapter has no knob that scales its count (its two
   factorisations differ by 12%), so in a cell above 1x it is absent, and the others are compared with its 1x runs
   at the same shots (the same k-shot draws).
@@ -32,23 +34,25 @@ from typing import TYPE_CHECKING, Any
 
 from .. import registry
 from ..store import Store
-from .data import check_shots, kshot_train, validation
+from .data import check_shots, kshot_train
 from .protocol import Settings, SettingsError
 from .shift_data import BenchmarkData
 from .shift_settings import Cell, StudySettings
 
 if TYPE_CHECKING:
+    from ..executor import Executor
     from .plan import ModelProbe, Plan
     from .runner import Execution
 
 
 def check_data(settings: StudySettings, data: Mapping[str, BenchmarkData]) -> None:
-    """A SettingsError naming the benchmark, class and numbers when a pool cannot supply the largest shots."""
+    """A SettingsError naming the benchmark, class and numbers when a pool cannot supply the largest shots and at
+    least one validation text per class (a class with fewer spare texts than ``--val-shots`` gives them all)."""
     for b in settings.benchmarks:
         if b not in data:
             raise SettingsError(f"no data for benchmark {b!r}")
         try:
-            check_shots(data[b].corpus, data[b].pool, max(settings.shots), settings.recipe.val_shots)
+            check_shots(data[b].corpus, data[b].pool, max(settings.shots), min(settings.recipe.val_shots, 1))
         except ValueError as exc:
             raise SettingsError(f"benchmark {b}: {exc}") from None
 
@@ -85,46 +89,44 @@ class Study:
         except SettingsError as exc:
             raise SettingsError(f"{cell.benchmark} {cell.id}: {exc}") from None
 
-    def chosen(self, store: Store, benchmark: str, method: str) -> float:
-        """The rate ``method``'s sweep chose in ``benchmark``'s anchor cell, as the store recorded it."""
-        return float(store.records[(benchmark, self.settings.anchor, "chosen", method)]["lr"])
+    def chosen(self, store: Store, benchmark: str, method: str, cell: str | None = None) -> float:
+        """The rate ``method``'s tuning chose in ``cell`` of ``benchmark`` (default: the anchor cell)."""
+        return float(store.records[(benchmark, cell or self.settings.anchor, "chosen", method)]["lr"])
 
-    def plan(self, cell: Cell, store: Store) -> Plan:
-        """The cell's plan; outside the anchor, each method's rate is the one its anchor sweep chose."""
-        from .plan import Plan
+    def plan(self, cell: Cell, store: Store | None = None) -> Plan:
+        """The cell's plan: its methods tuned in the cell itself, each seed with its own validation draw."""
+        from .plan import Plan, validation_sets
 
         s = self.settings
-        if cell.id == s.anchor:
-            grids = {m: s.grid(m) for m in cell.methods}
-        else:
-            grids = {m: (self.chosen(store, cell.benchmark, m),) for m in cell.methods}
+        grids = {m: s.grid(m) for m in cell.methods}
         base = Settings("", "", cell.methods, s.seeds, cell.shots, grids, s.recipe)
         data, probe = self.data[cell.benchmark], self.probes[cell.benchmark]
-        labels, val_shots = data.corpus.labels, s.recipe.val_shots
+        labels = data.corpus.labels
         train_sets = {seed: kshot_train(labels, data.pool, cell.shots, seed) for seed in s.seeds}
-        val = validation(labels, data.pool, train_sets[base.sweep_seed], val_shots, base.sweep_seed)
-        return Plan(base, data.corpus, data.pool, data.evals["test"], train_sets, val, self.model_dir, self.model_name,
-                    probe.head, probe.head_params, probe.layers, self.budgets[cell.benchmark] * cell.budget,
-                    self.sizes[(cell.benchmark, cell.id)], evals=data.evals,
-                    trust_remote_code=self.trust_remote_code)  # fmt: skip
+        val_sets = validation_sets(labels, data.pool, train_sets, s.recipe.val_shots)
+        return Plan(base, data.corpus, data.pool, data.evals["test"], train_sets, val_sets[base.sweep_seed],
+                    self.model_dir, self.model_name, probe.head, probe.head_params, probe.layers,
+                    self.budgets[cell.benchmark] * cell.budget, self.sizes[(cell.benchmark, cell.id)], evals=data.evals,
+                    trust_remote_code=self.trust_remote_code, val_sets=val_sets)  # fmt: skip
+
+    def plans(self) -> list[tuple[tuple[str, ...], Plan]]:
+        return [((cell.benchmark, cell.id), self.plan(cell)) for cell in self.cells]
 
     def units(self) -> int:
-        s = self.settings
-        total = 0
-        for cell in self.cells:
-            sweeps = sum(len(s.grid(m)) for m in cell.methods) if cell.id == s.anchor else 0
-            total += sweeps + len(cell.methods) * len(s.seeds)
-        return total
+        """Trainings and evaluations of the whole study (every trial of every cell's tuning, every run)."""
+        from .runner import plan_units
+
+        return sum(plan_units(plan) for _, plan in self.plans())
 
     def run(
         self, store: Store, report: Callable[[Execution], Any], rank: int = 0, world_size: int = 1,
-        progress: bool = True,
-    ) -> None:  # fmt: skip
-        """Every cell in order (the anchor first), each an execution of its plan; ``report`` is the command's."""
+        progress: bool = True, executor: Executor | None = None,
+    ) -> list[tuple[tuple[Any, ...], str]]:  # fmt: skip
+        """Every cell's units in one execution (cells interleaved on the executor); ``report`` is the command's.
+        Returns the failed units ``(key, reason)``."""
         from .runner import Execution
 
-        for i, cell in enumerate(self.cells, 1):
-            desc = f"{cell.benchmark} {cell.id} ({i}/{len(self.cells)})"
-            execution = Execution(self.plan(cell, store), store, report, rank, world_size, progress,
-                                  prefix=(cell.benchmark, cell.id), desc=desc)  # fmt: skip
-            execution.run()
+        execution = Execution(self.plans(), store, report, rank, world_size, progress, executor=executor,
+                              desc="shift")  # fmt: skip
+        self.execution = execution
+        return execution.run()

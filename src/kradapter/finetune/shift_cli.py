@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from .. import registry
 from ..assets import MissingPackageError
+from ..executor import add_executor_arguments
 from ..guards import positive_int
 from ..store import Store, StoreError, file_hash
 from .commands import (
@@ -84,6 +85,7 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--budgets", nargs="+", type=ints, default=None, help=f"multiples of {budget}'s count")
     p.add_argument("--anchor-shots", type=int, default=None, help="shots of the cell that also runs the contenders")
     p.add_argument("--eval-per-class", type=int, default=None, help="evaluation texts per class (0: all)")
+    add_executor_arguments(p)
     try:  # the recipe's flags may already hold it
         p.add_argument("--steps", type=int, default=None, help="optimiser steps per training (default: the preset's)")
     except argparse.ArgumentError:
@@ -145,6 +147,7 @@ def recipe_with_steps(recipe: Recipe, steps: int | None) -> Recipe:
 
 def run(args: argparse.Namespace) -> int:
     """Settings, device, model and data checked, then every cell planned, before any training."""
+    from .runner import check_executor
     from .shift import check_data
     from .shift_data import benchmark_data, data_hash, load_benchmark
 
@@ -153,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_launch()
         settings = settings_from(args)
+        executor = check_executor(args, world_size)
         model_dir = check_model(args, settings.recipe, world_size)
         data = {b: benchmark_data(load_benchmark(b), settings.eval_per_class) for b in settings.benchmarks}
         check_data(settings, data)  # shots that a class cannot supply stop here, before the folder is touched
@@ -164,12 +168,14 @@ def run(args: argparse.Namespace) -> int:
     except (MissingPackageError, StoreError, SettingsError, ValueError) as exc:
         return fail(str(exc))
     with store:
-        return execute(settings, store, model_dir, data, args, fail)
+        return execute(settings, store, model_dir, data, args, fail, executor)
 
 
 def execute(settings: StudySettings, store: Store, model_dir: Path, data: Any, args: argparse.Namespace,
-            fail: Fail) -> int:  # fmt: skip
+            fail: Fail, executor: Any = None) -> int:  # fmt: skip
+    from ..executor import ExecutorError
     from ..records import environment
+    from .runner import check_executor, report_failures, with_fingerprint
     from .shift import Study
     from .shift_report import RESULTS_FILE, document, write_reports
 
@@ -188,11 +194,16 @@ def execute(settings: StudySettings, store: Store, model_dir: Path, data: Any, a
         if rank == 0:
             store.write_json(RESULTS_FILE, document(store, study), indent=1)
 
-    study.run(store, report, rank, world_size, not args.quiet)
-    store.finish(wall_s=round(time.perf_counter() - started, 3))
+    executor = with_fingerprint(executor or check_executor(args, world_size), model_dir)
+    try:
+        with executor:
+            failed = study.run(store, report, rank, world_size, not args.quiet, executor=executor)
+    except ExecutorError as exc:
+        return fail(str(exc))
+    store.finish(wall_s=round(time.perf_counter() - started, 3), failed=len(failed), executor=executor.describe())
     if rank == 0:
         results = document(store, study)
         store.write_json(RESULTS_FILE, results, indent=1)
         print(write_reports(results, store))
         print(f"results: {store.path(RESULTS_FILE)}")
-    return 0
+    return report_failures("shift", failed, rank)
