@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="keep the finished workloads in --out, run the rest")
     mode.add_argument("--overwrite", action="store_true", help="delete the results in --out first")
+    p.add_argument("--allow-code-change", action="store_true", help="--resume even though the code changed (recorded)")
     p.add_argument("--quick", action="store_true", help="sanity run: small workloads, fewer tokens, 2 rounds")
     args = p.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -231,11 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     folder = args.out or Path(__file__).resolve().parent / "results" / f"{device.type}-{args.dtype}"
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    fixed = {k: v for k, v in settings.items() if k not in ("workloads", "out", "resume", "overwrite")}
+    fixed = {k: v for k, v in settings.items() if k not in ("workloads", "out", "resume", "overwrite", "allow_code_change")}
     spec = RunSpec("benchmark", fixed, {"workloads": list(args.workloads)})
     mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
     try:
-        store = Store.open(folder, spec, mode)
+        store = Store.open(folder, spec, mode, allow_code_change=args.allow_code_change)
     except StoreError as error:
         raise SystemExit(f"benchmarks/run.py: error: {error}") from None
     payload = {"device": device.type, "dtype": args.dtype, "machine": machine(device), "settings": settings}

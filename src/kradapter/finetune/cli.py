@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         corpus = load_corpus(data_dir)  # a data folder without two classes of .txt files stops here
         spec = settings.run_spec(file_hash(model_dir), file_hash(data_dir))
         outputs = finetune_outputs(settings.methods)
-        store = open_store(args.out, spec, mode_of(args), rank, world_size, settings.recipe.device, outputs)
+        store = open_store(args.out, spec, mode_of(args), rank, world_size, settings.recipe.device, outputs,
+                           allow_code_change=args.allow_code_change)  # fmt: skip
     except (SettingsError, MissingPackageError, StoreError, ValueError) as exc:
         return fail(str(exc))
     with store:

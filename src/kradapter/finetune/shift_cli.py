@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
         inputs = {"model": file_hash(model_dir), **{f"data.{b}": data_hash(d) for b, d in data.items()}}
         outputs = shift_outputs(settings.benchmarks)
         store = open_store(
-            args.out, settings.run_spec(inputs), mode_of(args), rank, world_size, settings.recipe.device, outputs
+            args.out, settings.run_spec(inputs), mode_of(args), rank, world_size, settings.recipe.device, outputs,
+            allow_code_change=args.allow_code_change,
         )
     except (MissingPackageError, StoreError, SettingsError, ValueError) as exc:
         return fail(str(exc))
