@@ -9,6 +9,7 @@ split). Only the standard library is imported here, so a bad flag answers at onc
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,42 @@ KINDS = ("baseline", "adapter")  # finetune runs the adapters and the head-only 
 WARMUP_FRACTION = 0.1
 EVAL_BATCH_SIZE = 64
 DEVICES = ("auto", "cpu", "cuda", "mps")
+HEAD_INPUTS = ("native", "pooler")  # the encoder's sentence-transformers pooling, or transformers' own head input
 MIN_MAX_LENGTH = 8
+
+
+# -- training that fits --------------------------------------------------------------------------------------------
+
+VAL_CHECKPOINTS = 5  # a run with validation is scored after each fifth of its steps; the best checkpoint is kept
+FINAL_FRACTION = 0.1  # final_train_loss: the mean training loss of the last 10% of the optimiser steps
+UNDERFIT_FRACTION = 0.25  # underfit: final_train_loss above this fraction of chance, ln(num_classes)
+FIT_RULE = (
+    "diverged: a non-finite training loss at any step, or final_train_loss (mean of the last 10% of steps) above "
+    "the mean of the first 10%; underfit: otherwise, final_train_loss above "
+    f"{UNDERFIT_FRACTION:g} x ln(num_classes) (the loss of guessing uniformly); fit: otherwise"
+)
+
+
+def _tail_mean(values: list[float], head: bool = False) -> float:
+    n = max(1, math.ceil(FINAL_FRACTION * len(values)))
+    part = values[:n] if head else values[-n:]
+    return sum(part) / len(part) if part else float("nan")
+
+
+def final_loss(curve: list[float]) -> float:
+    """Mean training loss over the last 10% of the steps (at least one step); NaN for an empty curve."""
+    return _tail_mean(list(curve))
+
+
+def fit_verdict(curve: list[float], num_classes: int) -> str:
+    """``"fit"``, ``"underfit"`` or ``"diverged"`` for a run's per-step training losses, by :data:`FIT_RULE`."""
+    values = [float(v) for v in curve]
+    if not values or not all(math.isfinite(v) for v in values):
+        return "diverged"
+    final = _tail_mean(values)
+    if final > _tail_mean(values, head=True):
+        return "diverged"
+    return "underfit" if final > UNDERFIT_FRACTION * math.log(max(num_classes, 2)) else "fit"
 
 
 def world() -> tuple[int, int]:
@@ -105,10 +141,15 @@ class Recipe:
     max_length: int = 128
     targets: tuple[str, ...] | None = None
     device: str = "auto"
+    steps: int | None = None  # optimiser steps; None: ``epochs`` passes over the k-shot set
+    head_input: str = "native"
 
     def __post_init__(self) -> None:
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
             _positive(flag, value)
+        if self.steps is not None:
+            _positive("--steps", self.steps)
+        one_of("--head-input", self.head_input, HEAD_INPUTS, error=SettingsError)
         _positive("--max-length", self.max_length, MIN_MAX_LENGTH)
         _positive("--val-shots", self.val_shots, 0)
         one_of("--device", self.device, DEVICES, error=SettingsError)
@@ -124,6 +165,8 @@ class Recipe:
             "max_length": self.max_length,
             "targets": list(self.targets) if self.targets else None,
             "device": self.device,
+            "steps": self.steps,
+            "head_input": self.head_input,
         }
 
     def check_validation(self, methods: tuple[str, ...], grids: LearningRates) -> None:
