@@ -65,7 +65,7 @@ def write_pooling(folder: Path, **flags: bool) -> None:
 
 def test_native_pooling_reads_the_sentence_transformers_config(minilm_path: str, tmp_path: Path) -> None:
     assert native_pooling(minilm_path) == "mean"  # all-MiniLM-L6-v2 is a mean-pooling sentence encoder
-    with pytest.raises(SettingsError, match="has no 1_Pooling/config.json.*--head-input pooler"):
+    with pytest.raises(SettingsError, match=r"has no 1_Pooling/config\.json.*--head-input pooler"):
         native_pooling(tmp_path)
     write_pooling(tmp_path, mean_tokens=True, max_tokens=True)
     with pytest.raises(SettingsError, match="needs exactly one of"):
