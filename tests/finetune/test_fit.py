@@ -78,6 +78,7 @@ def all_loss(model: HeadProbe, data: Examples) -> float:
     return classification_metrics(logits, np.asarray(data.columns["labels"]), 3)["loss"]
 
 
+@pytest.mark.slow
 def test_steps_replace_epochs_and_the_curve_is_the_training_loss(generator: torch.Generator, tmp_path: Path) -> None:
     data = make_data(generator, 16)
     model = head(generator)
@@ -122,3 +123,33 @@ def test_validation_restores_the_best_checkpoint(generator: torch.Generator, tmp
     assert record["selected_step"] == steps[best] == steps[1]
     for name, value in model.state_dict().items():  # the model holds that checkpoint's weights again
         torch.testing.assert_close(value, seen[best + 1][1][name], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_validation_through_a_nested_prediction_trainer(generator: torch.Generator, tmp_path: Path) -> None:
+    """The runner scores with ``predict`` (a second Trainer) inside the training loop: training carries on, in
+    train mode, and the restored weights score what the curve says."""
+    from kradapter.finetune.train import predict
+
+    data, val = make_data(generator, 24), make_data(generator, 20)
+    model = head(generator)
+    modes = []
+
+    def score(m: nn.Module) -> dict[str, float]:
+        logits = predict(m, val, default_data_collator, training_args(tmp_path / "eval", device="cpu"))
+        return classification_metrics(logits, np.asarray(val.columns["labels"]), 3)
+
+    class Mode(nn.Module):  # records the mode of every training forward
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            modes.append(model.training)
+            return x
+
+    model.head = nn.Sequential(Mode(), model.head)
+    args = training_args(tmp_path, lr=0.2, batch_size=8, seed=2, device="cpu", steps=10)
+    record = fit(model, data, default_data_collator, args, val=score)
+    assert record["steps"] == 10 and len(record["loss_curve"]) == 10
+    assert [s for s, _ in record["val_curve"]] == checkpoint_steps(10)
+    assert modes.count(True) == 10  # each optimiser step ran in train mode, scoring in between notwithstanding
+    chosen = dict(map(tuple, record["val_curve"]))[record["selected_step"]]
+    assert score(model)["accuracy"] == pytest.approx(chosen)
+    assert chosen == max(a for _, a in record["val_curve"])

@@ -5,8 +5,6 @@ Each method's own model (built, saved, loaded) is its training strategy's (:mod:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from transformers import logging as hf_logging
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.pytorch_utils import Conv1D
 
 from ..guards import one_of
-from .pooling import attach, native_pooling
+from .pooling import attach, native_pooling, quiet_transformers
 from .protocol import HEAD_INPUTS, SettingsError
 
 HEAD_NAMES = ("classifier", "score")  # where transformers keeps the head when the checkpoint already has one
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report (it lists the new head as missing, which is expected)."""
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(path: Path | str, *, trust_remote_code: bool = False) -> Any:

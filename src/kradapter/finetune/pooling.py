@@ -9,14 +9,16 @@ never touched. :func:`pool` is the one definition of that pooling: the classifie
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from transformers import logging as hf_logging
 
 from .protocol import HEAD_INPUTS as HEAD_INPUTS
 from .protocol import SettingsError
@@ -30,6 +32,20 @@ MODES = {
     "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
 }
 UNSUPPORTED = ("pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report (it lists the new head as missing, which is expected)."""
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def native_pooling(model_dir: Path | str) -> str:
@@ -147,8 +163,6 @@ def embed(
     row of ``columns`` (``input_ids`` and ``attention_mask``, as the tokenizer gives them), in eval mode, float32,
     ``(rows, width)``; the linear probe reads it. Rows are padded per batch; the mask keeps padding out."""
     from transformers import AutoModel
-
-    from .models import quiet_transformers
 
     mode = mode or native_pooling(model_dir)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

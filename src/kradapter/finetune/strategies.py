@@ -20,7 +20,8 @@ from transformers import default_data_collator
 from .. import registry
 from ..files import directory_bytes, replace_dir, write_atomic
 from ..registry import Plan as MethodPlan
-from .models import HeadProbe, load_classifier, quiet_transformers
+from .models import HeadProbe, load_classifier
+from .pooling import quiet_transformers
 from .protocol import SettingsError
 from .train import Examples
 
