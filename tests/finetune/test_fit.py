@@ -153,3 +153,15 @@ def test_validation_through_a_nested_prediction_trainer(generator: torch.Generat
     chosen = dict(map(tuple, record["val_curve"]))[record["selected_step"]]
     assert score(model)["accuracy"] == pytest.approx(chosen)
     assert chosen == max(a for _, a in record["val_curve"])
+
+
+def test_default_step_count_follows_the_training_size() -> None:
+    from kradapter.finetune.protocol import FIT_EPOCHS, MIN_FIT_STEPS, fit_steps
+
+    assert [fit_steps(2 * k, 8) for k in (8, 32, 128)] == [MIN_FIT_STEPS, 64, 256]
+    for size, batch in [(1, 1), (7, 3), (97, 8), (1000, 13)]:
+        steps = fit_steps(size, batch)
+        assert steps >= MIN_FIT_STEPS and steps * batch >= FIT_EPOCHS * size  # at least FIT_EPOCHS passes
+        assert steps == MIN_FIT_STEPS or (steps - 1) * batch < FIT_EPOCHS * (size + batch)  # and not many more
+    with pytest.raises(SettingsError, match="batch_size must be a positive integer, got 0"):
+        fit_steps(10, 0)
