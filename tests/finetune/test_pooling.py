@@ -211,3 +211,18 @@ def test_minilm_embedding_is_384_wide_and_independent_of_padding(minilm_path: st
     assert together.shape == (3, 384) and together.dtype == np.float32  # the model card's 384-dimensional vectors
     np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
     assert np.linalg.norm(together[0] - together[1]) > 0.1  # different texts, different embeddings
+
+
+def test_the_command_refuses_a_native_head_without_pooling_before_any_work(tiny_folder: Path) -> None:
+    import argparse
+    import shutil
+
+    from kradapter.finetune.commands import check_model
+    from kradapter.finetune.protocol import Recipe
+
+    shutil.rmtree(tiny_folder / "1_Pooling")
+    (tiny_folder / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    args = argparse.Namespace(model=str(tiny_folder), trust_remote_code=False)
+    with pytest.raises(SettingsError, match=r"no 1_Pooling.*give --head-input pooler"):
+        check_model(args, Recipe(max_length=16), 1)
+    assert check_model(args, Recipe(max_length=16, head_input="pooler"), 1) == tiny_folder
