@@ -49,7 +49,7 @@ FIT_RULE = (
 # run was "fit" by FIT_RULE (final_train_loss < 0.173 = 0.25 ln 2).
 #   rate 3e-3 (the registry grids' middle):  8 shots  LoRA 10, KRAdapter 20  |  32 shots  LoRA 32, KRAdapter 32
 #                                            128 shots LoRA 64 (0.168), KRAdapter 128
-#   rate 1e-3 (the grids' lowest):           8 shots  LoRA 20, KRAdapter 40  |  32 shots  LoRA 32, KRAdapter > 64
+#   rate 1e-3 (the grids' lowest):           8 shots  LoRA 20, KRAdapter 40  |  32 shots  LoRA 32, KRAdapter 128
 #                                            (0.207 at 64 steps; 128 shots not measured at 1e-3)
 # Fitting takes about 4 passes over the data at 3e-3 (more at 8 shots: 10 passes) and more than twice that for
 # KRAdapter at 1e-3; the default gives each run FIT_EPOCHS passes and at least MIN_FIT_STEPS steps: twice the 3e-3
