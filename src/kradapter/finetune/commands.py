@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..assets import minilm_dir
 from ..store import RunSpec, Store, StoreError
-from .protocol import DEVICES, Recipe, SettingsError, check_device, check_max_length, check_model_dir
+from .protocol import DEVICES, HEAD_INPUTS, Recipe, SettingsError, check_device, check_max_length, check_model_dir
 
 Fail = Callable[[str], int]
 
@@ -32,7 +32,15 @@ def add_recipe_arguments(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--methods", nargs="+", default=None, help="methods, space or comma separated")
     p.add_argument("--shots", nargs="+", type=ints, default=None, help="training texts per class (k)")
     p.add_argument("--seeds", nargs="+", type=ints, default=None, help="seeds; the first runs the sweep")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the k-shot set")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the k-shot set (unless --steps)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps per run (replaces --epochs when given)")
+    p.add_argument(
+        "--head-input",
+        default=d.head_input,
+        choices=HEAD_INPUTS,
+        help="what the classifier reads: native = the encoder's sentence-transformers pooling (1_Pooling/config.json; "
+        "mean for MiniLM), pooler = transformers' own head input (BERT: tanh(dense(CLS)))",
+    )
     p.add_argument("--max-length", type=int, default=d.max_length, help="tokens kept per text")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (all processes)")
     p.add_argument(
@@ -75,6 +83,8 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
         max_length=args.max_length,
         targets=tuple(args.targets) if args.targets else None,
         device=args.device,
+        steps=args.steps,
+        head_input=args.head_input,
     )
 
 
@@ -90,12 +100,17 @@ def failer(command: str, rank: int) -> Fail:
 
 
 def check_model(args: argparse.Namespace, recipe: Recipe, world_size: int) -> Path:
-    """The device, the batch split and the model folder (its code, its length limit), before any work."""
+    """The device, the batch split and the model folder (its code, its length limit, its pooling when the head
+    reads it), before any work."""
     if recipe.batch_size % world_size:
         raise SettingsError(f"--batch-size {recipe.batch_size} is not divisible by the {world_size} processes")
     check_device(recipe.device)
     model_dir = check_model_dir(args.model, trust_remote_code=args.trust_remote_code) if args.model else minilm_dir()
     check_max_length(model_dir, recipe.max_length)
+    if recipe.head_input == "native":
+        from .pooling import native_pooling
+
+        native_pooling(model_dir)  # a folder without sentence-transformers pooling: named here, before any work
     return model_dir
 
 

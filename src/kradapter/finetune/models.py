@@ -5,8 +5,6 @@ Each method's own model (built, saved, loaded) is its training strategy's (:mod:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,27 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from transformers import logging as hf_logging
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.pytorch_utils import Conv1D
 
-from .protocol import SettingsError
+from ..guards import one_of
+from .pooling import attach, native_pooling, quiet_transformers
+from .protocol import HEAD_INPUTS, SettingsError
 
 HEAD_NAMES = ("classifier", "score")  # where transformers keeps the head when the checkpoint already has one
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report (it lists the new head as missing, which is expected)."""
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(path: Path | str, *, trust_remote_code: bool = False) -> Any:
@@ -49,10 +34,23 @@ def load_tokenizer(path: Path | str, *, trust_remote_code: bool = False) -> Any:
 
 
 def load_classifier(
-    path: Path | str, num_labels: int, seed: int, *, trust_remote_code: bool = False
+    path: Path | str,
+    num_labels: int,
+    seed: int,
+    *,
+    trust_remote_code: bool = False,
+    head_input: str = "native",
+    pooling_from: Path | str | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """The pretrained model with a ``num_labels`` head initialised from ``seed``, and the head's module names
-    (never the folder's own code unless ``trust_remote_code``)."""
+    (never the folder's own code unless ``trust_remote_code``).
+
+    ``head_input``: ``"native"`` (default) feeds the head the encoder's own sentence-transformers pooling, read
+    from ``pooling_from`` (default ``path``: a saved fine-tuned model has no pooling config of its own), in place
+    of the pooler; ``"pooler"`` keeps transformers' head as it is (BERT: ``tanh(dense(CLS))``).
+    """
+    one_of("--head-input", head_input, HEAD_INPUTS, error=SettingsError)
+    mode = native_pooling(pooling_from or path) if head_input == "native" else None
     torch.manual_seed(seed)
     try:
         with quiet_transformers():
@@ -68,6 +66,8 @@ def load_classifier(
         raise SettingsError(
             f"--model {str(path)!r} does not load as a classifier ({type(exc).__name__}: {first})"
         ) from None
+    if mode is not None:
+        attach(model.base_model, mode)
     new = set(info.get("missing_keys", ()))
     new |= {k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys", ())}
     return model, head_modules(model, new)

@@ -1,14 +1,20 @@
 """The comparison's settings: methods, learning-rate grids, the recipe, and every check that needs no data or model.
 
-Every method uses one recipe: AdamW (no weight decay), linear decay after a 10% warm-up, ``--epochs`` passes over
-the k-shot set in batches of ``--batch-size``; only the learning rate differs, picked per method from its grid
-(:mod:`kradapter.registry`) by accuracy on a validation split carved from the training pool (never the test
-split). Only the standard library is imported here, so a bad flag answers at once.
+Every method uses one recipe: AdamW (no weight decay), linear decay after a 10% warm-up, ``--steps`` optimiser steps
+(or, when not given, ``--epochs`` passes over the k-shot set) in batches of ``--batch-size``; only the learning rate
+differs, picked per method from its grid (:mod:`kradapter.registry`) by accuracy on a validation split carved from the
+training pool (never the test split). The classifier reads the encoder's native sentence-transformers pooling
+(``--head-input native``; ``pooler`` keeps transformers' own head input). A run given a validation scorer is scored
+after each fifth of its steps and ends with its best checkpoint (:data:`VAL_CHECKPOINTS`); every run records its
+per-step training loss and a verdict, fit / underfit / diverged (:data:`FIT_RULE`). The shift study's default step
+count, :func:`fit_steps`, comes from a measurement recorded beside it. Only the standard library is imported here,
+so a bad flag answers at once.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +28,66 @@ KINDS = ("baseline", "adapter")  # finetune runs the adapters and the head-only 
 WARMUP_FRACTION = 0.1
 EVAL_BATCH_SIZE = 64
 DEVICES = ("auto", "cpu", "cuda", "mps")
+HEAD_INPUTS = ("native", "pooler")  # the encoder's sentence-transformers pooling, or transformers' own head input
 MIN_MAX_LENGTH = 8
+
+
+# -- training that fits --------------------------------------------------------------------------------------------
+
+VAL_CHECKPOINTS = 5  # a run with validation is scored after each fifth of its steps; the best checkpoint is kept
+FINAL_FRACTION = 0.1  # final_train_loss: the mean training loss of the last 10% of the optimiser steps
+UNDERFIT_FRACTION = 0.25  # underfit: final_train_loss above this fraction of chance, ln(num_classes)
+FIT_RULE = (
+    "diverged: a non-finite training loss at any step, or final_train_loss (mean of the last 10% of steps) above "
+    "the mean of the first 10%; underfit: otherwise, final_train_loss above "
+    f"{UNDERFIT_FRACTION:g} x ln(num_classes) (the loss of guessing uniformly); fit: otherwise"
+)
+
+
+# The shift study's default step count, from a measurement (all-MiniLM-L6-v2, native mean-pooling head, sentiment
+# pool, batch 8, seed 0, one thread): the fewest steps of the doubling series max(10, 2 epochs), x2, ... at which a
+# run was "fit" by FIT_RULE (final_train_loss < 0.173 = 0.25 ln 2).
+#   rate 3e-3 (the registry grids' middle):  8 shots  LoRA 10, KRAdapter 20  |  32 shots  LoRA 32, KRAdapter 32
+#                                            128 shots LoRA 64 (0.168), KRAdapter 128
+#   rate 1e-3 (the grids' lowest):           8 shots  LoRA 20, KRAdapter 40  |  32 shots  LoRA 32, KRAdapter 128
+#                                            (0.207 at 64 steps; 128 shots not measured at 1e-3)
+# Fitting takes about 4 passes over the data at 3e-3 (more at 8 shots: 10 passes) and more than twice that for
+# KRAdapter at 1e-3; the default gives each run FIT_EPOCHS passes and at least MIN_FIT_STEPS steps: twice the 3e-3
+# need at every shot count, the 1e-3 need at 8 shots, not KRAdapter's at 1e-3 from 32 shots (the sweep's higher
+# rates fit there; the fit verdict flags the runs that do not). Validation checkpoint selection makes extra steps
+# cheap in accuracy.
+FIT_EPOCHS = 8
+MIN_FIT_STEPS = 50
+
+
+def fit_steps(train_size: int, batch_size: int) -> int:
+    """The default optimiser steps of a run on ``train_size`` texts in batches of ``batch_size``: FIT_EPOCHS passes,
+    at least MIN_FIT_STEPS (8 shots x 2 classes: 50; 32: 64; 128: 256 at batch 8)."""
+    for name, value in (("train_size", train_size), ("batch_size", batch_size)):
+        _positive(name, value)
+    return max(MIN_FIT_STEPS, FIT_EPOCHS * math.ceil(train_size / batch_size))
+
+
+def _tail_mean(values: list[float], head: bool = False) -> float:
+    n = max(1, math.ceil(FINAL_FRACTION * len(values)))
+    part = values[:n] if head else values[-n:]
+    return sum(part) / len(part) if part else float("nan")
+
+
+def final_loss(curve: list[float]) -> float:
+    """Mean training loss over the last 10% of the steps (at least one step); NaN for an empty curve."""
+    return _tail_mean(list(curve))
+
+
+def fit_verdict(curve: list[float], num_classes: int) -> str:
+    """``"fit"``, ``"underfit"`` or ``"diverged"`` for a run's per-step training losses, by :data:`FIT_RULE`."""
+    values = [float(v) for v in curve]
+    if not values or not all(math.isfinite(v) for v in values):
+        return "diverged"
+    final = _tail_mean(values)
+    if final > _tail_mean(values, head=True):
+        return "diverged"
+    return "underfit" if final > UNDERFIT_FRACTION * math.log(max(num_classes, 2)) else "fit"
 
 
 def world() -> tuple[int, int]:
@@ -105,10 +170,15 @@ class Recipe:
     max_length: int = 128
     targets: tuple[str, ...] | None = None
     device: str = "auto"
+    steps: int | None = None  # optimiser steps; None: ``epochs`` passes over the k-shot set
+    head_input: str = "native"
 
     def __post_init__(self) -> None:
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size)):
             _positive(flag, value)
+        if self.steps is not None:
+            _positive("--steps", self.steps)
+        one_of("--head-input", self.head_input, HEAD_INPUTS, error=SettingsError)
         _positive("--max-length", self.max_length, MIN_MAX_LENGTH)
         _positive("--val-shots", self.val_shots, 0)
         one_of("--device", self.device, DEVICES, error=SettingsError)
@@ -124,6 +194,8 @@ class Recipe:
             "max_length": self.max_length,
             "targets": list(self.targets) if self.targets else None,
             "device": self.device,
+            "steps": self.steps,
+            "head_input": self.head_input,
         }
 
     def check_validation(self, methods: tuple[str, ...], grids: LearningRates) -> None:

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers import AutoModelForSequenceClassification, default_data_collator
+from transformers import default_data_collator
 
 from .. import registry
 from ..files import directory_bytes, replace_dir, write_atomic
 from ..registry import Plan as MethodPlan
-from .models import HeadProbe, load_classifier, quiet_transformers
+from .models import HeadProbe, load_classifier
+from .pooling import quiet_transformers
 from .protocol import SettingsError
 from .train import Examples
 
@@ -34,8 +35,15 @@ class Training:
 
     learns_update = False  # whether the run learns a weight update whose spectrum is worth recording
 
-    def __init__(self, method: registry.Method) -> None:
+    def __init__(self, method: registry.Method, head_input: str = "native") -> None:
         self.method = method
+        self.head_input = head_input  # what the head reads (Recipe.head_input): built and reloaded the same way
+
+    def classifier(
+        self, path: Path | str, num_labels: int, seed: int, trust: bool, **kw: Any
+    ) -> tuple[nn.Module, list[str]]:
+        """The pretrained classifier with this strategy's head input."""
+        return load_classifier(path, num_labels, seed, trust_remote_code=trust, head_input=self.head_input, **kw)
 
     def size(self, probe: ModelProbe, budget: int, **options: Any) -> MethodPlan:
         """The method at ``budget`` on the probed layers (baselines: what they train besides the head)."""
@@ -76,7 +84,7 @@ class HeadOnly(Training):
 
     def build(self, size: MethodPlan, layers: list[str], model_dir: Path, num_labels: int, seed: int,
               trust: bool = False) -> nn.Module:  # fmt: skip
-        model, head = load_classifier(model_dir, num_labels, seed, trust_remote_code=trust)
+        model, head = self.classifier(model_dir, num_labels, seed, trust)
         if len(head) != 1:
             raise SettingsError(f"head-only training needs one head module; this model's head is {head}")
         return HeadProbe(copy.deepcopy(model.get_submodule(head[0])))
@@ -91,7 +99,7 @@ class HeadOnly(Training):
     def load(self, directory: Path, model_dir: Path | str, num_labels: int, trust: bool = False) -> nn.Module:
         from safetensors.torch import load_file
 
-        model, head = load_classifier(model_dir, num_labels, seed=0, trust_remote_code=trust)
+        model, head = self.classifier(model_dir, num_labels, 0, trust)
         probe = HeadProbe(copy.deepcopy(model.get_submodule(head[0])))
         probe.head.load_state_dict(load_file(directory / "head.safetensors"))
         return probe.eval()
@@ -111,12 +119,12 @@ class Full(Training):
 
     def build(self, size: MethodPlan, layers: list[str], model_dir: Path, num_labels: int, seed: int,
               trust: bool = False) -> nn.Module:  # fmt: skip
-        model, _ = load_classifier(model_dir, num_labels, seed, trust_remote_code=trust)
+        model, _ = self.classifier(model_dir, num_labels, seed, trust)
         return model.requires_grad_(True)
 
     def load(self, directory: Path, model_dir: Path | str, num_labels: int, trust: bool = False) -> nn.Module:
-        with quiet_transformers():
-            return AutoModelForSequenceClassification.from_pretrained(str(directory), trust_remote_code=trust).eval()
+        model, _ = self.classifier(directory, num_labels, 0, trust, pooling_from=model_dir)
+        return model.eval()
 
 
 class Adapter(Training):
@@ -134,23 +142,25 @@ class Adapter(Training):
 
     def build(self, size: MethodPlan, layers: list[str], model_dir: Path, num_labels: int, seed: int,
               trust: bool = False) -> nn.Module:  # fmt: skip
-        model, head = load_classifier(model_dir, num_labels, seed, trust_remote_code=trust)
+        model, head = self.classifier(model_dir, num_labels, seed, trust)
         return get_peft_model(model, self.method.config(layers, **size.settings, modules_to_save=head))
 
     def load(self, directory: Path, model_dir: Path | str, num_labels: int, trust: bool = False) -> nn.Module:
-        model, _ = load_classifier(model_dir, num_labels, seed=0, trust_remote_code=trust)
+        model, _ = self.classifier(model_dir, num_labels, 0, trust)
         return PeftModel.from_pretrained(model, str(directory)).eval()
 
 
-def training_for(method: str) -> Training:
-    """The strategy of ``method``, from its registry entry (the one place that tells the kinds apart)."""
+def training_for(method: str, head_input: str = "native") -> Training:
+    """The strategy of ``method``, from its registry entry (the one place that tells the kinds apart), building
+    models whose head reads ``head_input`` (:data:`kradapter.finetune.protocol.HEAD_INPUTS`)."""
     entry = registry.METHODS[method]
     if entry.is_adapter:
-        return Adapter(entry)
-    return Full(entry) if entry.trains_base else HeadOnly(entry)
+        return Adapter(entry, head_input)
+    return Full(entry, head_input) if entry.trains_base else HeadOnly(entry, head_input)
 
 
 def load_trained(method: str, directory: Path, model_dir: Path | str, num_labels: int, *,
-                 trust_remote_code: bool = False) -> nn.Module:  # fmt: skip
-    """What a run of ``method`` saved in ``directory``, loaded back onto the pretrained model (eval mode)."""
-    return training_for(method).load(directory, model_dir, num_labels, trust_remote_code)
+                 trust_remote_code: bool = False, head_input: str = "native") -> nn.Module:  # fmt: skip
+    """What a run of ``method`` saved in ``directory``, loaded back onto the pretrained model (eval mode), with
+    the head input it was trained with."""
+    return training_for(method, head_input).load(directory, model_dir, num_labels, trust_remote_code)

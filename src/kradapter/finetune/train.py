@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import math
 import os
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from .protocol import EVAL_BATCH_SIZE, WARMUP_FRACTION, world
+from .protocol import EVAL_BATCH_SIZE, VAL_CHECKPOINTS, WARMUP_FRACTION, final_loss, fit_verdict, world
 
 
 def broadcast_object(value: Any, device: str = "auto") -> Any:
@@ -65,8 +66,11 @@ def training_args(
     batch_size: int = 8,
     seed: int = 0,
     device: str = "auto",
+    steps: int | None = None,
 ) -> TrainingArguments:
-    """The one recipe: AdamW, no weight decay, linear decay after 10% warm-up; global batch ``batch_size``."""
+    """The one recipe: AdamW, no weight decay, linear decay after 10% warm-up; global batch ``batch_size``;
+    ``steps`` optimiser steps when given (the data is passed over as often as that takes), else ``epochs``
+    passes."""
     _, world_size = world()
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available to torch")
@@ -77,6 +81,7 @@ def training_args(
         output_dir=str(workdir),
         learning_rate=lr,
         num_train_epochs=epochs,
+        max_steps=steps if steps is not None else -1,
         per_device_train_batch_size=batch_size // world_size,
         per_device_eval_batch_size=EVAL_BATCH_SIZE,
         weight_decay=0.0,
@@ -150,25 +155,117 @@ def peak_memory(cuda: bool) -> Iterator[dict[str, Any]]:
         out["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
-def fit(model: nn.Module, train: Dataset, collator: Any, args: TrainingArguments) -> dict[str, Any]:
-    """Train ``model`` in place; wall time, peak memory and the mean loss of the first and last epochs."""
+Score = Callable[[nn.Module], Mapping[str, float]]
+
+
+def checkpoint_steps(total: int, count: int = VAL_CHECKPOINTS) -> list[int]:
+    """The optimiser steps after which a run with validation is scored: ``count`` evenly spaced steps ending at
+    the last (``ceil(i * total / count)``, i = 1..count; fewer when the run has fewer steps). Every method, every
+    run: the same fraction of its run."""
+    return sorted({math.ceil(i * total / count) for i in range(1, count + 1)} - {0})
+
+
+def rank_key(scores: Mapping[str, float]) -> tuple[float, float, float]:
+    """Validation ranking: accuracy, then macro-F1, then lower loss (the learning-rate sweep's order too)."""
+    return float(scores["accuracy"]), float(scores["macro_f1"]), -float(scores["loss"])
+
+
+class BestCheckpoint(TrainerCallback):
+    """Scores the model at :func:`checkpoint_steps` and keeps a CPU copy of the trainable parameters of the best
+    (earliest of equals); :meth:`restore` puts them back."""
+
+    def __init__(self, model: nn.Module, score: Score) -> None:
+        self.model, self.score = model, score
+        self.steps: list[int] = []
+        self.curve: list[list[float]] = []
+        self.best: tuple[tuple[float, float, float], int, dict[str, torch.Tensor]] | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.steps = checkpoint_steps(state.max_steps)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step not in self.steps:
+            return
+        was_training = self.model.training
+        scores = self.score(self.model)
+        self.model.train(was_training)
+        self.curve.append([state.global_step, float(scores["accuracy"])])
+        key = rank_key(scores)
+        if self.best is None or key > self.best[0]:
+            trainable = {
+                n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad
+            }
+            self.best = (key, state.global_step, trainable)
+
+    @torch.no_grad()
+    def restore(self) -> int:
+        """Load the best checkpoint's trainable parameters into the model; its step."""
+        assert self.best is not None, "no checkpoint was scored"
+        params = dict(self.model.named_parameters())
+        for name, value in self.best[2].items():
+            params[name].copy_(value.to(params[name].device))
+        return self.best[1]
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _classes(train: Dataset) -> int | None:
+    """Distinct labels in the training set (``Examples`` with a ``labels`` column), else None."""
+    if isinstance(train, Examples) and "labels" in train.columns:
+        labels = train.columns["labels"]
+        return len({int(labels[int(i)]) for i in train.indices})
+    return None
+
+
+def fit(
+    model: nn.Module,
+    train: Dataset,
+    collator: Any,
+    args: TrainingArguments,
+    *,
+    val: Score | None = None,
+    num_classes: int | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place; wall time, peak memory, the training-loss curve and whether the run fit.
+
+    Returns ``steps``, ``loss_first_epoch``/``loss_last_epoch`` (mean loss of the first and last pass over the
+    data), ``loss_curve`` (one loss per optimiser step), ``final_train_loss`` (mean of the last 10% of steps),
+    ``fit`` (:func:`kradapter.finetune.protocol.fit_verdict` against chance ``ln(num_classes)``; ``num_classes``
+    defaults to the distinct training labels). With ``val`` (``score(model) -> {accuracy, macro_f1, loss}``) the
+    model is scored at :func:`checkpoint_steps` and ends with the best-scoring checkpoint's trainable weights:
+    ``val_curve`` ``[[step, accuracy], ...]`` and ``selected_step`` say which.
+    """
     trainer = make_trainer(model, args, collator, train)
+    best = BestCheckpoint(model, val) if val is not None else None
+    if best is not None:
+        trainer.add_callback(best)
     cuda = trainer.args.device.type == "cuda"
     with peak_memory(cuda) as memory:
         start = time.perf_counter()
         trainer.train()
         elapsed = time.perf_counter() - start
     logs = [h for h in trainer.state.log_history if "loss" in h and "epoch" in h]
-    epochs = args.num_train_epochs
+    curve = [float(h["loss"]) for h in logs]
+    last_epoch = logs[-1]["epoch"] if logs else 0.0
     first = [h["loss"] for h in logs if h["epoch"] <= 1 + 1e-9]
-    last = [h["loss"] for h in logs if h["epoch"] > epochs - 1 + 1e-9]
-    return {
+    last = [h["loss"] for h in logs if h["epoch"] > last_epoch - 1 + 1e-9]
+    classes = num_classes if num_classes is not None else _classes(train)
+    out: dict[str, Any] = {
         "train_time_s": elapsed,
         **memory,
         "steps": trainer.state.global_step,
-        "loss_first_epoch": float(np.mean(first)) if first else float("nan"),
-        "loss_last_epoch": float(np.mean(last)) if last else float("nan"),
+        "loss_first_epoch": _mean(first),
+        "loss_last_epoch": _mean(last),
+        "loss_curve": curve,
+        "final_train_loss": final_loss(curve),
+        "fit": fit_verdict(curve, classes or 2),
     }
+    if best is not None:
+        out["val_curve"] = best.curve
+        out["selected_step"] = best.restore()
+    return out
 
 
 def predict(model: nn.Module, data: Dataset, collator: Any, args: TrainingArguments) -> np.ndarray:
