@@ -232,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     folder = args.out or Path(__file__).resolve().parent / "results" / f"{device.type}-{args.dtype}"
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    fixed = {k: v for k, v in settings.items() if k not in ("workloads", "out", "resume", "overwrite", "allow_code_change")}
+    fixed = {
+        k: v for k, v in settings.items() if k not in ("workloads", "out", "resume", "overwrite", "allow_code_change")
+    }
     spec = RunSpec("benchmark", fixed, {"workloads": list(args.workloads)})
     mode = "overwrite" if args.overwrite else "resume" if args.resume else "new"
     try:

@@ -232,6 +232,7 @@ COMPARE_CELL_OPTIONAL = {
     "singular_values": _numbers,
 }
 TRAINED = {"seed": _integer, "lr": _number}
+REFERENCE_ROWS = ("majority", "linear_probe")  # the shift study's baselines (kradapter.finetune.baselines' names)
 TRAINED_OPTIONAL = {
     "trainable_params": _integer,
     "train_time_s": _number,
@@ -272,6 +273,8 @@ def _trained(key: tuple[Any, ...], record: Any) -> str | None:
     if key[-3] == "run":
         if not _integer(key[-1]):
             return f"unknown key {list(key)!r}"
+        if key[-2] in REFERENCE_ROWS:  # nothing trained at a learning rate
+            return _fields(record, {"seed": _integer, "test": _scores})
         return _fields(record, {**TRAINED, "test": _scores}, TRAINED_OPTIONAL)
     return _fields(record, TRAINED, TRAINED_OPTIONAL)
 

@@ -127,11 +127,12 @@ def finetune_outputs(methods: Iterable[str]) -> list[str]:
 
 def shift_outputs(benchmarks: Iterable[str]) -> list[str]:
     """The paths a ``kradapter shift`` run writes in its folder (checked when the folder is opened)."""
-    from .shift_report import RESULTS_FILE, TABLE_FILE
+    from .shift_report import RESULTS_FILE, report_outputs
+    from .shift_settings import GROUPS
 
     benchmarks = list(benchmarks)
-    plots = [f"shift_{b}_{p}.png" for b in benchmarks for p in ("kshot", "rank", "spectra")]
-    return [RESULTS_FILE, TABLE_FILE, *plots, *_run_outputs(benchmarks)]
+    groups = [g for g, members in GROUPS.items() if set(members) & set(benchmarks)]
+    return [RESULTS_FILE, *report_outputs(benchmarks, groups), *_run_outputs(benchmarks)]
 
 
 def _run_outputs(adapter_folders: Iterable[str]) -> list[str]:

@@ -38,13 +38,15 @@ class Plan:
     methods: dict[str, MethodPlan]
     evals: Mapping[str, np.ndarray] | None = None  # what each run is evaluated on (default: the test split)
     trust_remote_code: bool = False  # the user's --trust-remote-code: load the model folder's own code
+    baselines: tuple[str, ...] = ()  # reference rows run for every seed (kradapter.finetune.baselines)
     val_sets: Mapping[int, np.ndarray] | None = None  # each seed's own validation draw (default: ``val`` for all)
     training: Mapping[str, Training] = field(init=False)  # each method's strategy, chosen once
 
     def __post_init__(self) -> None:
         from .strategies import training_for
 
-        object.__setattr__(self, "training", {m: training_for(m) for m in self.methods})
+        head_input = self.settings.recipe.head_input
+        object.__setattr__(self, "training", {m: training_for(m, head_input) for m in self.methods})
 
     @property
     def evaluations(self) -> Mapping[str, np.ndarray]:
@@ -74,13 +76,19 @@ class ModelProbe:
 
 
 def probe_model(
-    model_dir: Path, num_labels: int, targets: tuple[str, ...] | None, trust_remote_code: bool = False
+    model_dir: Path,
+    num_labels: int,
+    targets: tuple[str, ...] | None,
+    trust_remote_code: bool = False,
+    head_input: str = "native",
 ) -> ModelProbe:
     """Load the tokenizer and the classifier once, so a folder that does not load stops the run here."""
     from .models import count_params, load_classifier, load_tokenizer, target_layers
 
     load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    probe, head = load_classifier(model_dir, num_labels, seed=0, trust_remote_code=trust_remote_code)
+    probe, head = load_classifier(
+        model_dir, num_labels, seed=0, trust_remote_code=trust_remote_code, head_input=head_input
+    )
     layers = target_layers(probe, head, targets)
     head_params = sum(count_params(probe.get_submodule(h), trainable_only=False) for h in head)
     return ModelProbe(head, head_params, layers, count_params(probe, trainable_only=False) - head_params)
@@ -103,7 +111,9 @@ def make_plan(
     check_shots(corpus, pool, settings.shots, val_shots)
     train_sets = {seed: kshot_train(corpus.labels, pool, settings.shots, seed) for seed in settings.seeds}
     val_sets = validation_sets(corpus.labels, pool, train_sets, val_shots)
-    probe = probe_model(model_dir, len(corpus.classes), settings.recipe.targets, trust_remote_code)
+    probe = probe_model(
+        model_dir, len(corpus.classes), settings.recipe.targets, trust_remote_code, settings.recipe.head_input
+    )
     budget = registry.kradapter_budget(list(probe.layers.values()))
     methods = size_methods(settings.methods, probe, budget)
     return Plan(settings, corpus, pool, test, train_sets, val_sets[settings.sweep_seed], model_dir, model_name,

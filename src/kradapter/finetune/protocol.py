@@ -56,6 +56,7 @@ FIT_RULE = (
 # need at every shot count, the 1e-3 need at 8 shots, not KRAdapter's at 1e-3 from 32 shots (the sweep's higher
 # rates fit there; the fit verdict flags the runs that do not). Validation checkpoint selection makes extra steps
 # cheap in accuracy.
+EXTRA_TRIALS = 2  # adaptive tuning trials after a method's grid (the same number for every method)
 FIT_EPOCHS = 8
 MIN_FIT_STEPS = 50
 

@@ -60,13 +60,12 @@ from ..registry import Plan as MethodPlan
 from ..store import Key, Store, file_hash
 from .metrics import classification_metrics
 from .plan import Plan
-from .protocol import EVAL_BATCH_SIZE, Recipe, SettingsError, lr_key
+from .protocol import EVAL_BATCH_SIZE, EXTRA_TRIALS, Recipe, SettingsError, lr_key
 
 RELOAD_CHECK_EXAMPLES = 8
 ADAPTERS_DIR = "adapters"
 TRAINER_DIR = ".trainer"  # older versions' scratch folder in the run folder (units now train in a temporary one)
 UPDATE_SPECTRUM = 32  # singular values of each learned update kept in a record (the metrics use all of them)
-EXTRA_TRIALS = 2  # adaptive tuning trials beyond the grid
 RATE_DIGITS = 3  # significant digits of an adaptive trial's rate
 TOKEN_CACHE = 4  # tokenised plans a worker process keeps
 
@@ -163,6 +162,7 @@ class Tokens:
         self.context = context
         self.features: np.ndarray | None = None
         self.feature_seconds: float | None = None
+        self.embedded: np.ndarray | None = None
 
     def head_features(self) -> np.ndarray:
         """The frozen model's input to its head for every needed text, computed once per process (eval mode)."""
@@ -174,13 +174,25 @@ class Tokens:
 
             start = time.perf_counter()
             c = self.context
-            model, head = load_classifier(c.model_dir, c.num_labels, 0, trust_remote_code=c.trust_remote_code)
+            model, head = load_classifier(
+                c.model_dir, c.num_labels, 0, trust_remote_code=c.trust_remote_code, head_input=c.recipe.head_input
+            )
             tokens = {k: v for k, v in self.columns.items() if k != "labels"}
             with tempfile.TemporaryDirectory(prefix="kradapter-") as work:
                 args = _training_args(Path(work), c.recipe)
                 self.features = predict(FeatureTap(model, head[0]), Examples(tokens), self.text_collator, args)
             self.feature_seconds = time.perf_counter() - start
         return self.features
+
+    def embeddings(self) -> np.ndarray:
+        """The frozen encoder's native pooled embedding of every needed text (the linear probe's input), once."""
+        if self.embedded is None:
+            from .pooling import embed
+
+            tokens = {k: v for k, v in self.columns.items() if k != "labels"}
+            c = self.context
+            self.embedded = embed(c.model_dir, tokens, trust_remote_code=c.trust_remote_code)
+        return self.embedded
 
     def local(self, indices: np.ndarray) -> np.ndarray:
         """Positions in the tokenised columns of the corpus texts ``indices``."""
@@ -261,7 +273,7 @@ def train_unit(context: Context, job: Job) -> UnitResult:
     from .strategies import training_for
     from .train import fit
 
-    training = training_for(job.method)
+    training = training_for(job.method, context.recipe.head_input)
     tokens = tokens_for(context)
     model = training.build(job.size, list(context.layers), Path(context.model_dir), context.num_labels, job.seed,
                            context.trust_remote_code)  # fmt: skip
@@ -273,10 +285,10 @@ def train_unit(context: Context, job: Job) -> UnitResult:
     with tempfile.TemporaryDirectory(prefix="kradapter-unit-") as work:
         workdir = Path(work)
         args = _training_args(workdir / "trainer", r, lr=job.lr, epochs=r.epochs, batch_size=r.batch_size,
-                              seed=job.seed)  # fmt: skip
+                              seed=job.seed, steps=r.steps)  # fmt: skip
         data = training.dataset(tokens, job.train)
         val = scorer(context, training, tokens, job.val) if len(job.val) else None
-        record.update(fit(model, data, training.collator(tokens), args, val=val))
+        record.update(fit(model, data, training.collator(tokens), args, val=val, num_classes=context.num_labels))
         record["val_texts"] = len(job.val)
         record.update(update_measures(context, training, model))
         record.update(evaluate(context, training, tokens, model, job.evals, args))
@@ -289,12 +301,39 @@ def train_unit(context: Context, job: Job) -> UnitResult:
         return UnitResult(record, collect_artifacts(saved, prefix=job.adapter_dir))
 
 
+def baseline_unit(context: Context, job: Job) -> dict[str, Any]:
+    """A reference row for ``job.seed``: the majority class of its k-shot set, or the linear probe (logistic
+    regression, C chosen on the seed's validation draw) on the frozen encoder's native embedding."""
+    import time
+
+    from . import baselines
+
+    start = time.perf_counter()
+    train_y = context.label_of(job.train)
+    evals_y = {name: context.label_of(indices) for name, indices in job.evals.items()}
+    if job.method == baselines.MAJORITY:
+        record = baselines.majority(train_y, evals_y, context.num_labels)
+    elif job.method == baselines.PROBE:
+        tokens = tokens_for(context)
+        x = tokens.embeddings()
+
+        def rows(indices: np.ndarray) -> np.ndarray:
+            return x[tokens.local(indices)]
+
+        evals = {name: (rows(indices), evals_y[name]) for name, indices in job.evals.items()}
+        record = baselines.linear_probe(rows(job.train), train_y, rows(job.val), context.label_of(job.val), evals,
+                                        context.num_labels, job.seed)  # fmt: skip
+    else:
+        raise ValueError(f"unknown reference row {job.method!r}")
+    return {"seed": job.seed, **record, "val_texts": len(job.val), "train_time_s": time.perf_counter() - start}
+
+
 def evaluate_unit(context: Context, job: Job, trial: Mapping[str, Any], files: Mapping[str, bytes]) -> dict:
     """The sweep seed's run at the chosen rate: the trial ``trial`` (its saved files ``files``, relative to the
     adapter folder) evaluated on ``job.evals``; training fields as the trial recorded them."""
     from .strategies import training_for
 
-    training = training_for(job.method)
+    training = training_for(job.method, context.recipe.head_input)
     tokens = tokens_for(context)
     with tempfile.TemporaryDirectory(prefix="kradapter-unit-") as work:
         folder = Path(work) / "adapter"
@@ -474,9 +513,10 @@ def tuning_trials(plan: Plan) -> int:
 
 
 def plan_units(plan: Plan) -> int:
-    """Trials and runs of ``plan``."""
+    """Trials, runs and reference rows of ``plan``."""
     s, trials = plan.settings, tuning_trials(plan)
-    return sum((trials if len(s.grid(m)) > 1 else 0) + len(s.seeds) for m in s.methods)
+    runs = sum((trials if len(s.grid(m)) > 1 else 0) + len(s.seeds) for m in s.methods)
+    return runs + len(plan.baselines) * len(s.seeds)
 
 
 def model_inputs(model_dir: str) -> dict[str, str]:
@@ -516,7 +556,7 @@ class Execution:
 
     # -- keys and counts ------------------------------------------------------------------------------------------
     def total(self) -> int:
-        """Every unit of the execution (trials and runs)."""
+        """Every unit of the execution (trials, runs and reference rows)."""
         return sum(plan_units(p.plan) for p in self.parts)
 
     def finished(self) -> int:
@@ -526,6 +566,9 @@ class Execution:
                 done += len(self.trials(p, m)) + sum(
                     self.store.done((*p.prefix, "run", m, s)) for s in p.plan.settings.seeds
                 )
+            done += sum(
+                self.store.done((*p.prefix, "run", b, s)) for b in p.plan.baselines for s in p.plan.settings.seeds
+            )
         return done
 
     def trials(self, part: Part, method: str) -> list[dict[str, Any]]:
@@ -547,9 +590,22 @@ class Execution:
         """Every unit whose inputs are known and that is neither finished nor failed in this invocation."""
         units: list[Unit] = []
         for part in self.parts:
+            units += self.baseline_units(part)
             for method in part.plan.settings.methods:
                 units += self.method_units(part, method)
         return [u for u in units if u.key not in self.failed]
+
+    def baseline_units(self, part: Part) -> list[Unit]:
+        """The plan's reference rows not yet run, one per seed (cheap: run first)."""
+        plan, units = part.plan, []
+        for name in plan.baselines:
+            for seed in plan.settings.seeds:
+                key: Key = (*part.prefix, "run", name, seed)
+                if not self.store.done(key):
+                    job = Job(name, MethodPlan(name, {}, 0, None), 0, seed, 0.0, np.asarray(plan.train_sets[seed]),
+                              np.asarray(plan.validation(seed)), dict(plan.evaluations), "")  # fmt: skip
+                    units.append(Unit(key, baseline_unit, (part.context, job)))
+        return units
 
     def method_units(self, part: Part, method: str) -> list[Unit]:
         s, prefix = part.plan.settings, part.prefix
@@ -632,14 +688,14 @@ class Execution:
         if artifacts and self.rank == 0:
             self.write_folder(record["adapter_dir"], artifacts)
         self.store.add(key, record)
-        if len(key) >= 3 and key[-3] == "run":
+        if len(key) >= 3 and key[-3] == "run" and "lr" in record:
             part = next(p for p in self.parts if key[: len(p.prefix)] == p.prefix and len(key) == len(p.prefix) + 3)
             chosen = (*part.prefix, "chosen", str(key[-2]))
             if chosen not in self.store.records:  # a method with one rate: nothing was tuned
                 self.store.add(chosen, {"lr": float(record["lr"]), "trials": [], "on_edge": False})
         self.trained += not record.get("from_sweep", False)
         self.save()
-        if self.progress and len(key) >= 3 and key[-3] == "run":
+        if self.progress and len(key) >= 3 and key[-3] == "run" and "lr" in record:
             from tqdm.auto import tqdm
 
             tqdm.write(line(str(key[-2]), int(key[-1]), record))

@@ -29,13 +29,14 @@ the results document, tables and plots: :mod:`kradapter.finetune.shift_report`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import registry
 from ..store import Store
 from .data import check_shots, kshot_train
-from .protocol import Settings, SettingsError
+from .protocol import Settings, SettingsError, fit_steps
 from .shift_data import BenchmarkData
 from .shift_settings import Cell, StudySettings
 
@@ -77,7 +78,9 @@ class Study:
         check_data(settings, self.data)
         for b in settings.benchmarks:
             classes = len(self.data[b].corpus.classes)
-            self.probes[b] = probe_model(model_dir, classes, settings.recipe.targets, trust_remote_code)
+            self.probes[b] = probe_model(
+                model_dir, classes, settings.recipe.targets, trust_remote_code, settings.recipe.head_input
+            )
             self.budgets[b] = registry.kradapter_budget(list(self.probes[b].layers.values()))
         self.sizes = {(c.benchmark, c.id): self._size(c) for c in self.cells}  # every method fits, or stop here
 
@@ -99,15 +102,19 @@ class Study:
 
         s = self.settings
         grids = {m: s.grid(m) for m in cell.methods}
-        base = Settings("", "", cell.methods, s.seeds, cell.shots, grids, s.recipe)
         data, probe = self.data[cell.benchmark], self.probes[cell.benchmark]
+        recipe = s.recipe  # no --steps: each cell's own fit_steps (8 passes over its k-shot set, at least 50)
+        if recipe.steps is None:
+            recipe = replace(recipe, steps=fit_steps(cell.shots * len(data.corpus.classes), recipe.batch_size))
+        base = Settings("", "", cell.methods, s.seeds, cell.shots, grids, recipe)
         labels = data.corpus.labels
         train_sets = {seed: kshot_train(labels, data.pool, cell.shots, seed) for seed in s.seeds}
         val_sets = validation_sets(labels, data.pool, train_sets, s.recipe.val_shots)
         return Plan(base, data.corpus, data.pool, data.evals["test"], train_sets, val_sets[base.sweep_seed],
                     self.model_dir, self.model_name, probe.head, probe.head_params, probe.layers,
                     self.budgets[cell.benchmark] * cell.budget, self.sizes[(cell.benchmark, cell.id)], evals=data.evals,
-                    trust_remote_code=self.trust_remote_code, val_sets=val_sets)  # fmt: skip
+                    trust_remote_code=self.trust_remote_code, val_sets=val_sets,
+                    baselines=cell.baselines)  # fmt: skip
 
     def plans(self) -> list[tuple[tuple[str, ...], Plan]]:
         return [((cell.benchmark, cell.id), self.plan(cell)) for cell in self.cells]

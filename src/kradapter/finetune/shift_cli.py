@@ -51,7 +51,7 @@ def _preset_line(name: str) -> str:
     return (
         f"  {name}: {' '.join(p['benchmarks']) if len(p['benchmarks']) < 3 else 'every benchmark'}; "
         f"{' '.join(p['methods'])}{contenders}; shots {' '.join(map(str, p['shots']))}; "
-        f"budgets {' '.join(f'{x}x' for x in p['budgets'])}; {len(p['seeds'])} seeds; {p['steps']} steps; "
+        f"budgets {' '.join(f'{x}x' for x in p['budgets'])}; {len(p['seeds'])} seeds; {p['steps'] or 'fit_steps'} steps; "
         f"--val-shots {p['val_shots']}; --eval-per-class {p['eval_per_class']}"
     )
 
@@ -163,7 +163,13 @@ def run(args: argparse.Namespace) -> int:
         inputs = {"model": file_hash(model_dir), **{f"data.{b}": data_hash(d) for b, d in data.items()}}
         outputs = shift_outputs(settings.benchmarks)
         store = open_store(
-            args.out, settings.run_spec(inputs), mode_of(args), rank, world_size, settings.recipe.device, outputs,
+            args.out,
+            settings.run_spec(inputs),
+            mode_of(args),
+            rank,
+            world_size,
+            settings.recipe.device,
+            outputs,
             allow_code_change=args.allow_code_change,
         )
     except (MissingPackageError, StoreError, SettingsError, ValueError) as exc:

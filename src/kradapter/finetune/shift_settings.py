@@ -9,7 +9,6 @@ bad flag answers at once.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 from .. import registry
 from ..guards import positive_int
 from ..store import RunSpec
-from .protocol import LearningRates, Recipe, SettingsError, parse_methods
+from .protocol import EXTRA_TRIALS, VAL_CHECKPOINTS, LearningRates, Recipe, SettingsError, fit_steps, parse_methods
 
 ANCHOR = registry.anchor()  # every comparison is against it
 # The six 20 Newsgroups cross-domain tasks of Dai et al. (KDD 2007), as benchmarks (shift_tasks.BENCHMARKS; a test
@@ -31,7 +30,6 @@ BASELINES = ("majority", "linear_probe")
 
 VAL_SHOTS = 100  # validation texts per class of each tuning trial and each seed's checkpoint selection
 MIN_GRID_RATES = 5  # the tuning rule: at least 5 log-spaced rates, then extended while the best sits on an edge
-EXTRA_TRIALS = 2  # adaptive trials after the grid (the execution's rule; every method gets the same number)
 GRID_RATIO_SPREAD = 1.2  # largest / smallest step ratio of a "log-spaced" grid (1e-3, 3e-3, 1e-2, ... passes)
 MIN_SEEDS = 2  # a paired interval needs two pairs
 # The smallest seed count at which an exact two-sided sign-flip test can reach 5% (2 / 2^n <= 0.05): the powered
@@ -48,7 +46,7 @@ REDUCED: dict[str, Any] = {  # the default: end to end in <= 20 minutes on 2 CPU
     "shots": (8,),
     "budgets": (1,),
     "eval_per_class": 50,
-    "steps": 100,
+    "steps": None,  # per cell: protocol.fit_steps (8 passes over the k-shot set, at least 50 steps)
     "val_shots": VAL_SHOTS,
 }
 POWERED: dict[str, Any] = {  # the pre-registered study (docs/protocol-generalisation.md)
@@ -63,7 +61,7 @@ POWERED: dict[str, Any] = {  # the pre-registered study (docs/protocol-generalis
     "shots": (8, 32, 128),
     "budgets": (1,),
     "eval_per_class": 500,
-    "steps": 200,
+    "steps": None,
     "val_shots": VAL_SHOTS,
 }
 FULL: dict[str, Any] = POWERED | {
@@ -239,11 +237,12 @@ class StudySettings(LearningRates):
 
     def workload(self, steps: int | None = None) -> dict[str, dict[str, int]]:
         """What the study runs per benchmark, counted from the settings: ``trainings`` (tuning trials and seed
-        runs), optimiser ``steps`` over them (``steps`` per training; default :attr:`recipe_steps`),
+        runs), optimiser ``steps`` over them (``steps`` per training; default the recipe's, else each cell's
+        :func:`~kradapter.finetune.protocol.fit_steps`),
         ``val_texts`` (texts scored by validation: VAL_CHECKPOINTS scorings per training), ``eval_texts`` (texts
         scored by the seed runs, and embedded once per seed for the linear probe, at most ``eval_per_class`` per
         class of each evaluation set) and ``baseline_runs``."""
-        steps = self.recipe_steps if steps is None else steps
+        fixed = steps if steps is not None else self.recipe.steps
         out = {}
         for b in self.benchmarks:
             _, classes, sets = BENCHMARK_SHAPES[b]
@@ -251,6 +250,7 @@ class StudySettings(LearningRates):
             eval_texts = self.eval_per_class * classes * sets
             counts = dict.fromkeys(("trainings", "steps", "val_texts", "eval_texts", "baseline_runs"), 0)
             for cell in self.cells(b):
+                steps = fixed or fit_steps(cell.shots * classes, self.recipe.batch_size)
                 for m in cell.methods:
                     runs = self.trials(m) + len(self.seeds)
                     counts["trainings"] += runs
@@ -275,16 +275,6 @@ class StudySettings(LearningRates):
             total += (counts["val_texts"] + counts["eval_texts"]) * unit["eval_text"]
         return total
 
-    @property
-    def recipe_steps(self) -> int:
-        """Optimiser steps per training: the recipe's ``steps`` (the steps-based protocol), else its epochs over the
-        largest k-shot set."""
-        steps = getattr(self.recipe, "steps", None)
-        if steps:
-            return int(steps)
-        return self.recipe.epochs * math.ceil(max(self.shots) * max(s[1] for s in BENCHMARK_SHAPES.values())
-                                              / self.recipe.batch_size)  # fmt: skip
-
     def run_spec(self, inputs: Mapping[str, str]) -> RunSpec:
         settings = {"anchor_shots": self.anchor_shots, "eval_per_class": self.eval_per_class, "preset": self.preset,
                     "tuning": {"min_grid_rates": MIN_GRID_RATES, "extra_trials": EXTRA_TRIALS},
@@ -299,7 +289,6 @@ class StudySettings(LearningRates):
         return self.spec("shift", settings, axes, dict(inputs))
 
 
-VAL_CHECKPOINTS = 10  # validation scorings per training (the training protocol's checkpoint count), for estimates
 # For the estimate: each benchmark's texts ("short": sentences; "long": documents filling --max-length 128), classes,
 # and evaluation sets (the ID test and each shifted domain); tests hold them equal to the loaded data.
 BENCHMARK_SHAPES: dict[str, tuple[str, int, int]] = {
