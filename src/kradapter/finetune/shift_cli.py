@@ -51,7 +51,8 @@ def _preset_line(name: str) -> str:
     return (
         f"  {name}: {' '.join(p['benchmarks']) if len(p['benchmarks']) < 3 else 'every benchmark'}; "
         f"{' '.join(p['methods'])}{contenders}; shots {' '.join(map(str, p['shots']))}; "
-        f"budgets {' '.join(f'{x}x' for x in p['budgets'])}; {len(p['seeds'])} seeds; {p['steps'] or 'fit_steps'} steps; "
+        f"budgets {' '.join(f'{x}x' for x in p['budgets'])}; {len(p['seeds'])} seeds; "
+        f"{p['steps'] or 'fit_steps'} steps; "
         f"--val-shots {p['val_shots']}; --eval-per-class {p['eval_per_class']}"
     )
 
