@@ -193,7 +193,7 @@ def test_sequential_and_ray_give_the_same_records_and_resume_crosses_executors(
     corpus: Path, minilm_path: str, tmp_path: Path
 ) -> None:
     pytest.importorskip("ray")
-    grids = ["--lr-grid", "lora=1e-3,1e-2", "kradapter=1e-3,1e-2", "--methods", "lora", "kradapter"]
+    grids = ["--lr-grid", "kradapter=1e-3,1e-2", "--methods", "kradapter"]  # one method: a Ray start is costly here
     seq, ray = tmp_path / "seq", tmp_path / "ray"
     assert finetune(corpus, minilm_path, seq, *grids, "--threads-per-unit", "1") == 0
     assert finetune(corpus, minilm_path, ray, *grids, "--executor", "ray", "--workers", "2") == 0
@@ -201,7 +201,7 @@ def test_sequential_and_ray_give_the_same_records_and_resume_crosses_executors(
     assert mine == theirs  # metrics, predictions, norms, every trial: bit for bit
     assert files(seq) == files(ray)  # the saved adapters too
     # four trials per method (2 rates + 2 adaptive), each recorded, and the choice with its trials
-    for method in ("lora", "kradapter"):
+    for method in ("kradapter",):
         trials = [k for k in mine if k[:2] == ("sweep", method)]
         assert len(trials) == 2 + EXTRA_TRIALS
         chosen = mine[("chosen", method)]
@@ -223,7 +223,7 @@ def test_sequential_and_ray_give_the_same_records_and_resume_crosses_executors(
         norms = [row["frobenius_norm"] for row in record["updates"]]
         assert record["update_norm"] == pytest.approx(math.sqrt(sum(n * n for n in norms)), rel=1e-6)
         assert record["intruders"] == sum(row["intruders"] for row in record["updates"]) >= 0
-    assert mine[("run", "lora", 0)]["from_sweep"] is True
+    assert mine[("run", "kradapter", 0)]["from_sweep"] is True
 
     # resume across executors: drop the last records of the Ray run, finish it sequentially (and vice versa)
     for folder, executor in ((ray, ["--threads-per-unit", "1"]), (seq, ["--executor", "ray", "--workers", "2"])):

@@ -39,7 +39,7 @@ from .. import registry, stats
 from ..analysis import updates_summary
 from ..plotting import FIGURE_DPI, plot_effective_rank, plot_spectra, pyplot, write_figure
 from ..store import Store
-from .shift_settings import ANCHOR, cell_id
+from .shift_settings import ANCHOR, MIN_SEEDS_FOR_VERDICT, cell_id
 
 if TYPE_CHECKING:
     from .shift import Study
@@ -50,6 +50,10 @@ MECHANISM_PLOT = "shift_mechanism.png"
 FORMAT = 2
 MIN_PAIRS = 2  # a paired t interval needs two seeds
 NO_VERDICT = f"not tested (n < {MIN_PAIRS})"
+# Below this many seeds an exact two-sided sign-flip test cannot reach 5% (2 / 2^n > 0.05): intervals are shown,
+# no verdict is given (the powered preset refuses fewer seeds).
+MIN_PAIRS_FOR_VERDICT = MIN_SEEDS_FOR_VERDICT
+FEW_PAIRS = "no verdict (n = {n} < " + str(MIN_SEEDS_FOR_VERDICT) + " seeds)"
 CONTRAST = (ANCHOR, registry.reference_adapter())  # the primary contrast: the first minus the second
 PRIMARY_METRIC = "ood"
 PRIMARY_BUDGET = 1
@@ -330,6 +334,8 @@ def holm_family(entries: Sequence[dict[str, Any]], expected: str = EXPECTED) -> 
         for e, q in zip(tested, adjusted.adjusted, strict=True):
             e["holm_p"] = q
             e["verdict"] = stats.endpoint_verdict(q, e["mean"], expected, e["mde"])  # type: ignore[arg-type]
+            if e["n"] < MIN_PAIRS_FOR_VERDICT:  # the t-test alone would decide on a handful of seeds
+                e["verdict"] = FEW_PAIRS.format(n=e["n"])
     return {"size": len(tested), "alpha": stats.ALPHA, "method": "holm"}
 
 
