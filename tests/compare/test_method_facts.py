@@ -25,6 +25,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("src/kradapter/cli.py", "kradapter"): "the program's name (argparse prog)",
     ("src/kradapter/export_cli.py", "kradapter"): "the program's name (argparse prog)",
     ("src/kradapter/records.py", "kradapter"): "the package whose version a run records",
+    ("src/kradapter/records.py", "HEAD"): "git's HEAD (the commit a run records), not the head-only method",
     ("src/kradapter/method_comparison.py", "kradapter"): "the package whose version a result file records",
     ("src/kradapter/executor.py", "kradapter"): "the package whose version a worker must share with the driver",
     ("src/kradapter/__init__.py", "sinlora"): "the module kradapter.sinlora in the lazy import table",
