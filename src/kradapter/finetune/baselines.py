@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from ..records import REFERENCE_ROWS
 from .metrics import classification_metrics
 
-MAJORITY = "majority"
-PROBE = "linear_probe"
+MAJORITY, PROBE = REFERENCE_ROWS  # their names, as the results store validates their records
 PROBE_C_GRID: tuple[float, ...] = tuple(float(10.0**e) for e in range(-3, 5))  # 1e-3 ... 1e4, 8 values
 PROBE_MAX_ITER = 5000
 

@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from .. import registry
 from ..assets import MissingPackageError
 from ..executor import add_executor_arguments
-from ..guards import positive_int
 from ..store import Store, StoreError, file_hash
 from .commands import (
     Fail,
@@ -32,7 +30,7 @@ from .commands import (
     shift_outputs,
 )
 from .data import MODEL_NAME
-from .protocol import Recipe, SettingsError, check_launch, parse_lr_grid, world
+from .protocol import SettingsError, check_launch, parse_lr_grid, world
 from .shift_settings import (
     ANCHOR,
     BASELINES,
@@ -87,10 +85,6 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--anchor-shots", type=int, default=None, help="shots of the cell that also runs the contenders")
     p.add_argument("--eval-per-class", type=int, default=None, help="evaluation texts per class (0: all)")
     add_executor_arguments(p)
-    try:  # the recipe's flags may already hold it
-        p.add_argument("--steps", type=int, default=None, help="optimiser steps per training (default: the preset's)")
-    except argparse.ArgumentError:
-        p.set_defaults(steps=None)
     p.set_defaults(val_shots=None, run=run)  # --val-shots: the preset's (100 per class outside reduced)
     return p
 
@@ -118,10 +112,10 @@ def settings_from(args: argparse.Namespace) -> StudySettings:
     preset = PRESETS[args.preset]
     if args.val_shots is None:
         args.val_shots = preset["val_shots"]
-    if getattr(args, "steps", None) is None:
+    if args.steps is None:
         args.steps = preset["steps"]
     return StudySettings(
-        recipe_with_steps(recipe_from(args), args.steps),
+        recipe_from(args),
         benchmarks=tuple(args.benchmarks or preset["benchmarks"]),
         methods=tuple(args.methods or preset["methods"]),
         contenders=tuple(c for c in (args.contenders or preset["contenders"]) if c.lower() != "none"),
@@ -133,17 +127,6 @@ def settings_from(args: argparse.Namespace) -> StudySettings:
         lr_grids=parse_lr_grid(args.lr_grid),
         preset=args.preset,
     )
-
-
-def recipe_with_steps(recipe: Recipe, steps: int | None) -> Recipe:
-    """The recipe training for ``steps`` optimiser steps, where the recipe has the field (the steps protocol);
-    a SettingsError naming a step count that is not a positive integer."""
-    if steps is not None:
-        positive_int("--steps", steps, error=SettingsError)
-    if steps is None or "steps" not in {f.name for f in fields(recipe)} or getattr(recipe, "steps", None):
-        return recipe
-    with_steps: Any = replace  # the field is the training protocol's (absent from older recipes)
-    return cast(Recipe, with_steps(recipe, steps=steps))
 
 
 def run(args: argparse.Namespace) -> int:

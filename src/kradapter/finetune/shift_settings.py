@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import registry
 from ..guards import positive_int
+from ..records import REFERENCE_ROWS
 from ..store import RunSpec
 from .protocol import EXTRA_TRIALS, VAL_CHECKPOINTS, LearningRates, Recipe, SettingsError, fit_steps, parse_methods
 
@@ -24,9 +25,8 @@ ANCHOR = registry.anchor()  # every comparison is against it
 NEWSGROUP_TASKS = ("ng_comp_rec", "ng_comp_sci", "ng_comp_talk", "ng_rec_sci", "ng_rec_talk", "ng_sci_talk")
 BENCHMARKS = ("sentiment", "topic", *NEWSGROUP_TASKS)
 GROUPS: dict[str, tuple[str, ...]] = {"newsgroups": NEWSGROUP_TASKS}  # a name on --benchmarks for its members
-# Reference rows run in every cell, every seed (not methods, not flags): the names of finetune.baselines (MAJORITY,
-# PROBE), repeated here so that this module loads no model code.
-BASELINES = ("majority", "linear_probe")
+# Reference rows run in every cell, every seed (not methods, not flags): finetune.baselines' MAJORITY and PROBE.
+BASELINES = REFERENCE_ROWS
 
 VAL_SHOTS = 100  # validation texts per class of each tuning trial and each seed's checkpoint selection
 MIN_GRID_RATES = 5  # the tuning rule: at least 5 log-spaced rates, then extended while the best sits on an edge
