@@ -303,3 +303,24 @@ def test_the_high_rank_relatives_run_and_are_deterministic(tmp_path: Path) -> No
         assert first["error"] is None, (method, first["error"])
         assert math.isfinite(first["relative_frobenius_error"]) and first["relative_frobenius_error"] < 1.0, method
         assert first["relative_frobenius_error"] == again["relative_frobenius_error"], method
+
+
+def test_the_document_rebuilt_with_its_row_cache_equals_one_built_afresh(tmp_path: Path) -> None:
+    """``summary(..., cache)`` after each record (as the study rebuilds it) is the uncached document, also once a
+    record is replaced (a failed cell retried) and once an optimum row arrives after its method's row."""
+    from kradapter.compare.results import summary
+
+    settings = {"matrices": {"types": ["random_noise", "low_rank"]}, "methods": {"names": ["kradapter", "lora"]}}
+    config = small(tmp_path, training={"seeds": [3, 4]}, **settings)
+    run(config)
+    with Store.open(config.output.directory, run_spec(config), "resume") as done:
+        records = list(done.records.items())
+    fresh = small(tmp_path / "again", training={"seeds": [3, 4]}, **settings)
+    cache: dict = {}
+    with Store.open(fresh.output.directory, run_spec(fresh), "new") as store:
+        for key, record in sorted(records, key=lambda kr: kr[0][-2] == "kradapter_optimum"):  # optima last
+            store.add(key, record)
+            assert summary(store, {}, cache) == summary(store, {})
+        key, record = next((k, r) for k, r in records if k[0] == "cell" and k[2] == "kradapter")
+        store.add(key, {**record, "frobenius_error": record["frobenius_error"] * 2})  # a record replaced
+        assert summary(store, {}, cache) == summary(store, {})

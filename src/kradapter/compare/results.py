@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 from .. import registry
@@ -96,8 +97,13 @@ def with_gaps(runs: dict[str, dict[str, Any]], optima: dict[str, dict[str, Any]]
     return out
 
 
-def summary(store: Store, config: dict[str, Any]) -> dict[str, Any]:
-    """The results document of every record in ``store``, matrices and methods in the order first run."""
+def summary(store: Store, config: dict[str, Any], cache: dict[Any, Any] | None = None) -> dict[str, Any]:
+    """The results document of every record in ``store``, matrices and methods in the order first run.
+
+    ``cache`` (a dict the caller keeps across calls) holds each row as made from the records it was made from, so
+    a study that rebuilds the document after every cell recomputes only the rows whose records changed.
+    """
+    cache = {} if cache is None else cache
     axes = store.meta.get("axes", {})
     out: dict[str, Any] = {}
     for matrix in axes.get("matrices", []):
@@ -106,15 +112,16 @@ def summary(store: Store, config: dict[str, Any]) -> dict[str, Any]:
             continue
         first = next(iter(targets.values()))
         entry: dict[str, Any] = {"label": first["label"], "source": first["source"], "error": None}
-        entry["target"] = {"runs": targets, **_aggregate(targets, TARGET_METRICS), "shape": first["shape"]}
+        entry["target"] = _remember(cache, ("target", matrix), list(targets.values()), _target_row, targets)
         entry["methods"] = {}
         for method in [*axes.get("methods", []), *registry.REFERENCES]:
             runs = {str(k[3]): r for k, r in store.matching("cell", matrix, method)}
+            if not runs:
+                continue
             row = optimum_row(method)
-            if runs and row:
-                runs = with_gaps(runs, {str(k[3]): r for k, r in store.matching("cell", matrix, row)})
-            if runs:
-                entry["methods"][method] = {"runs": runs, **_aggregate(runs, METRICS)}
+            optima = {str(k[3]): r for k, r in store.matching("cell", matrix, row)} if row else {}
+            sources = [*runs.values(), *optima.values()]
+            entry["methods"][method] = _remember(cache, ("cell", matrix, method), sources, _method_row, runs, optima)
         out[matrix] = entry
     environments = [i["environment"] for i in store.meta.get("invocations", []) if "environment" in i]
     return {
@@ -123,6 +130,25 @@ def summary(store: Store, config: dict[str, Any]) -> dict[str, Any]:
         "environment": environments[-1] if environments else None,
         "results": out,
     }
+
+
+def _target_row(targets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {"runs": targets, **_aggregate(targets, TARGET_METRICS), "shape": next(iter(targets.values()))["shape"]}
+
+
+def _method_row(runs: dict[str, dict[str, Any]], optima: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    runs = with_gaps(runs, optima) if optima else runs
+    return {"runs": runs, **_aggregate(runs, METRICS)}
+
+
+def _remember(cache: dict[Any, Any], key: Any, sources: list[Any], make: Callable[..., Any], *args: Any) -> Any:
+    """``make(*args)``, or the value cached under ``key`` when it was made from the same records (the same objects:
+    a stored record is never changed, a new one is a new object)."""
+    made_from, value = cache.get(key, ((), None))
+    if len(made_from) != len(sources) or any(a is not b for a, b in zip(made_from, sources, strict=True)):
+        value = make(*args)
+        cache[key] = (sources, value)
+    return value
 
 
 def _aggregate(runs: dict[str, dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, Any]:

@@ -175,9 +175,10 @@ def run_study(
     cells = [(seed, name, method) for seed in config.training.seeds for name in names for method in columns]
     todo = [c for c in cells if not store.done(("cell", c[1], c[2], c[0]))]
     failed: list[str] = []
+    rows: dict[Any, Any] = {}  # the document's rows, remade only when their records change
 
     def save() -> None:
-        store.write_json(config.output.results_file, summary(store, config_dict))
+        store.write_json(config.output.results_file, summary(store, config_dict, rows))
 
     def on_result(key: Key, record: Any, artifacts: dict[str, bytes]) -> None:
         store.add(key, record)
@@ -202,7 +203,7 @@ def run_study(
             total=len(cells),
         )
     save()
-    return summary(store, config_dict), failed
+    return summary(store, config_dict, rows), failed
 
 
 def target_record(target: Target, s_target: torch.Tensor, seconds: float) -> dict[str, Any]:
