@@ -17,8 +17,11 @@ What is computed (docs/protocol-generalisation.md is the pre-registration; it na
   one family per metric; McNemar's exact test where a contrast has a single seed.
 - **Mechanism** (exploratory): per run the learned update's effective rank (mean over layers), ``||dW||_F`` and
   intruder dimensions; least-squares regressions of OOD accuracy on each with benchmark x shots x method fixed
-  effects, and
-  a verdict on the rank and norm statements (Holm over the two).
+  effects (a variant ``METHOD@KNOB=VALUE`` under its method's), and a verdict on the rank and norm statements
+  (Holm over the two).
+- **Rank sweep** (exploratory, when variants ran: ``kradapter shift --preset ranks``): per variant its accuracies,
+  effective rank and update norm; OOD accuracy on log effective rank with method-family fixed effects (the
+  within-method slope) and its verdict.
 
 The percentile bootstrap is never used below ``stats.PERCENTILE_MIN_PAIRS`` pairs. Accuracies of runs are
 fractions (as the records hold them); every statistic is in percentage points.
@@ -660,7 +663,7 @@ def mechanism(benchmarks: Mapping[str, Any]) -> dict[str, Any]:
             verdicts[x] = {"expected": MECHANISM[x], "holm_p": q,
                            "verdict": stats.endpoint_verdict(q, r["slope"], MECHANISM[x],  # type: ignore[arg-type]
                                                              r["mde_per_sd"])}  # fmt: skip
-    return {"label": "exploratory", "fixed_effects": "benchmark x shots x method", "y": "ood (points)",
+    return {"label": "exploratory", "fixed_effects": "benchmark x shots x method family", "y": "ood (points)",
             "rows": rows, "regressions": regressions, "verdicts": verdicts}  # fmt: skip
 
 
@@ -857,7 +860,7 @@ def _exploratory_lines(expl: Mapping[str, Any]) -> list[str]:
 def _mechanism_lines(mech: Mapping[str, Any]) -> list[str]:
     lines = ["", "## Mechanism (exploratory)", "",
              "OOD accuracy (points) regressed on each learned-update metric with one intercept per benchmark x shots x "
-             "method (least squares); slope per unit of the metric and per within-group SD of it.", "",
+             "method family (least squares); slope per unit of the metric and per within-group SD of it.", "",
              "| metric | scope | n | groups | slope | 95% t interval | p | per SD | MDE per SD | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for x, reg in mech["regressions"].items():
