@@ -339,7 +339,8 @@ def test_a_tiny_rank_sweep_end_to_end(minilm_path: str, tmp_path: Path) -> None:
     from tests.finetune.test_shift_study import BASE, synthetic
 
     variants = ("lora@r=2", "kradapter@factorization=sqrt_max")
-    settings = ss.StudySettings(replace(BASE, steps=4), benchmarks=("sentiment",), methods=(KR, *variants),
+    recipe = replace(BASE, steps=4, targets=("query", "intermediate.dense"))  # 12 layers: square and 1536 x 384
+    settings = ss.StudySettings(recipe, benchmarks=("sentiment",), methods=(KR, *variants),
                                 seeds=(0, 1), shots=(4,), eval_per_class=4, preset="ranks",
                                 lr_grids={KR: (1e-2,), variants[0]: (3e-3,), variants[1]: (1e-2,)})  # fmt: skip
     data = {"sentiment": benchmark_data(synthetic(), settings.eval_per_class)}
@@ -354,6 +355,7 @@ def test_a_tiny_rank_sweep_end_to_end(minilm_path: str, tmp_path: Path) -> None:
     shapes = list(probe.layers.values())
     counts = {variants[0]: sum(2 * (d + k) for d, k in shapes), KR: registry.kradapter_budget(shapes),
               variants[1]: registry.kradapter_budget(shapes, "sqrt_max")}  # fmt: skip
+    assert len(shapes) == 12 and counts[KR] != counts[variants[1]]  # the two factorisations differ on these layers
     for method, count in counts.items():
         for seed in (0, 1):
             record = finished[("sentiment", "k4_x1", "run", method, seed)]  # the key as given
