@@ -88,6 +88,8 @@ class Method:
     rank_of: str | None = None  # a reference: the truncated SVD at this method's rank (None: rank 0, i.e. zero)
     optimum_of: str | None = None  # a reference: this method's best update on the target (compare/optima.py)
     lr_grid: tuple[float, ...] = ()  # finetune's and the shift study's learning-rate grid (half_decades)
+    knob_values: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # count knobs with a fixed set of values
+    sweep: tuple[Settings, ...] = ()  # the shift study's rank sweep: this method's fixed sizes, as variants
     study: Mapping[str, Any] = field(default_factory=dict)  # the matrix study's defaults
     build: Callable[[Any, Settings], Any] | None = None  # (target_modules, settings) -> PeftConfig
     counter: Callable[[list[Shape], Settings], int] | None = None
@@ -438,6 +440,7 @@ _ENTRIES = (
         count_knobs=("r",),
         rank_knob="r",
         scale_one="lora_alpha",
+        sweep=tuple({"r": 2**i} for i in range(9)),  # 1 .. 256
         lr_grid=half_decades(-2.5),
         build=_lora_config,
         counter=_lora_count,
@@ -478,6 +481,8 @@ _ENTRIES = (
         positions={"finetune-default": 5, "export-source": 0},
         settings=("scaling", "factorization", "execution", "dropout", "init_weights"),
         count_knobs=("factorization",),
+        knob_values={"factorization": FACTORIZATIONS},
+        sweep=({"factorization": "sqrt_max"},),  # sqrt_min is KRAdapter itself (the budget, the sweep's anchor)
         lr_grid=half_decades(-2.5),
         study={"scaling": 1.0},
         build=_kradapter_config,
@@ -528,6 +533,7 @@ _ENTRIES = (
         count_knobs=("r",),
         rank_knob="r",
         scale_one="alpha",
+        sweep=({"r": 2}, {"r": 8}, {"r": 32}),
         lr_grid=half_decades(-2.5),
         build=_loha_config,
         counter=_loha_count,
@@ -719,18 +725,146 @@ def get(name: str, kinds: Iterable[str] = ("adapter",)) -> Method:
     return METHODS[canonical]
 
 
-def parse_names(items: Iterable[str], kinds: Iterable[str] = ("adapter",)) -> tuple[str, ...]:
-    """Canonical names, in order, from items that may each be comma-separated; a MethodError naming a bad one."""
+def parse_names(
+    items: Iterable[str], kinds: Iterable[str] = ("adapter",), *, variants: bool = False
+) -> tuple[str, ...]:
+    """Canonical names, in order, from items that may each be comma-separated; with ``variants``, an adapter at a
+    fixed size (``METHOD@KNOB=VALUE``, :func:`variant`) too; a MethodError naming a bad one."""
     out: list[str] = []
     for item in items:
         for part in str(item).split(","):
             if part.strip():
-                name = get(part, kinds).name
+                name = variant(part, kinds).name if variants and VARIANT_MARK in part else get(part, kinds).name
                 if name not in out:
                     out.append(name)
     if not out:
         raise MethodError("no methods given")
     return tuple(out)
+
+
+# -- variants: an adapter at a fixed size ----------------------------------------------------------------------------
+
+VARIANT_MARK = "@"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An adapter at a fixed size instead of the budget: ``name`` is its canonical spelling
+    (``METHOD@KNOB=VALUE[@KNOB=VALUE]``, the method's canonical name, knobs in its ``count_knobs`` order), the key
+    it has in results; ``knobs`` the count knobs it fixes."""
+
+    name: str
+    method: Method
+    knobs: Settings
+
+    def plan(self, shapes: Iterable[Sequence[int]], budget: int | None = None, **fixed: Any) -> Plan:
+        """The variant on layers of ``shapes``: its knobs as given, its exact count (``budget`` is only recorded:
+        nothing is searched); a MethodError naming the knob when a layer cannot honour its value (a rank above a
+        layer's smaller side, a block size that does not divide it: whatever the method's own search excludes)."""
+        layers = check_shapes(shapes)
+        settings = {**fixed, **self.knobs}
+        self.method.check_settings(settings, self.name)
+        assert self.method.candidates is not None
+        for knob, value in self.knobs.items():
+            others = {k: v for k, v in self.knobs.items() if k != knob}
+            allowed = {c.settings.get(knob) for group in self.method.candidates(layers, others) for c in group}
+            if None not in allowed and value not in allowed:  # None: a knob the search does not vary (counted)
+                raise MethodError(
+                    f"{self.name}: {knob}={_knob_text(value)} is not a size {self.method.name} can take on these "
+                    f"layers (smallest {_smallest_side(layers)} wide); {knob} {_choices(allowed)}"
+                )
+        return Plan(self.name, settings, self.method.count(layers, **settings), budget)
+
+
+def _knob_text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _choices(values: Iterable[Any]) -> str:
+    ordered = sorted(values, key=lambda v: (str(type(v)), v))
+    ints = [v for v in ordered if isinstance(v, int) and not isinstance(v, bool)]
+    if ints and len(ints) == len(ordered) and ints == list(range(ints[0], ints[-1] + 1)) and len(ints) > 3:
+        return f"from {ints[0]} to {ints[-1]}"
+    return "one of " + ", ".join(_knob_text(v) for v in ordered[:12]) + (", ..." if len(ordered) > 12 else "")
+
+
+def _parse_knob(text: str) -> Any:
+    """A knob's value as written: an integer, true/false, or a word (lower case)."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return int(low)
+    except ValueError:
+        return low
+
+
+def variant(spelling: str, kinds: Iterable[str] = ("adapter",)) -> Variant:
+    """``METHOD@KNOB=VALUE[@KNOB=VALUE]`` (any case, aliases accepted) as a :class:`Variant`; a one-line
+    MethodError naming the bad part: an unknown method or one without size knobs, a knob that is not one of the
+    method's count knobs (given twice, or without ``=VALUE``), a value it cannot take. Whether the layers can
+    honour the value is checked when it is sized (:meth:`Variant.plan`)."""
+    text = str(spelling).strip()
+    head, *parts = text.split(VARIANT_MARK)
+    method = get(head, kinds)
+    if not method.is_adapter or not method.count_knobs:
+        raise MethodError(f"{text}: {method.name} has no size knobs (a variant fixes an adapter's size)")
+    knobs: Settings = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if not sep or not key or not value.strip():
+            raise MethodError(f"{text}: {part!r} is not KNOB=VALUE (knobs of {method.name}: "
+                              f"{', '.join(method.count_knobs)})")  # fmt: skip
+        if key not in method.count_knobs:
+            raise MethodError(f"{text}: unknown knob {key!r} of {method.name}; its size knobs: "
+                              f"{', '.join(method.count_knobs)}")  # fmt: skip
+        if key in knobs:
+            raise MethodError(f"{text}: knob {key!r} given twice")
+        knobs[key] = _parse_knob(value)
+        choices = method.knob_values.get(key)
+        if choices is not None and knobs[key] not in choices:
+            raise MethodError(f"{text}: {key} must be one of {', '.join(map(str, choices))}, got {value.strip()!r}")
+    if not knobs:
+        raise MethodError(f"{text}: no knob after {VARIANT_MARK!r} (knobs of {method.name}: "
+                          f"{', '.join(method.count_knobs)})")  # fmt: skip
+    if method.rank_knob in knobs:
+        positive_int(f"{text}: {method.rank_knob}", knobs[method.rank_knob])
+    ordered = {k: knobs[k] for k in method.count_knobs if k in knobs}
+    name = VARIANT_MARK.join([method.name, *(f"{k}={_knob_text(v)}" for k, v in ordered.items())])
+    return Variant(name, method, ordered)
+
+
+def variant_name(method: str, knobs: Mapping[str, Any]) -> str:
+    """The canonical spelling of ``method`` at ``knobs`` (checked as :func:`variant` checks it)."""
+    return variant(VARIANT_MARK.join([method, *(f"{k}={_knob_text(v)}" for k, v in knobs.items())])).name
+
+
+def is_variant(name: str) -> bool:
+    return VARIANT_MARK in str(name)
+
+
+def entry(name: str) -> Method:
+    """The registry entry of a method name or of a variant's canonical spelling (its method's)."""
+    return variant(name).method if is_variant(name) else METHODS[name]
+
+
+def family(name: str) -> str:
+    """The method a name belongs to: a variant's method, else the name itself (baselines, reference rows)."""
+    return variant(name).method.name if is_variant(name) else name
+
+
+def order_key(name: str) -> tuple[int, int, tuple[tuple[int, Any], ...]]:
+    """Registry order, each method's variants right after it by their knobs' values (ranks ascending)."""
+    base = family(name)
+    position = list(METHODS).index(base) if base in METHODS else len(METHODS)
+    knobs = variant(name).knobs.values() if is_variant(name) else ()
+    return position, int(is_variant(name)), tuple((0, v) if isinstance(v, int) else (1, str(v)) for v in knobs)
+
+
+def sweep_variants() -> tuple[str, ...]:
+    """The shift study's rank sweep: every method's ``sweep`` sizes as variants, in registry order."""
+    return tuple(variant_name(m.name, knobs) for m in METHODS.values() for knobs in m.sweep)
 
 
 def label(name: str) -> str:
@@ -745,6 +879,8 @@ def plan(name: str, shapes: Iterable[Sequence[int]], budget: int, *, strict: boo
     tolerance: a MethodError naming the method, the shapes and the closest count, or with ``strict=False`` the
     closest plan with a note (the matrix study reports the gap).
     """
+    if is_variant(name):  # a fixed size: nothing to search
+        return variant(name).plan(shapes, positive_int("budget", budget), **fixed)
     method = get(name)
     layers = check_shapes(shapes)
     budget = positive_int("budget", budget)

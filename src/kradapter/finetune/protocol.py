@@ -123,21 +123,26 @@ def check_launch() -> None:
 
 
 def parse_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Canonical method names in the given order (aliases such as ``lokr`` accepted); naming an unknown one."""
+    """Canonical method names in the given order (aliases such as ``lokr`` accepted, and adapters at a fixed size,
+    ``METHOD@KNOB=VALUE``: :func:`kradapter.registry.variant`); naming an unknown one or the bad part."""
     try:
-        return registry.parse_names(names, KINDS)
+        return registry.parse_names(names, KINDS, variants=True)
     except registry.MethodError as exc:
         raise SettingsError(f"--methods: {exc}") from None
 
 
 def parse_lr_grid(items: list[str] | None) -> dict[str, tuple[float, ...]]:
-    """``["METHOD=1e-3,3e-3", ...]`` as ``{METHOD: (0.001, 0.003)}``; a SettingsError naming a malformed item."""
+    """``["METHOD=1e-3,3e-3", ...]`` as ``{METHOD: (0.001, 0.003)}`` (a variant too: ``lora@r=4=1e-3``, split at
+    the last ``=``); a SettingsError naming a malformed item."""
     grids: dict[str, tuple[float, ...]] = {}
     for item in items or []:
-        method, sep, values = item.partition("=")
+        method, sep, values = item.rpartition("=")
         if not sep:
             raise SettingsError(f"--lr-grid {item!r} is not METHOD=LR[,LR...]")
-        (name,) = parse_methods([method])
+        try:
+            (name,) = registry.parse_names([method], KINDS, variants=True)
+        except registry.MethodError as exc:
+            raise SettingsError(f"--lr-grid {item!r}: {exc}") from None
         try:
             lrs = tuple(float(v) for v in values.split(",") if v.strip())
         except ValueError:
@@ -215,7 +220,7 @@ class LearningRates:
     lr_grids: dict[str, tuple[float, ...]]
 
     def grid(self, method: str) -> tuple[float, ...]:
-        return self.lr_grids.get(method, registry.METHODS[method].lr_grid)
+        return self.lr_grids.get(method, registry.entry(method).lr_grid)  # a variant: its method's grid
 
     def spec(self, kind: str, settings: dict[str, Any], axes: dict[str, list[Any]], inputs: dict[str, str]) -> RunSpec:
         """The run's identity in the results store; every method of the ``methods`` axis brings its grid."""
@@ -246,7 +251,7 @@ class Settings(LearningRates):
         if len(set(self.seeds)) != len(self.seeds):
             raise SettingsError(f"--seeds has duplicates: {list(self.seeds)}")
         for method, grid in self.lr_grids.items():
-            if method not in registry.METHODS or not grid:
+            if not (method in registry.METHODS or registry.is_variant(method)) or not grid:
                 raise SettingsError(f"learning-rate grid for {method!r} is invalid: {grid!r}")
         self.recipe.check_validation(self.methods, self)
 

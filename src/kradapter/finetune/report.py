@@ -140,7 +140,7 @@ def table_rows(summary: dict[str, Any]) -> list[list[str]]:
         rows.append(
             [
                 registry.label(method),
-                registry.METHODS[method].describe(s["knobs"]),
+                registry.entry(method).describe(s["knobs"]),
                 f"{s['trainable_params']:,}",
                 f"{ratio:.3f}" if ratio is not None else "-",
                 f"{s['lr']:g}",

@@ -11,14 +11,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import registry
 from ..assets import MissingPackageError
 from ..executor import add_executor_arguments
 from ..store import Store, StoreError, file_hash
 from .commands import (
-    Fail,
     add_recipe_arguments,
     check_model,
     failer,
@@ -41,6 +40,9 @@ from .shift_settings import (
     PRESETS,
     StudySettings,
 )
+
+if TYPE_CHECKING:
+    from .shift import Study
 
 
 def _preset_line(name: str) -> str:
@@ -132,7 +134,7 @@ def settings_from(args: argparse.Namespace) -> StudySettings:
 def run(args: argparse.Namespace) -> int:
     """Settings, device, model and data checked, then every cell planned, before any training."""
     from .runner import check_executor
-    from .shift import check_data
+    from .shift import Study
     from .shift_data import benchmark_data, data_hash, load_benchmark
 
     rank, world_size = world()
@@ -143,7 +145,10 @@ def run(args: argparse.Namespace) -> int:
         executor = check_executor(args, world_size)
         model_dir = check_model(args, settings.recipe, world_size)
         data = {b: benchmark_data(load_benchmark(b), settings.eval_per_class) for b in settings.benchmarks}
-        check_data(settings, data)  # shots that a class cannot supply stop here, before the folder is touched
+        # every cell planned and every method sized (shots a class cannot supply, a variant's rank a layer cannot
+        # honour) before the folder is touched
+        name = Path(args.model).name if args.model else MODEL_NAME
+        study = Study(settings, model_dir, name, data, args.trust_remote_code)
         inputs = {"model": file_hash(model_dir), **{f"data.{b}": data_hash(d) for b, d in data.items()}}
         outputs = shift_outputs(settings.benchmarks)
         store = open_store(
@@ -159,25 +164,20 @@ def run(args: argparse.Namespace) -> int:
     except (MissingPackageError, StoreError, SettingsError, ValueError) as exc:
         return fail(str(exc))
     with store:
-        return execute(settings, store, model_dir, data, args, fail, executor)
+        return execute(study, store, args, executor)
 
 
-def execute(settings: StudySettings, store: Store, model_dir: Path, data: Any, args: argparse.Namespace,
-            fail: Fail, executor: Any = None) -> int:  # fmt: skip
+def execute(study: Study, store: Store, args: argparse.Namespace, executor: Any = None) -> int:
+    """Run the planned study into ``store``: the results document after each unit, the tables and plots at the end."""
     from ..executor import ExecutorError
     from ..records import environment
     from .runner import check_executor, report_failures, with_fingerprint
-    from .shift import Study
     from .shift_report import RESULTS_FILE, document, write_reports
 
     rank, world_size = world()
+    fail = failer("shift", rank)
     started = time.perf_counter()
     store.set_environment({**environment(), "world_size": world_size})
-    try:
-        name = Path(args.model).name if args.model else MODEL_NAME
-        study = Study(settings, model_dir, name, data, args.trust_remote_code)
-    except (SettingsError, ValueError) as exc:
-        return fail(str(exc))
     if not args.quiet and rank == 0:
         print(f"shift study: {len(study.cells)} cells, {study.units()} trainings or evaluations", file=sys.stderr)
 
@@ -185,7 +185,7 @@ def execute(settings: StudySettings, store: Store, model_dir: Path, data: Any, a
         if rank == 0:
             store.write_json(RESULTS_FILE, document(store, study), indent=1)
 
-    executor = with_fingerprint(executor or check_executor(args, world_size), model_dir)
+    executor = with_fingerprint(executor or check_executor(args, world_size), study.model_dir)
     try:
         with executor:
             failed = study.run(store, report, rank, world_size, not args.quiet, executor=executor)

@@ -17,8 +17,11 @@ What is computed (docs/protocol-generalisation.md is the pre-registration; it na
   one family per metric; McNemar's exact test where a contrast has a single seed.
 - **Mechanism** (exploratory): per run the learned update's effective rank (mean over layers), ``||dW||_F`` and
   intruder dimensions; least-squares regressions of OOD accuracy on each with benchmark x shots x method fixed
-  effects, and
-  a verdict on the rank and norm statements (Holm over the two).
+  effects (a variant ``METHOD@KNOB=VALUE`` under its method's), and a verdict on the rank and norm statements
+  (Holm over the two).
+- **Rank sweep** (exploratory, when variants ran: ``kradapter shift --preset ranks``): per variant its accuracies,
+  effective rank and update norm; OOD accuracy on log effective rank with method-family fixed effects (the
+  within-method slope) and its verdict.
 
 The percentile bootstrap is never used below ``stats.PERCENTILE_MIN_PAIRS`` pairs. Accuracies of runs are
 fractions (as the records hold them); every statistic is in percentage points.
@@ -154,7 +157,7 @@ def collect(store: Store, study: Study) -> tuple[dict[str, Any], Predictions]:
         for name, size in study.sizes.get((b, cid), {}).items():
             entry["methods"][name] = {"knobs": size.settings, "adapter_params": size.count,
                                       "budget_ratio": size.budget_ratio,
-                                      "describe": registry.METHODS[name].describe(size.settings)}  # fmt: skip
+                                      "describe": registry.entry(name).describe(size.settings)}  # fmt: skip
         for key, record in store.matching(b, cid, "chosen"):
             entry["chosen"][str(key[3])] = dict(record)
         for key, record in store.matching(b, cid, "run"):
@@ -444,6 +447,7 @@ def analyse(
         "tables": {f"{u.name}/{u.cell}": table(u, benchmarks) for u in all_units},
         "exploratory": exploratory(all_units, grouped, benchmarks, predictions),
         "mechanism": mechanism(benchmarks),
+        "rank_sweep": rank_sweep(benchmarks),
     }
 
 
@@ -522,10 +526,12 @@ def _summary(unit: Unit, method: str, benchmarks: Mapping[str, Any]) -> dict[str
 
 
 def _method_order(methods: Iterable[str]) -> list[str]:
-    """The anchor, LoRA, the other registry methods in registry order, then the baselines."""
+    """The anchor, LoRA, the other registry methods in registry order (each method's variants after it, by size),
+    then the baselines."""
     names = set(methods)
     first = [m for m in CONTRAST if m in names]
-    known = [m for m in registry.METHODS if m in names and m not in first]
+    known = sorted((m for m in names - set(first) if m in registry.METHODS or registry.is_variant(m)),
+                   key=registry.order_key)  # fmt: skip
     return first + known + sorted(names - set(first) - set(known))
 
 
@@ -621,10 +627,11 @@ def fixed_effects_slope(y: Sequence[float], x: Sequence[float], groups: Sequence
 
 
 def fixed_effect(row: Mapping[str, Any]) -> tuple[str, int, str]:
-    """A run's fixed-effect group: its benchmark, shot count and method. Runs of one method at the same shots share
-    the k-shot draws, so what varies inside a group is the seed and the method's own configuration (its 1x and 4x
-    sizes, or the ranks of a rank sweep), never the comparison across unlike methods."""
-    return (row["benchmark"], int(row["shots"]), row["method"])
+    """A run's fixed-effect group: its benchmark, shot count and method family (a variant's method:
+    :func:`kradapter.registry.family`). Runs of one method at the same shots share the k-shot draws, so what varies
+    inside a group is the seed and the method's own configuration (its 1x and 4x sizes, or the variants of a rank
+    sweep), never the comparison across unlike methods."""
+    return (row["benchmark"], int(row["shots"]), registry.family(row["method"]))
 
 
 def mechanism(benchmarks: Mapping[str, Any]) -> dict[str, Any]:
@@ -656,8 +663,54 @@ def mechanism(benchmarks: Mapping[str, Any]) -> dict[str, Any]:
             verdicts[x] = {"expected": MECHANISM[x], "holm_p": q,
                            "verdict": stats.endpoint_verdict(q, r["slope"], MECHANISM[x],  # type: ignore[arg-type]
                                                              r["mde_per_sd"])}  # fmt: skip
-    return {"label": "exploratory", "fixed_effects": "benchmark x shots x method", "y": "ood (points)",
+    return {"label": "exploratory", "fixed_effects": "benchmark x shots x method family", "y": "ood (points)",
             "rows": rows, "regressions": regressions, "verdicts": verdicts}  # fmt: skip
+
+
+def rank_sweep(benchmarks: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The rank sweep (exploratory), when variants (``METHOD@KNOB=VALUE``) ran: per method and variant of the cells
+    holding one, its size, mean ID / OOD accuracy (fractions, mean and SD over seeds), mean effective rank and
+    ``||dW||_F``; and OOD accuracy (points) regressed on the log of the effective rank with one intercept per
+    benchmark x shots x method family (:func:`fixed_effect`: a method's variants share theirs, so the slope is
+    within-method), the verdict on the rank statement, and the same fit without flagged runs. None without variants."""
+    cells = [(b, cid) for b, bench in benchmarks.items() for cid, cell in bench["cells"].items()
+             if any(registry.is_variant(m) for m in cell["runs"])]  # fmt: skip
+    if not cells:
+        return None
+    summaries = []
+    for b, cid in cells:
+        cell = benchmarks[b]["cells"][cid]
+        for method in _method_order(cell["runs"]):
+            runs = list(cell["runs"][method].values())
+            if all(r.get("effective_rank") is None for r in runs):  # baselines: no learned update measured
+                continue
+            size = cell["methods"].get(method, {})
+            row: dict[str, Any] = {"benchmark": b, "cell": cid, "method": method, "family": registry.family(method),
+                                   "knobs": size.get("knobs"), "adapter_params": size.get("adapter_params"),
+                                   "n": len(runs), "flagged": sum(r["fit"] in FLAGS for r in runs)}  # fmt: skip
+            for key in ("id", "ood"):
+                row[key] = dict(zip(("mean", "std"), stats.mean_std([r["scores"][key] for r in runs]), strict=True))
+            for key in ("effective_rank", "update_norm"):
+                values = [float(r[key]) for r in runs if r.get(key) is not None]
+                if values:
+                    row[key] = dict(zip(("mean", "std"), stats.mean_std(values), strict=True))
+            summaries.append(row)
+    rows = [r for r in mechanism_rows({b: benchmarks[b] for b, _ in cells})
+            if (r["benchmark"], r["cell"]) in cells and r["effective_rank"] and r["effective_rank"] > 0]  # fmt: skip
+
+    def fit(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        x = [math.log(float(r["effective_rank"])) for r in rs]
+        return fixed_effects_slope([r["ood"] for r in rs], x, [fixed_effect(r) for r in rs])
+
+    regression = fit(rows)
+    verdict = "-"
+    if regression.get("estimable"):
+        verdict = stats.endpoint_verdict(regression["p"], regression["slope"], MECHANISM["effective_rank"],  # type: ignore[arg-type]
+                                         regression["mde_per_sd"])  # fmt: skip
+    return {"label": "exploratory", "cells": [f"{b}/{cid}" for b, cid in cells], "x": "log effective rank",
+            "y": "ood (points)", "fixed_effects": "benchmark x shots x method family",
+            "expected": MECHANISM["effective_rank"], "variants": summaries, "regression": regression,
+            "verdict": verdict, "without_flagged": fit([r for r in rows if r["fit"] not in FLAGS])}  # fmt: skip
 
 
 # -- markdown -------------------------------------------------------------------------------------------------------
@@ -770,6 +823,8 @@ def markdown(results: Mapping[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     lines += _exploratory_lines(results["exploratory"])
     lines += _mechanism_lines(results["mechanism"])
+    if results.get("rank_sweep"):
+        lines += _rank_sweep_lines(results["rank_sweep"])
     return "\n".join(lines)
 
 
@@ -805,7 +860,7 @@ def _exploratory_lines(expl: Mapping[str, Any]) -> list[str]:
 def _mechanism_lines(mech: Mapping[str, Any]) -> list[str]:
     lines = ["", "## Mechanism (exploratory)", "",
              "OOD accuracy (points) regressed on each learned-update metric with one intercept per benchmark x shots x "
-             "method (least squares); slope per unit of the metric and per within-group SD of it.", "",
+             "method family (least squares); slope per unit of the metric and per within-group SD of it.", "",
              "| metric | scope | n | groups | slope | 95% t interval | p | per SD | MDE per SD | verdict |",
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for x, reg in mech["regressions"].items():
@@ -818,6 +873,37 @@ def _mechanism_lines(mech: Mapping[str, Any]) -> list[str]:
             lines.append(f"| {x} | {scope} | {r['n']} | {r['groups']} | {r['slope']:+.3g} | "
                          f"[{r['low']:+.3g}, {r['high']:+.3g}] | {_p(r['p'])} | {r['slope_per_sd']:+.2f} | "
                          f"{r['mde_per_sd']:.2f} | {verdict} |")  # fmt: skip
+    lines.append("")
+    return lines
+
+
+def _rank_sweep_lines(sweep: Mapping[str, Any]) -> list[str]:
+    lines = ["## Rank sweep (exploratory)", "",
+             "Each method at fixed sizes (variants METHOD@KNOB=VALUE) in " + ", ".join(sweep["cells"]) + "; accuracy "
+             "%, mean ± SD over seeds; effective rank: mean over layers of the learned update's, then over seeds.", "",
+             "| method | size | params | n | ID % | OOD % | eff. rank | norm dW | flagged |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in sweep["variants"]:
+        knobs = ", ".join(f"{k}={v}" for k, v in (row["knobs"] or {}).items()) or "-"
+        params = f"{row['adapter_params']:,}" if row["adapter_params"] is not None else "-"
+        cells = [registry.label(row["method"]), knobs, params, str(row["n"]), _pct(row["id"]), _pct(row["ood"])]
+        for k in ("effective_rank", "update_norm"):
+            cells.append(f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" if k in row else "-")
+        cells.append(str(row["flagged"]) if row["flagged"] else "none")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "OOD accuracy (points) on the log of the effective rank, one intercept per benchmark x shots x "
+              "method family (a method's variants share it: the slope is within-method); slope per unit of log rank "
+              "(x e) and per within-family SD of it; the verdict on 'higher effective rank, better OOD' (one test).",
+              "", "| runs | n | families | slope | 95% t interval | p | per SD | MDE per SD | verdict |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for scope, r, verdict in (("all", sweep["regression"], sweep["verdict"]),
+                              ("without flagged", sweep["without_flagged"], "-")):  # fmt: skip
+        if not r.get("estimable"):
+            lines.append(f"| {scope} | {r['n']} | {r['groups']} | - | - | - | - | - | {r.get('why', '-')} |")
+            continue
+        lines.append(f"| {scope} | {r['n']} | {r['groups']} | {r['slope']:+.3g} | "
+                     f"[{r['low']:+.3g}, {r['high']:+.3g}] | {_p(r['p'])} | {r['slope_per_sd']:+.2f} | "
+                     f"{r['mde_per_sd']:.2f} | **{verdict}** |")  # fmt: skip
     lines.append("")
     return lines
 

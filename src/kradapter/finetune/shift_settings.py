@@ -69,8 +69,18 @@ FULL: dict[str, Any] = POWERED | {
     "contenders": registry.tagged("shift-contender"),
     "budgets": (1, 4),
 }
+# The mechanism's rank sweep (exploratory): one cell, sentiment at the powered study's anchor shots, KRAdapter (the
+# anchor: sqrt_min, its own count) beside each method's fixed sizes from the registry (``sweep``: LoRA r = 1 .. 256,
+# LoHa at three ranks, KRAdapter's other factorisation), tuned per variant as any method is.
+RANKS: dict[str, Any] = POWERED | {
+    "benchmarks": ("sentiment",),
+    "methods": (ANCHOR, *registry.sweep_variants()),
+    "contenders": (),
+    "seeds": tuple(range(5)),
+    "shots": (POWERED["shots"][len(POWERED["shots"]) // 2],),
+}
 # preset names (one of them is not the method of the same name)
-PRESETS: dict[str, dict[str, Any]] = dict(reduced=REDUCED, powered=POWERED, full=FULL)
+PRESETS: dict[str, dict[str, Any]] = dict(reduced=REDUCED, powered=POWERED, full=FULL, ranks=RANKS)
 DEFAULT_PRESET = "reduced"
 VERDICT_PRESETS = ("powered",)  # presets whose results carry the primary verdicts (MIN_SEEDS_FOR_VERDICT applies)
 

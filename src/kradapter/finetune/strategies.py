@@ -35,8 +35,9 @@ class Training:
 
     learns_update = False  # whether the run learns a weight update whose spectrum is worth recording
 
-    def __init__(self, method: registry.Method, head_input: str = "native") -> None:
+    def __init__(self, method: registry.Method, head_input: str = "native", name: str | None = None) -> None:
         self.method = method
+        self.name = name or method.name  # the method, or a variant of it at a fixed size (registry.variant)
         self.head_input = head_input  # what the head reads (Recipe.head_input): built and reloaded the same way
 
     def classifier(
@@ -134,7 +135,7 @@ class Adapter(Training):
 
     def size(self, probe: ModelProbe, budget: int, **options: Any) -> MethodPlan:
         try:
-            sized = registry.plan(self.method.name, list(probe.layers.values()), budget, **options)
+            sized = registry.plan(self.name, list(probe.layers.values()), budget, **options)
             self.method.config(list(probe.layers), **sized.settings, modules_to_save=probe.head)  # PEFT's checks
         except registry.MethodError as exc:
             raise SettingsError(str(exc)) from None
@@ -152,10 +153,11 @@ class Adapter(Training):
 
 def training_for(method: str, head_input: str = "native") -> Training:
     """The strategy of ``method``, from its registry entry (the one place that tells the kinds apart), building
-    models whose head reads ``head_input`` (:data:`kradapter.finetune.protocol.HEAD_INPUTS`)."""
-    entry = registry.METHODS[method]
+    models whose head reads ``head_input`` (:data:`kradapter.finetune.protocol.HEAD_INPUTS`); a variant
+    (``METHOD@KNOB=VALUE``) is its method's strategy at the variant's fixed size."""
+    entry = registry.entry(method)
     if entry.is_adapter:
-        return Adapter(entry, head_input)
+        return Adapter(entry, head_input, method)
     return Full(entry, head_input) if entry.trains_base else HeadOnly(entry, head_input)
 
 
