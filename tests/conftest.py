@@ -1,5 +1,8 @@
-"""Shared fixtures: offline, two threads, tiny models built from configs (no download), and random inputs that can
-be replayed.
+"""Shared fixtures: offline, one torch thread, tiny models built from configs (no download), and random inputs that
+can be replayed.
+
+One thread: two OpenMP threads spin-wait for each other, and on a 2-core machine that anything else shares (CI's
+own processes, a second job) an eigensolver then runs about 100x slower, where one thread costs at most 2x idle.
 
 Random inputs: the ``generator`` (torch) and ``rng`` (``random.Random``) fixtures are seeded from the session seed
 and the test's node id, so every test draws its own fresh inputs, and one test replays alone. The session seed is
@@ -23,7 +26,7 @@ import torch
 
 from tests import support
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 SEED_ENV = "KRADAPTER_TEST_SEED"
 SEED_PROPERTY = "random_seed"
