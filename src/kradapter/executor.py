@@ -542,6 +542,12 @@ def check_reachable(address: str, timeout_s: float) -> None:
 # -- command-line arguments (shared by every study command) ---------------------------------------------------------
 
 
+# Torch threads of each unit unless --threads-per-unit says otherwise, on either executor and for every study:
+# measured in docs/executor.md ("Threads"). Fixed rather than probed at start-up: the thread count changes how sums
+# are split, so a fixed count gives the same numbers on every machine, at every load, on either executor.
+DEFAULT_THREADS_PER_UNIT = 1
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -573,7 +579,7 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
         type=_positive_int,
         default=None,
         metavar="N",
-        help="torch/OpenMP threads of each unit (default 1 with ray)",
+        help=f"torch/OpenMP threads of each unit (default {DEFAULT_THREADS_PER_UNIT}: docs/executor.md)",
     )
     group.add_argument(
         "--ray-address",
@@ -604,13 +610,15 @@ def executor_from_args(
         for flag, value in (("--workers", workers), ("--ray-address", address)):
             if value is not None:
                 raise error(f"{flag} {value} needs --executor ray (the sequential executor runs in this process)")
-        return SequentialExecutor(threads)
+        return SequentialExecutor(threads or DEFAULT_THREADS_PER_UNIT)
     if not ray_available():
         raise error(f"--executor ray needs Ray, which is not installed: {RAY_EXTRA}")
     # with --ray-address, --workers bounds the units in flight on the existing cluster
     if address is not None and not address.strip():
         raise error("--ray-address: empty address")
     try:
-        return RayExecutor(workers, threads or 1, address, max_retries=max_retries, fingerprint=fingerprint)
+        return RayExecutor(
+            workers, threads or DEFAULT_THREADS_PER_UNIT, address, max_retries=max_retries, fingerprint=fingerprint
+        )
     except ExecutorError as exc:
         raise error(str(exc)) from None

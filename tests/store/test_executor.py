@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from kradapter.executor import (
+    DEFAULT_THREADS_PER_UNIT,
     RAY_EXTRA,
     ExecutorError,
     Fingerprint,
@@ -286,7 +287,7 @@ def test_defaults(monkeypatch):
     pytest.importorskip("ray")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     seq = executor_from_args(parser().parse_args([]), CliError)
-    assert isinstance(seq, SequentialExecutor) and seq.threads_per_unit is None
+    assert isinstance(seq, SequentialExecutor) and seq.threads_per_unit == DEFAULT_THREADS_PER_UNIT == 1
     ray_ex = executor_from_args(parser().parse_args(["--executor", "ray"]), CliError)
     assert isinstance(ray_ex, RayExecutor)
     assert (ray_ex.workers, ray_ex.threads_per_unit, ray_ex.address) == (os.cpu_count(), 1, None)

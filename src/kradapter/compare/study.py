@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import registry
-from ..executor import Executor, SequentialExecutor, Unit
+from ..executor import DEFAULT_THREADS_PER_UNIT, Executor, SequentialExecutor, Unit
 from ..registry import Plan
 from ..store import Key, Store
 from .config import StudyConfig
@@ -106,16 +106,13 @@ def preflight(config: StudyConfig, device: torch.device, dtype: torch.dtype) -> 
     return shapes
 
 
-DEFAULT_THREADS = 1  # torch threads per unit unless asked: measured in docs/executor.md ("Threads")
-
-
 def unit_threads(config: StudyConfig, threads_per_unit: int | None = None) -> int:
     """The torch threads each cell runs with: ``threads_per_unit``, else ``runtime.threads``, else 1.
 
     One default for every machine (not a guess from the cores or the load) because the thread count changes the
     last bits of a fit: a study gives the same numbers wherever and whenever it runs with the same count.
     """
-    return threads_per_unit or config.runtime.threads or DEFAULT_THREADS
+    return threads_per_unit or config.runtime.threads or DEFAULT_THREADS_PER_UNIT
 
 
 def cell_unit(method: str, target: Target, s_target: torch.Tensor, config: StudyConfig, seed: int) -> dict[str, Any]:
