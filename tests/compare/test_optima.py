@@ -103,6 +103,42 @@ def test_kradapter_rows_are_eckart_young_per_row(generator) -> None:  # type: ig
     assert float(torch.linalg.vector_norm(found.update - target)) == pytest.approx(expected**0.5, rel=1e-9)
 
 
+@pytest.mark.parametrize("shape,factorization", [((29, 13), "sqrt_max"), ((13, 29), "sqrt_min"), ((7, 50), "sqrt_max")])
+def test_gram_form_steps_are_the_masked_alternating_steps(shape, factorization, generator) -> None:  # type: ignore[no-untyped-def]
+    """The cropped solver's warm-up runs alternating least squares on ``r x r`` Gram matrices, several starts at
+    once: each step must be the masked half steps on the ``r2 x r`` rows themselves, start by start."""
+    from kradapter.compare.optima import _als, _als_gram, kradapter_rows
+
+    kr_shape = KhatriRaoShape(*shape, factorization)  # type: ignore[arg-type]
+    assert kr_shape.blocks[1], "a cropped shape"
+    rows, mask = kradapter_rows(torch.randn(*shape, dtype=torch.float64, generator=generator), kr_shape)
+    assert mask is not None
+    full, tail = rows[:, :-1], int(mask[0, -1].sum())
+    starts = torch.randn(rows.shape[0], kr_shape.r, 3, dtype=torch.float64, generator=generator)
+    stepped = _als_gram(full.mT @ full, rows[:, -1, :tail], starts, 7)
+    for k in range(3):
+        reference, *_ = _als(rows, mask, starts[..., k], 0.0, 7, check=False)
+        assert torch.allclose(stepped[..., k], reference, rtol=1e-9, atol=1e-12)
+
+
+def test_cropped_solver_does_not_depend_on_the_row_chunks(monkeypatch, generator) -> None:  # type: ignore[no-untyped-def]
+    """Rows are independent: solving them in chunks of one or two rows gives what one chunk gives."""
+    from kradapter.compare import optima
+
+    kr_shape = KhatriRaoShape(23, 41, "sqrt_max")
+    rows, mask = optima.kradapter_rows(torch.randn(23, 41, dtype=torch.float64, generator=generator), kr_shape)
+    whole = optima.kradapter_factors(rows, mask)
+    monkeypatch.setattr(optima, "CHUNK", 2 * kr_shape.r * kr_shape.r * optima.STARTS)  # two rows per chunk
+    chunked = optima.kradapter_factors(rows, mask)
+    fits = [v.unsqueeze(2) * u.unsqueeze(1) for u, v, *_ in (whole, chunked)]  # u and v only up to sign and scale
+    errors = [((rows - fit * mask) ** 2).sum((1, 2)) for fit in fits]
+    # Each row's objective settles to 1e-13 relative; the argument of a smooth maximum only to about its square root.
+    assert torch.allclose(errors[0], errors[1], rtol=1e-11, atol=0)
+    assert torch.allclose(fits[0], fits[1], rtol=1e-5, atol=1e-6)
+    assert whole[3] and chunked[3]
+    assert whole[4] == pytest.approx(chunked[4], rel=1e-9)
+
+
 def _lokr_settings(rows: int, cols: int, factor: int, r: int, both: bool = False) -> dict:  # type: ignore[type-arg]
     return {"r": r, "alpha": r, "decompose_factor": factor, "decompose_both": both}
 

@@ -321,6 +321,30 @@ def test_the_sweep_table_has_every_variant_and_no_baseline(rng) -> None:
                                                              "runs": {KR: runs[KR]}}}}}) is None  # fmt: skip
 
 
+def test_the_sweep_plot_draws_each_family_at_its_variants_means(rng, tmp_path: Path, monkeypatch) -> None:
+    """One line per family and panel, through each variant's (mean effective rank, mean accuracy), in rank order."""
+    benchmarks = sweep_benchmarks(np.random.default_rng(rng.getrandbits(64)), 4.0)
+    sweep = sr.rank_sweep(benchmarks)
+    drawn: list[Any] = []
+    real = sr.write_figure
+    monkeypatch.setattr(sr, "write_figure", lambda fig, path, **kw: (drawn.append(fig), real(fig, path, **kw))[1])
+    assert sr.plot_rank_sweep({"rank_sweep": sweep}, tmp_path / "sweep.png") is not None
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    (fig,) = drawn
+    for ax, key in zip(fig.axes, ("ood", "id"), strict=True):
+        assert ax.get_xscale() == "log"
+        lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+        for family in (KR, LORA):
+            rows = sorted((r for r in sweep["variants"] if r["family"] == family),
+                          key=lambda r: r["effective_rank"]["mean"])  # fmt: skip
+            line = ax.containers[[c.get_label() for c in ax.containers].index(registry.label(family))].lines[0]
+            assert np.allclose(line.get_xdata(), [r["effective_rank"]["mean"] for r in rows])
+            assert np.allclose(line.get_ydata(), [100 * r[key]["mean"] for r in rows])
+        assert not lines or set(lines) <= {registry.label(KR), registry.label(LORA)}
+    assert sr.plot_rank_sweep({"rank_sweep": None}, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_the_mechanism_regression_groups_variants_with_their_method() -> None:
     row = {"benchmark": "sentiment", "shots": 32}
     assert sr.fixed_effect(row | {"method": "lora@r=4"}) == sr.fixed_effect(row | {"method": LORA})

@@ -14,8 +14,9 @@ it is the rank-1 matrix ``V[i] U[i]^T``. The error splits into one best-rank-1 p
   float64 rounding, and certified by the top eigenvalue (``lower_bound`` equals the error).
 - ``r * r2 > M``: the last block's cropped entries are unobserved, so each row is a rank-1 fit with missing
   entries, which has no closed form. Solved by alternating least squares on the observed entries (each half step
-  exact, the objective never rises) from the zero-filled row's top singular pair, to convergence: a stationary
-  point, reported with a certified lower bound (the same rows' best rank-1 fit with the partial block dropped).
+  exact, the objective never rises) from several of the full blocks' singular vectors, then Newton's method on
+  each, to a stationary point; each row keeps its best. Reported with a certified lower bound (the same rows'
+  best rank-1 fit with the partial block dropped).
 
 **LoKr.** ``dW = s * kron(w1, w2)``. With full factors the optimum is the nearest Kronecker product (Van Loan &
 Pitsianis 1993): the top singular pair of the target rearranged so each ``(out_k x in_n)`` block is a row. With a
@@ -104,15 +105,16 @@ def kradapter_rows(target: torch.Tensor, shape: KhatriRaoShape) -> tuple[torch.T
 EIGENVALUE_SLACK = 1e-5
 
 
-ALS_WARMUP = 50  # alternating steps before Newton's, per start
+ALS_WARMUP = 50  # alternating steps from every start before the best start per row is polished by Newton's
 STARTS = 4  # alternating least squares with cropped entries starts from this many top singular vectors per row
+NEWTON_STEPS = 100  # at most; a row leaves the Newton iteration as soon as its objective settles
+CHUNK = 2**23  # rows are solved in chunks of about this many Gram-matrix entries (bounded memory on large layers)
 
 
-def _gram_eigh(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each ``(rows, r)`` block's right singular vectors, largest first (float32 ``eigh`` of its Gram matrix, as
-    float64), and the squared singular values."""
-    single = rows.float()
-    values, vectors = torch.linalg.eigh(single.mT @ single)
+def _gram_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's right singular vectors, largest first (float32 ``eigh`` of its Gram matrix, returned as float64),
+    and the squared singular values."""
+    values, vectors = torch.linalg.eigh(gram.float())
     return vectors.flip(-1).double(), values.flip(-1).double().clamp_min(0)
 
 
@@ -146,6 +148,34 @@ def _als(
     return u, v, errors, steps, converged
 
 
+def _als_gram(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, steps: int) -> torch.Tensor:
+    """:func:`_als` with a cropped last block, in terms of the fully observed blocks' Gram matrix ``G`` and the last
+    block's observed entries ``c``: the same exact half steps (``v = F u / u'u`` and ``c'x / x'x``, then ``u``
+    from ``v``), for every start at once (``u``: ``(rows, r, starts)``), at ``r x r`` rather than ``r2 x r`` cost."""
+    tiny = torch.finfo(u.dtype).tiny
+    tail = last.shape[1]
+    c = last.unsqueeze(2)
+    for _ in range(steps):
+        s = (u * u).sum(1, keepdim=True).clamp_min(tiny)
+        gu = gram @ u
+        x = u[:, :tail]
+        w = (c * x).sum(1, keepdim=True) / (x * x).sum(1, keepdim=True).clamp_min(tiny)  # the last block's v
+        numerator = gu / s
+        numerator[:, :tail] += c * w
+        denominator = ((u * gu).sum(1, keepdim=True) / (s * s)).expand_as(u).clone()
+        denominator[:, :tail] += w * w
+        u = numerator / denominator.clamp_min(tiny)
+    return u
+
+
+def _profile_value(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`_profile`'s ``g`` alone, for ``u`` of shape ``(rows, r, starts)``: ``(rows, starts)``."""
+    tiny = torch.finfo(u.dtype).tiny
+    x = u[:, : last.shape[1]]
+    cx = (last.unsqueeze(2) * x).sum(1)
+    return (u * (gram @ u)).sum(1) / (u * u).sum(1).clamp_min(tiny) + cx * cx / (x * x).sum(1).clamp_min(tiny)
+
+
 def _profile(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor):
     """Per row, ``g(u) = u'Gu / u'u + (c'x)^2 / x'x`` (``x = u[:tail]``; the squared error is ``||R_obs||^2 - g``),
     its gradient and Hessian: the masked rank-1 problem with the best ``v`` for ``u`` substituted in."""
@@ -171,34 +201,50 @@ def _profile(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor):
     return (f1 + f2).squeeze(1), grad, h
 
 
-def _newton(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, steps: int = 30) -> tuple[torch.Tensor, int]:
-    """Safeguarded Newton ascent of :func:`_profile` per row from ``u``: a row takes a step only if ``g`` rises.
-    Quadratic convergence from the alternating method's point; returns ``u`` (unit rows) and the steps."""
+def _newton(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, steps: int = NEWTON_STEPS):
+    """Safeguarded Newton ascent of :func:`_profile` per row from ``u``: a row takes a step only if ``g`` rises,
+    and leaves the iteration once ``g`` settles (relative change <= 1e-13). Quadratic convergence from the
+    alternating method's point; returns ``u`` (unit rows) and the steps of the slowest row."""
     u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
     value, grad, hess = _profile(gram, last, u)
     damping = torch.full_like(value, 1e-6) * value.abs().clamp_min(1e-300)
+    floor = 1e-16 * float(value.abs().max()) if value.numel() else 0.0
     eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
+    active = torch.arange(u.shape[0], device=u.device)
     taken = 0
-    for _ in range(steps):
+    while active.numel() and taken < steps:
         taken += 1
+        ua, va = u[active], value[active]
         # g is scale invariant (its Hessian is singular along u): -u u' fixes that direction. Levenberg-Marquardt
         # damping turns a step that would not rise into a shorter, gradient-like one.
-        system = hess - u.unsqueeze(2) * u.unsqueeze(1) - damping[:, None, None] * eye
-        step = torch.linalg.solve(system, -grad.unsqueeze(2)).squeeze(2)
-        candidate = u + step
+        system = hess[active] - ua.unsqueeze(2) * ua.unsqueeze(1) - damping[active, None, None] * eye
+        step = torch.linalg.solve(system, -grad[active].unsqueeze(2)).squeeze(2)
+        candidate = ua + step
         candidate = candidate / torch.linalg.vector_norm(candidate, dim=1, keepdim=True).clamp_min(1e-300)
-        new_value, new_grad, new_hess = _profile(gram, last, candidate)
-        value_before = value
-        better = (new_value >= value) & torch.isfinite(new_value)
+        new_value, new_grad, new_hess = _profile(gram[active], last[active], candidate)
+        better = (new_value >= va) & torch.isfinite(new_value)
         keep = better.unsqueeze(1)
-        u = torch.where(keep, candidate, u)
-        value = torch.where(better, new_value, value)
-        grad = torch.where(keep, new_grad, grad)
-        hess = torch.where(keep.unsqueeze(2), new_hess, hess)
-        damping = torch.where(better, damping / 10, damping * 10)
-        if float((new_value - value_before).abs().max()) <= 1e-13 * float(value.abs().max()):
-            break
+        u[active] = torch.where(keep, candidate, ua)
+        value[active] = torch.where(better, new_value, va)
+        grad[active] = torch.where(keep, new_grad, grad[active])
+        hess[active] = torch.where(keep.unsqueeze(2), new_hess, hess[active])
+        damping[active] = torch.where(better, damping[active] / 10, damping[active] * 10)
+        settled = (new_value - va).abs() <= 1e-13 * va.abs() + floor
+        active = active[~settled]
     return u, taken
+
+
+def _masked_factors(rows: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, vectors: torch.Tensor):
+    """The cropped case of :func:`kradapter_factors` on a chunk of rows: ``(u, alternating + Newton steps)``."""
+    tail = int(mask[0, -1].sum())
+    last = rows[:, -1, :tail]
+    count = min(STARTS, vectors.shape[-1])
+    starts = _als_gram(gram, last, vectors[..., :count].clone(), ALS_WARMUP)  # (rows, r, count)
+    n, r = starts.shape[:2]
+    flat = starts.permute(2, 0, 1).reshape(count * n, r)  # start-major: start k of row i at k * n + i
+    u, newton = _newton(gram.repeat(count, 1, 1), last.repeat(count, 1), flat)
+    best = _profile_value(gram.repeat(count, 1, 1), last.repeat(count, 1), u.unsqueeze(2)).view(count, n).argmax(0)
+    return u.view(count, n, r)[best, torch.arange(n)], ALS_WARMUP + newton
 
 
 def kradapter_factors(
@@ -209,39 +255,32 @@ def kradapter_factors(
     Without a mask: the top singular pair of each row (float32 ``eigh`` of the Gram matrix), refined in float64 by
     power iteration. With a mask (cropped entries, all in the last block) the problem has local minima: from each
     of the fully observed blocks' top ``STARTS`` right singular vectors, ``ALS_WARMUP`` steps of float64
-    alternating least squares (``v = R u / M u^2``, ``u = R^T v / M^T v^2``), then safeguarded Newton steps on the
-    profile over ``u`` (:func:`_profile`) to a stationary point; each row keeps its best. Returns ``u, v``, the
-    steps, whether the result is stationary (relative squared error settled within ``tol``), and a lower bound on
-    the squared error: the fully observed blocks' best rank-1 error (Eckart-Young; the partial block only adds a
-    non-negative term).
+    alternating least squares (``v = R u / M u^2``, ``u = R^T v / M^T v^2``, in Gram form), then safeguarded
+    Newton steps on the profile over ``u`` (:func:`_profile`) from every start to a stationary point (a row leaves
+    as soon as it settles); each row keeps its best. Rows are independent and solved in chunks of bounded
+    memory. Returns ``u, v``, the steps, whether the result is
+    stationary (relative squared error settled within ``tol``), and a lower bound on the squared error: the fully
+    observed blocks' best rank-1 error (Eckart-Young; the partial block only adds a non-negative term).
     """
     full = rows if mask is None else rows[:, :-1]
-    vectors, values = _gram_eigh(full)
     energy = float((full * full).sum())
-    bound = max(energy - float(values[:, 0].sum()) - EIGENVALUE_SLACK * energy, 0.0)
-    if mask is None:
-        u, v, _, steps, converged = _als(rows, None, vectors[..., 0], tol, max_iterations)
-        return u, v, steps, converged, bound
-    gram = full.mT @ full
-    tail = int(mask[0, -1].sum())
-    last = rows[:, -1, :tail]
-    best_u = best_value = None
-    total_steps = 0
-    for k in range(min(STARTS, vectors.shape[-1])):
-        u, _, _, steps, _ = _als(rows, mask, vectors[..., k], tol, min(ALS_WARMUP, max_iterations), check=False)
-        u, newton = _newton(gram, last, u)
-        total_steps += steps + newton
-        value = _profile(gram, last, u)[0]
-        if best_value is None or best_u is None:
-            best_u, best_value = u, value
+    chunk = max(1, CHUNK // (rows.shape[2] * rows.shape[2] * (1 if mask is None else STARTS)))
+    us, top, steps = [], 0.0, 0
+    for first in range(0, rows.shape[0], chunk):
+        part = full[first : first + chunk]
+        gram = part.mT @ part
+        vectors, values = _gram_eigh(gram)
+        top += float(values[:, 0].sum())
+        if mask is None:
+            us.append(vectors[..., 0])
         else:
-            better = value > best_value
-            best_u = torch.where(better.unsqueeze(1), u, best_u)
-            best_value = torch.where(better, value, best_value)
-    assert best_u is not None
-    # One exact alternating step from the best u gives v (and keeps the error from rising); its change is the test.
-    u, v, _, _, converged = _als(rows, mask, best_u, tol, 2)
-    return u, v, total_steps, converged, bound
+            u, taken = _masked_factors(rows[first : first + chunk], mask[first : first + chunk], gram, vectors)
+            us.append(u)
+            steps = max(steps, taken)
+    bound = max(energy - top - EIGENVALUE_SLACK * energy, 0.0)
+    # Exact alternating steps from u (power iteration without a mask) to the tolerance: v, and the test.
+    u, v, _, refine, converged = _als(rows, mask, torch.cat(us), tol, max_iterations if mask is None else 2)
+    return u, v, steps + refine, converged, bound
 
 
 def _kradapter(layer: Any, target: torch.Tensor, tol: float, max_iterations: int) -> Optimum:

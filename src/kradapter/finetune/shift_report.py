@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 RESULTS_FILE = "shift_results.json"
 TABLE_FILE = "shift_table.md"
 MECHANISM_PLOT = "shift_mechanism.png"
+RANK_SWEEP_PLOT = "shift_rank_sweep.png"
 FORMAT = 2
 MIN_PAIRS = 2  # a paired t interval needs two seeds
 NO_VERDICT = f"not tested (n < {MIN_PAIRS})"
@@ -74,7 +75,7 @@ POINTS = 100.0
 def report_outputs(benchmarks: Iterable[str], groups: Iterable[str] = ()) -> list[str]:
     """The files :func:`write_reports` may write in a run folder (besides :data:`RESULTS_FILE`)."""
     plots = [f"shift_{b}_{p}.png" for b in benchmarks for p in ("kshot", "rank", "spectra")]
-    return [TABLE_FILE, MECHANISM_PLOT, *plots, *(f"shift_{g}_kshot.png" for g in groups)]
+    return [TABLE_FILE, MECHANISM_PLOT, RANK_SWEEP_PLOT, *plots, *(f"shift_{g}_kshot.png" for g in groups)]
 
 
 def run_scores(record: Mapping[str, Any], domains: list[str]) -> dict[str, float]:
@@ -966,13 +967,48 @@ def plot_mechanism(results: Mapping[str, Any], path: Path) -> Path | None:
     return write_figure(fig, path, dpi=FIGURE_DPI)
 
 
+def plot_rank_sweep(results: Mapping[str, Any], path: Path) -> Path | None:
+    """The rank sweep: each variant's mean OOD and ID accuracy (SD over seeds as bars) against the mean effective
+    rank of its learned update (log axis), one line per method family per cell, each point named by its size
+    (``r=64``; ``default``: the method's own); None without a sweep."""
+    sweep = results.get("rank_sweep")
+    rows = [r for r in (sweep or {}).get("variants", []) if r.get("effective_rank")]
+    if not rows:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True, squeeze=False)
+    lines = sorted({(r["benchmark"], r["cell"], r["family"]) for r in rows})
+    for ax, key in zip(axes[0], ("ood", "id"), strict=True):
+        for b, cid, family in lines:
+            group = sorted((r for r in rows if (r["benchmark"], r["cell"], r["family"]) == (b, cid, family)),
+                           key=lambda r: r["effective_rank"]["mean"])  # fmt: skip
+            xs = [r["effective_rank"]["mean"] for r in group]
+            ys = [POINTS * r[key]["mean"] for r in group]
+            name = registry.label(family) + (f" ({b} {cid})" if len({(x, y) for x, y, _ in lines}) > 1 else "")
+            ax.errorbar(xs, ys, yerr=[POINTS * r[key]["std"] for r in group], marker="o", markersize=4,
+                        capsize=2, linewidth=1, label=name)  # fmt: skip
+            for x, y, r in zip(xs, ys, group, strict=True):
+                size = r["method"].split("@", 1)[1] if registry.is_variant(r["method"]) else "default"
+                ax.annotate(size, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6)
+        ax.set_xscale("log")
+        ax.set_xlabel("effective rank of the learned update (mean over layers and seeds)")
+        ax.set_ylabel(f"{key.upper()} accuracy, points (mean ± SD over seeds)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Rank sweep (exploratory): accuracy against the update's effective rank", fontsize=9)
+    fig.tight_layout()
+    return write_figure(fig, path, dpi=FIGURE_DPI)
+
+
 def write_reports(results: Mapping[str, Any], store: Store) -> str:
-    """The markdown tables, the k-shot curves, the mechanism plot, and the learned updates' effective ranks and
-    spectra (anchor cell, first seed, read from the store's records) of every benchmark; returns the tables."""
+    """The markdown tables, the k-shot curves, the mechanism and rank-sweep plots, and the learned updates'
+    effective ranks and spectra (anchor cell, first seed, read from the store's records) of every benchmark;
+    returns the tables."""
     table_text = markdown(results)
     store.write_text(TABLE_FILE, table_text + "\n")
     if plot_mechanism(results, store.path(MECHANISM_PLOT)) is not None:
         store.written(MECHANISM_PLOT)
+    if plot_rank_sweep(results, store.path(RANK_SWEEP_PLOT)) is not None:
+        store.written(RANK_SWEEP_PLOT)
     settings = results.get("settings") or {}
     anchor = cell_id(settings["anchor_shots"], 1) if settings.get("anchor_shots") else None
     for b in [*results["benchmarks"], *(g for g, v in results["groups"].items() if v["scored"])]:
