@@ -105,7 +105,7 @@ def kradapter_rows(target: torch.Tensor, shape: KhatriRaoShape) -> tuple[torch.T
 EIGENVALUE_SLACK = 1e-5
 
 
-ALS_WARMUP = 50  # alternating steps from every start before the best start per row is polished by Newton's
+ALS_WARMUP = 50  # alternating steps from every start before Newton's
 STARTS = 4  # alternating least squares with cropped entries starts from this many top singular vectors per row
 NEWTON_STEPS = 100  # at most; a row leaves the Newton iteration as soon as its objective settles
 CHUNK = 2**23  # rows are solved in chunks of about this many Gram-matrix entries (bounded memory on large layers)
@@ -168,14 +168,6 @@ def _als_gram(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, steps: in
     return u
 
 
-def _profile_value(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """:func:`_profile`'s ``g`` alone, for ``u`` of shape ``(rows, r, starts)``: ``(rows, starts)``."""
-    tiny = torch.finfo(u.dtype).tiny
-    x = u[:, : last.shape[1]]
-    cx = (last.unsqueeze(2) * x).sum(1)
-    return (u * (gram @ u)).sum(1) / (u * u).sum(1).clamp_min(tiny) + cx * cx / (x * x).sum(1).clamp_min(tiny)
-
-
 def _profile(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor):
     """Per row, ``g(u) = u'Gu / u'u + (c'x)^2 / x'x`` (``x = u[:tail]``; the squared error is ``||R_obs||^2 - g``),
     its gradient and Hessian: the masked rank-1 problem with the best ``v`` for ``u`` substituted in."""
@@ -201,10 +193,12 @@ def _profile(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor):
     return (f1 + f2).squeeze(1), grad, h
 
 
-def _newton(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, steps: int = NEWTON_STEPS):
+def _newton(
+    gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, steps: int = NEWTON_STEPS
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Safeguarded Newton ascent of :func:`_profile` per row from ``u``: a row takes a step only if ``g`` rises,
     and leaves the iteration once ``g`` settles (relative change <= 1e-13). Quadratic convergence from the
-    alternating method's point; returns ``u`` (unit rows) and the steps of the slowest row."""
+    alternating method's point; returns ``u`` (unit rows), ``g`` there, and the steps of the slowest row."""
     u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
     value, grad, hess = _profile(gram, last, u)
     damping = torch.full_like(value, 1e-6) * value.abs().clamp_min(1e-300)
@@ -231,7 +225,7 @@ def _newton(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, steps: int 
         damping[active] = torch.where(better, damping[active] / 10, damping[active] * 10)
         settled = (new_value - va).abs() <= 1e-13 * va.abs() + floor
         active = active[~settled]
-    return u, taken
+    return u, value, taken
 
 
 def _masked_factors(rows: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, vectors: torch.Tensor):
@@ -242,8 +236,8 @@ def _masked_factors(rows: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, 
     starts = _als_gram(gram, last, vectors[..., :count].clone(), ALS_WARMUP)  # (rows, r, count)
     n, r = starts.shape[:2]
     flat = starts.permute(2, 0, 1).reshape(count * n, r)  # start-major: start k of row i at k * n + i
-    u, newton = _newton(gram.repeat(count, 1, 1), last.repeat(count, 1), flat)
-    best = _profile_value(gram.repeat(count, 1, 1), last.repeat(count, 1), u.unsqueeze(2)).view(count, n).argmax(0)
+    u, value, newton = _newton(gram.repeat(count, 1, 1), last.repeat(count, 1), flat)
+    best = value.view(count, n).argmax(0)
     return u.view(count, n, r)[best, torch.arange(n)], ALS_WARMUP + newton
 
 
@@ -258,9 +252,9 @@ def kradapter_factors(
     alternating least squares (``v = R u / M u^2``, ``u = R^T v / M^T v^2``, in Gram form), then safeguarded
     Newton steps on the profile over ``u`` (:func:`_profile`) from every start to a stationary point (a row leaves
     as soon as it settles); each row keeps its best. Rows are independent and solved in chunks of bounded
-    memory. Returns ``u, v``, the steps, whether the result is
-    stationary (relative squared error settled within ``tol``), and a lower bound on the squared error: the fully
-    observed blocks' best rank-1 error (Eckart-Young; the partial block only adds a non-negative term).
+    memory. Returns ``u, v``, the steps, whether the result is stationary (relative squared error settled within
+    ``tol``), and a lower bound on the squared error: the fully observed blocks' best rank-1 error (Eckart-Young;
+    the partial block only adds a non-negative term).
     """
     full = rows if mask is None else rows[:, :-1]
     energy = float((full * full).sum())

@@ -978,13 +978,14 @@ def plot_rank_sweep(results: Mapping[str, Any], path: Path) -> Path | None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True, squeeze=False)
     lines = sorted({(r["benchmark"], r["cell"], r["family"]) for r in rows})
+    several_cells = len({(b, cid) for b, cid, _ in lines}) > 1
     for ax, key in zip(axes[0], ("ood", "id"), strict=True):
         for b, cid, family in lines:
             group = sorted((r for r in rows if (r["benchmark"], r["cell"], r["family"]) == (b, cid, family)),
                            key=lambda r: r["effective_rank"]["mean"])  # fmt: skip
             xs = [r["effective_rank"]["mean"] for r in group]
             ys = [POINTS * r[key]["mean"] for r in group]
-            name = registry.label(family) + (f" ({b} {cid})" if len({(x, y) for x, y, _ in lines}) > 1 else "")
+            name = registry.label(family) + (f" ({b} {cid})" if several_cells else "")
             ax.errorbar(xs, ys, yerr=[POINTS * r[key]["std"] for r in group], marker="o", markersize=4,
                         capsize=2, linewidth=1, label=name)  # fmt: skip
             for x, y, r in zip(xs, ys, group, strict=True):
