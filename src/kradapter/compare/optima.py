@@ -164,7 +164,9 @@ def _als_gram(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, steps: in
         numerator[:, :tail] += c * w
         denominator = ((u * gu).sum(1, keepdim=True) / (s * s)).expand_as(u).clone()
         denominator[:, :tail] += w * w
-        u = numerator / denominator.clamp_min(tiny)
+        # A start the row's data cannot see (u'Gu = 0 and c'x = 0: a zero or sparse row) fits nothing from any
+        # direction; it stays where it is rather than collapsing to the zero vector.
+        u = torch.where(denominator > tiny, numerator / denominator.clamp_min(tiny), u)
     return u
 
 
@@ -212,11 +214,11 @@ def _newton(
         # g is scale invariant (its Hessian is singular along u): -u u' fixes that direction. Levenberg-Marquardt
         # damping turns a step that would not rise into a shorter, gradient-like one.
         system = hess[active] - ua.unsqueeze(2) * ua.unsqueeze(1) - damping[active, None, None] * eye
-        step = torch.linalg.solve(system, -grad[active].unsqueeze(2)).squeeze(2)
-        candidate = ua + step
+        step, info = torch.linalg.solve_ex(system, -grad[active].unsqueeze(2))
+        candidate = ua + step.squeeze(2)
         candidate = candidate / torch.linalg.vector_norm(candidate, dim=1, keepdim=True).clamp_min(1e-300)
         new_value, new_grad, new_hess = _profile(gram[active], last[active], candidate)
-        better = (new_value >= va) & torch.isfinite(new_value)
+        better = (new_value >= va) & torch.isfinite(new_value) & (info == 0)
         keep = better.unsqueeze(1)
         u[active] = torch.where(keep, candidate, ua)
         value[active] = torch.where(better, new_value, va)
@@ -237,7 +239,7 @@ def _masked_factors(rows: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, 
     n, r = starts.shape[:2]
     flat = starts.permute(2, 0, 1).reshape(count * n, r)  # start-major: start k of row i at k * n + i
     u, value, newton = _newton(gram.repeat(count, 1, 1), last.repeat(count, 1), flat)
-    best = value.view(count, n).argmax(0)
+    best = value.nan_to_num(nan=-math.inf).view(count, n).argmax(0)  # argmax would take a NaN as the largest
     return u.view(count, n, r)[best, torch.arange(n)], ALS_WARMUP + newton
 
 
