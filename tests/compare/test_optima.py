@@ -121,6 +121,46 @@ def test_gram_form_steps_are_the_masked_alternating_steps(shape, factorization, 
         assert torch.allclose(stepped[..., k], reference, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("r,tail", [(9, 6), (5, 5), (13, 1)])
+def test_profile_gradient_and_hessian_are_autograds(r, tail, generator) -> None:  # type: ignore[no-untyped-def]
+    """Newton's steps use a hand-built gradient and Hessian of the profile ``g(u)``; autograd differentiates the
+    plain formula ``u'Gu / u'u + (c'x)^2 / x'x`` independently."""
+    from kradapter.compare.optima import _profile, _profile_value
+
+    n = 4
+    a = torch.randn(n, r + 3, r, dtype=torch.float64, generator=generator)
+    gram = a.mT @ a
+    last = torch.randn(n, tail, dtype=torch.float64, generator=generator)
+    u = torch.randn(n, r, dtype=torch.float64, generator=generator)
+    value, grad, hess = _profile(gram, last, u)
+    assert torch.allclose(_profile_value(gram, last, u.unsqueeze(2)).squeeze(1), value, rtol=1e-12)
+    for i in range(n):
+
+        def g(z: torch.Tensor, i: int = i) -> torch.Tensor:
+            x = z[:tail]
+            return z @ gram[i] @ z / (z @ z) + (last[i] @ x) ** 2 / (x @ x)
+
+        assert float(g(u[i])) == pytest.approx(float(value[i]), rel=1e-12)
+        assert torch.allclose(grad[i], torch.autograd.functional.jacobian(g, u[i]), rtol=1e-9, atol=1e-12)
+        assert torch.allclose(hess[i], torch.autograd.functional.hessian(g, u[i]), rtol=1e-9, atol=1e-12)
+
+
+def test_cropped_rows_reach_the_supremum_no_stationary_point_attains() -> None:
+    """A row whose cropped block's observed entries lie where the other blocks have nothing: ``u = e3`` fits the
+    full blocks' top direction (error 1.25) and ``u = e0`` the partial block (error 4); ``u = (a, 0, 0, 1)`` with
+    ``a -> 0`` fits both (``v``'s last entry ``1 / a``), tending to error 0.25, the one left in block 2."""
+    from kradapter.compare.optima import kradapter_factors
+
+    rows = torch.tensor([[[0.0, 0.0, 0.0, 2.0], [0.5, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]], dtype=torch.float64)
+    mask = torch.ones_like(rows)
+    mask[0, 2, 2:] = 0
+    u, v, _, _, bound = kradapter_factors(rows, mask)
+    error = float(((rows - v.unsqueeze(2) * u.unsqueeze(1) * mask) ** 2).sum())
+    assert error == pytest.approx(0.25, rel=1e-6)
+    assert bound <= error
+    assert torch.isfinite(u).all() and torch.isfinite(v).all()
+
+
 def test_cropped_solver_does_not_depend_on_the_row_chunks(monkeypatch, generator) -> None:  # type: ignore[no-untyped-def]
     """Rows are independent: solving them in chunks of one or two rows gives what one chunk gives."""
     from kradapter.compare import optima
@@ -128,7 +168,7 @@ def test_cropped_solver_does_not_depend_on_the_row_chunks(monkeypatch, generator
     kr_shape = KhatriRaoShape(23, 41, "sqrt_max")
     rows, mask = optima.kradapter_rows(torch.randn(23, 41, dtype=torch.float64, generator=generator), kr_shape)
     whole = optima.kradapter_factors(rows, mask)
-    monkeypatch.setattr(optima, "CHUNK", 2 * kr_shape.r * kr_shape.r * optima.STARTS)  # two rows per chunk
+    monkeypatch.setattr(optima, "CHUNK", 2 * kr_shape.r * kr_shape.r * (optima.STARTS + 1))  # two rows per chunk
     chunked = optima.kradapter_factors(rows, mask)
     fits = [v.unsqueeze(2) * u.unsqueeze(1) for u, v, *_ in (whole, chunked)]  # u and v only up to sign and scale
     errors = [((rows - fit * mask) ** 2).sum((1, 2)) for fit in fits]

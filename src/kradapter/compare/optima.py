@@ -14,9 +14,10 @@ it is the rank-1 matrix ``V[i] U[i]^T``. The error splits into one best-rank-1 p
   float64 rounding, and certified by the top eigenvalue (``lower_bound`` equals the error).
 - ``r * r2 > M``: the last block's cropped entries are unobserved, so each row is a rank-1 fit with missing
   entries, which has no closed form. Solved by alternating least squares on the observed entries (each half step
-  exact, the objective never rises) from several of the full blocks' singular vectors, then Newton's method on
-  each, to a stationary point; each row keeps its best. Reported with a certified lower bound (the same rows'
-  best rank-1 fit with the partial block dropped).
+  exact, the objective never rises) from several of the full blocks' singular vectors and the zero-filled row's,
+  then Newton's method to a stationary point; each row keeps the best of these and of one supremum no stationary
+  point attains (:func:`_limit`). Reported with a certified lower bound (the same rows' best rank-1 fit with the
+  partial block dropped).
 
 **LoKr.** ``dW = s * kron(w1, w2)``. With full factors the optimum is the nearest Kronecker product (Van Loan &
 Pitsianis 1993): the top singular pair of the target rearranged so each ``(out_k x in_n)`` block is a row. With a
@@ -105,8 +106,12 @@ def kradapter_rows(target: torch.Tensor, shape: KhatriRaoShape) -> tuple[torch.T
 EIGENVALUE_SLACK = 1e-5
 
 
-ALS_WARMUP = 50  # alternating steps from every start before Newton's
+ALS_BLOCK = 25  # alternating steps between checks of the warm-up's objective
+ALS_WARMUP = 200  # at most; a row leaves the warm-up once its starts' objectives settle (relative ALS_SETTLED)
+ALS_SETTLED = 1e-10
+RIVAL = 1e-6  # a settled start this close to its row's best objective is polished too (see _masked_factors)
 STARTS = 4  # alternating least squares with cropped entries starts from this many top singular vectors per row
+# (of the fully observed blocks), and from one more: the top one of the row with its cropped entries set to zero.
 NEWTON_STEPS = 100  # at most; a row leaves the Newton iteration as soon as its objective settles
 CHUNK = 2**23  # rows are solved in chunks of about this many Gram-matrix entries (bounded memory on large layers)
 
@@ -170,28 +175,66 @@ def _als_gram(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, steps: in
     return u
 
 
+def _profile_value(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """:func:`_profile`'s ``g`` alone, for every start at once (``u``: ``(rows, r, starts)``)."""
+    tiny = torch.finfo(u.dtype).tiny
+    x = u[:, : last.shape[1]]
+    explained = (u * (gram @ u)).sum(1) / (u * u).sum(1).clamp_min(tiny)
+    return explained + (last.unsqueeze(2) * x).sum(1) ** 2 / (x * x).sum(1).clamp_min(tiny)
+
+
+def _warm_up(
+    gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """:func:`_als_gram` in blocks of ``ALS_BLOCK`` steps until all of a row's starts settle (or ``ALS_WARMUP``
+    steps): alternating steps cost ``r^2`` a row against Newton's ``r^3``, so Newton starts close and polishes in
+    a step or two. ``u``: ``(rows, r, starts)``, stepped together (one pass over a row's Gram matrix serves all
+    its starts). Returns ``u``, each start's objective, whether each row settled, and the slowest row's steps."""
+    value = _profile_value(gram, last, u)
+    settled = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
+    active = torch.arange(u.shape[0], device=u.device)
+    taken = 0
+    while active.numel() and taken < ALS_WARMUP:
+        taken += ALS_BLOCK
+        stepped = _als_gram(gram[active], last[active], u[active], ALS_BLOCK)
+        new_value = _profile_value(gram[active], last[active], stepped)
+        u[active] = stepped
+        done = ((new_value - value[active]).abs() <= ALS_SETTLED * new_value.abs()).all(1)
+        value[active] = new_value
+        settled[active[done]] = True
+        active = active[~done]
+    return u, value, settled, taken
+
+
 def _profile(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor):
     """Per row, ``g(u) = u'Gu / u'u + (c'x)^2 / x'x`` (``x = u[:tail]``; the squared error is ``||R_obs||^2 - g``),
-    its gradient and Hessian: the masked rank-1 problem with the best ``v`` for ``u`` substituted in."""
+    its gradient and Hessian: the masked rank-1 problem with the best ``v`` for ``u`` substituted in. The Hessian
+    is ``2G / u'u``, a diagonal and one rank-5 product (one batched pass over the ``r x r`` matrices)."""
+    n, r = u.shape
     tail = last.shape[1]
     s = (u * u).sum(1, keepdim=True)
     gu = (gram @ u.unsqueeze(2)).squeeze(2)
     f1 = (u * gu).sum(1, keepdim=True) / s
     d1 = 2 * (gu - f1 * u) / s
-    eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
-    h = 2 * (gram - f1.unsqueeze(2) * eye) - 2 * (u.unsqueeze(2) * d1.unsqueeze(1) + d1.unsqueeze(2) * u.unsqueeze(1))
-    h = h / s.unsqueeze(2)
     x = u[:, :tail]
     s2 = (x * x).sum(1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
     cx = (last * x).sum(1, keepdim=True)
     f2 = cx * cx / s2
     d2 = 2 * (cx * last - f2 * x) / s2
-    cc = last.unsqueeze(2) * last.unsqueeze(1)
-    eye2 = eye[:tail, :tail]
-    h2 = 2 * (cc - f2.unsqueeze(2) * eye2) - 2 * (x.unsqueeze(2) * d2.unsqueeze(1) + d2.unsqueeze(2) * x.unsqueeze(1))
-    h[:, :tail, :tail] += h2 / s2.unsqueeze(2)
     grad = d1.clone()
     grad[:, :tail] += d2
+    # -2(u d1' + d1 u') / s  +  2(c c' - x d2' - d2 x') / s2 on the tail block
+    left = u.new_zeros(n, r, 5)
+    right = u.new_zeros(n, r, 5)
+    left[:, :, 0], right[:, :, 0] = u, -2 * d1 / s
+    left[:, :, 1], right[:, :, 1] = d1, -2 * u / s
+    left[:, :tail, 2], right[:, :tail, 2] = last, 2 * last / s2
+    left[:, :tail, 3], right[:, :tail, 3] = x, -2 * d2 / s2
+    left[:, :tail, 4], right[:, :tail, 4] = d2, -2 * x / s2
+    h = torch.baddbmm(gram * (2 / s).unsqueeze(2), left, right.mT)
+    diagonal = h.diagonal(dim1=1, dim2=2)
+    diagonal -= 2 * f1 / s
+    diagonal[:, :tail] -= 2 * f2 / s2
     return (f1 + f2).squeeze(1), grad, h
 
 
@@ -203,44 +246,85 @@ def _newton(
     alternating method's point; returns ``u`` (unit rows), ``g`` there, and the steps of the slowest row."""
     u = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
     value, grad, hess = _profile(gram, last, u)
+    out_u, out_value = u.clone(), value.clone()
     damping = torch.full_like(value, 1e-6) * value.abs().clamp_min(1e-300)
     floor = 1e-16 * float(value.abs().max()) if value.numel() else 0.0
     eye = torch.eye(u.shape[1], dtype=u.dtype, device=u.device)
-    active = torch.arange(u.shape[0], device=u.device)
+    index = torch.arange(u.shape[0], device=u.device)  # the working tensors hold the unsettled rows only
     taken = 0
-    while active.numel() and taken < steps:
+    while index.numel() and taken < steps:
         taken += 1
-        ua, va = u[active], value[active]
         # g is scale invariant (its Hessian is singular along u): -u u' fixes that direction. Levenberg-Marquardt
         # damping turns a step that would not rise into a shorter, gradient-like one.
-        system = hess[active] - ua.unsqueeze(2) * ua.unsqueeze(1) - damping[active, None, None] * eye
-        step, info = torch.linalg.solve_ex(system, -grad[active].unsqueeze(2))
-        candidate = ua + step.squeeze(2)
+        system = hess - u.unsqueeze(2) * u.unsqueeze(1) - damping[:, None, None] * eye
+        step, info = torch.linalg.solve_ex(system, -grad.unsqueeze(2))
+        candidate = u + step.squeeze(2)
         candidate = candidate / torch.linalg.vector_norm(candidate, dim=1, keepdim=True).clamp_min(1e-300)
-        new_value, new_grad, new_hess = _profile(gram[active], last[active], candidate)
-        better = (new_value >= va) & torch.isfinite(new_value) & (info == 0)
+        new_value, new_grad, new_hess = _profile(gram, last, candidate)
+        better = (new_value >= value) & torch.isfinite(new_value) & (info == 0)
+        settled = (new_value - value).abs() <= 1e-13 * value.abs() + floor
         keep = better.unsqueeze(1)
-        u[active] = torch.where(keep, candidate, ua)
-        value[active] = torch.where(better, new_value, va)
-        grad[active] = torch.where(keep, new_grad, grad[active])
-        hess[active] = torch.where(keep.unsqueeze(2), new_hess, hess[active])
-        damping[active] = torch.where(better, damping[active] / 10, damping[active] * 10)
-        settled = (new_value - va).abs() <= 1e-13 * va.abs() + floor
-        active = active[~settled]
-    return u, value, taken
+        u = torch.where(keep, candidate, u)
+        value = torch.where(better, new_value, value)
+        grad = torch.where(keep, new_grad, grad)
+        hess = torch.where(keep.unsqueeze(2), new_hess, hess)
+        damping = torch.where(better, damping / 10, damping * 10)
+        out_u[index], out_value[index] = u, value
+        if settled.any():
+            going = ~settled
+            index, u, value, grad, hess, damping = (t[going] for t in (index, u, value, grad, hess, damping))
+            gram, last = gram[going], last[going]
+    return out_u, out_value, taken
 
 
 def _masked_factors(rows: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, vectors: torch.Tensor):
-    """The cropped case of :func:`kradapter_factors` on a chunk of rows: ``(u, alternating + Newton steps)``."""
+    """The cropped case of :func:`kradapter_factors` on a chunk of rows: ``(u, alternating + Newton steps)``.
+
+    Newton polishes each row's best start, and any other start that may still overtake it: one whose row did not
+    settle, or one within ``RIVAL`` of the best objective that is not the same point (``|cos| < 1 - RIVAL``). A
+    settled start well below the best sits at a lower stationary point, which Newton cannot lift past the best."""
     tail = int(mask[0, -1].sum())
     last = rows[:, -1, :tail]
     count = min(STARTS, vectors.shape[-1])
-    starts = _als_gram(gram, last, vectors[..., :count].clone(), ALS_WARMUP)  # (rows, r, count)
-    n, r = starts.shape[:2]
-    flat = starts.permute(2, 0, 1).reshape(count * n, r)  # start-major: start k of row i at k * n + i
-    u, value, newton = _newton(gram.repeat(count, 1, 1), last.repeat(count, 1), flat)
-    best = value.nan_to_num(nan=-math.inf).view(count, n).argmax(0)  # argmax would take a NaN as the largest
-    return u.view(count, n, r)[best, torch.arange(n)], ALS_WARMUP + newton
+    filled = gram.clone()
+    filled[:, :tail, :tail] += last.unsqueeze(2) * last.unsqueeze(1)
+    zero_filled = _gram_eigh(filled)[0][..., :1]  # where the observed part of the last block dominates a row
+    u, value, settled, warm = _warm_up(gram, last, torch.cat([vectors[..., :count], zero_filled], 2))
+    n = u.shape[0]
+    value = value.nan_to_num(nan=-math.inf)  # argmax would take a NaN as the largest
+    top = value.argmax(1)
+    unit = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+    cos = (unit * unit[torch.arange(n), :, top].unsqueeze(2)).sum(1).abs()
+    best = value.gather(1, top.unsqueeze(1))
+    rival = (value >= best - RIVAL * best.abs()) & (cos < 1 - RIVAL)
+    polish = rival | ~settled.unsqueeze(1)
+    polish[torch.arange(n), top] = True
+    row, start = polish.nonzero(as_tuple=True)
+    polished, polished_value, newton = _newton(gram[row], last[row], u[row, :, start])
+    chosen = torch.full((n,), -math.inf, dtype=value.dtype, device=value.device)
+    polished_value = polished_value.nan_to_num(nan=-math.inf)
+    chosen.scatter_reduce_(0, row, polished_value, "amax")
+    winner = torch.zeros(n, dtype=torch.long, device=u.device)
+    is_max = polished_value == chosen[row]  # every row has one: its best start is always polished
+    winner[row[is_max]] = torch.nonzero(is_max).squeeze(1)
+    return _limit(gram, last, polished[winner], chosen), warm + newton
+
+
+LIMIT_TAIL = 1e-7  # the tail's norm in a unit ``u`` that stands for the limit x -> 0 (see _limit)
+
+
+def _limit(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``u``, or where it is higher, the supremum that no stationary point attains: as ``x = u[:tail] -> 0`` along
+    ``c``, ``g`` tends to ``lambda_max(G_rest) + ||c||^2`` (``G_rest``: the Gram matrix on the other coordinates),
+    the last block fitted exactly by a ``v`` that grows as ``1 / ||x||``. Rows with exact zeros (sparse targets)
+    reach it; it is realised with ``||x|| = LIMIT_TAIL`` and kept only where ``g`` there beats ``value``."""
+    tail = last.shape[1]
+    norm = torch.linalg.vector_norm(last, dim=1, keepdim=True)
+    vectors = torch.linalg.eigh(gram[:, tail:, tail:]).eigenvectors
+    candidate = torch.cat([LIMIT_TAIL * last / norm.clamp_min(torch.finfo(u.dtype).tiny), vectors[..., -1]], 1)
+    reached = _profile_value(gram, last, candidate.unsqueeze(2)).squeeze(1)
+    better = (reached > value) & (norm.squeeze(1) > 0) & torch.isfinite(reached)
+    return torch.where(better.unsqueeze(1), candidate, u)
 
 
 def kradapter_factors(
@@ -249,18 +333,19 @@ def kradapter_factors(
     """Per row, ``v`` (``r2``) and ``u`` (``r``) minimising ``||mask * (rows - v u^T)||_F``, summed over rows.
 
     Without a mask: the top singular pair of each row (float32 ``eigh`` of the Gram matrix), refined in float64 by
-    power iteration. With a mask (cropped entries, all in the last block) the problem has local minima: from each
-    of the fully observed blocks' top ``STARTS`` right singular vectors, ``ALS_WARMUP`` steps of float64
-    alternating least squares (``v = R u / M u^2``, ``u = R^T v / M^T v^2``, in Gram form), then safeguarded
-    Newton steps on the profile over ``u`` (:func:`_profile`) from every start to a stationary point (a row leaves
-    as soon as it settles); each row keeps its best. Rows are independent and solved in chunks of bounded
+    power iteration. With a mask (cropped entries, all in the last block) the problem has local minima: from the
+    fully observed blocks' top ``STARTS`` right singular vectors and the zero-filled row's top one, float64
+    alternating least squares until the objective settles (``v = R u / M u^2``, ``u = R^T v / M^T v^2``, in Gram
+    form: :func:`_warm_up`), then safeguarded Newton steps on the profile over ``u`` (:func:`_profile`) to a
+    stationary point from the best start and its rivals (:func:`_masked_factors`); each row keeps its best. Rows
+    are independent and solved in chunks of bounded
     memory. Returns ``u, v``, the steps, whether the result is stationary (relative squared error settled within
     ``tol``), and a lower bound on the squared error: the fully observed blocks' best rank-1 error (Eckart-Young;
     the partial block only adds a non-negative term).
     """
     full = rows if mask is None else rows[:, :-1]
     energy = float((full * full).sum())
-    chunk = max(1, CHUNK // (rows.shape[2] * rows.shape[2] * (1 if mask is None else STARTS)))
+    chunk = max(1, CHUNK // (rows.shape[2] * rows.shape[2] * (1 if mask is None else STARTS + 1)))
     us, top, steps = [], 0.0, 0
     for first in range(0, rows.shape[0], chunk):
         part = full[first : first + chunk]
@@ -292,7 +377,8 @@ def _kradapter(layer: Any, target: torch.Tensor, tol: float, max_iterations: int
     solver = (
         "per-row best rank-1 (Eckart-Young): float32 Gram eigh, float64 power-iteration refinement"
         if exact
-        else "per-row rank-1 with the cropped entries unobserved: float64 alternating least squares to convergence"
+        else "per-row rank-1 with the cropped entries unobserved: best of 5 starts, float64 alternating least squares"
+        " then Newton's method, and the supremum as the cropped block's observed part tends to zero"
     )
     return Optimum(_update(layer), math.sqrt(max(bound, 0.0)), steps, converged, exact, solver, 0.0)
 
