@@ -281,8 +281,8 @@ def _masked_factors(rows: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, 
     """The cropped case of :func:`kradapter_factors` on a chunk of rows: ``(u, alternating + Newton steps)``.
 
     Newton polishes each row's best start, and any other start that may still overtake it: one whose row did not
-    settle, or one within ``RIVAL`` of the best objective that is not the same point (``|cos| < 1 - RIVAL``). A
-    settled start well below the best sits at a lower stationary point, which Newton cannot lift past the best."""
+    settle, or one within ``RIVAL`` of the best objective that is not the same point (``|cos| < 1 - RIVAL``). The
+    others have settled well below the best, near a lower stationary point."""
     tail = int(mask[0, -1].sum())
     last = rows[:, -1, :tail]
     count = min(STARTS, vectors.shape[-1])
@@ -301,13 +301,11 @@ def _masked_factors(rows: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, 
     polish[torch.arange(n), top] = True
     row, start = polish.nonzero(as_tuple=True)
     polished, polished_value, newton = _newton(gram[row], last[row], u[row, :, start])
-    chosen = torch.full((n,), -math.inf, dtype=value.dtype, device=value.device)
-    polished_value = polished_value.nan_to_num(nan=-math.inf)
-    chosen.scatter_reduce_(0, row, polished_value, "amax")
-    winner = torch.zeros(n, dtype=torch.long, device=u.device)
-    is_max = polished_value == chosen[row]  # every row has one: its best start is always polished
-    winner[row[is_max]] = torch.nonzero(is_max).squeeze(1)
-    return _limit(gram, last, polished[winner], chosen), warm + newton
+    value = torch.full_like(value, -math.inf)  # a start Newton did not polish cannot win
+    value[row, start] = polished_value.nan_to_num(nan=-math.inf)
+    u[row, :, start] = polished
+    chosen, winner = value.max(1)
+    return _limit(gram, last, u[torch.arange(n), :, winner], chosen), warm + newton
 
 
 LIMIT_TAIL = 1e-7  # the tail's norm in a unit ``u`` that stands for the limit x -> 0 (see _limit)
@@ -338,10 +336,9 @@ def kradapter_factors(
     alternating least squares until the objective settles (``v = R u / M u^2``, ``u = R^T v / M^T v^2``, in Gram
     form: :func:`_warm_up`), then safeguarded Newton steps on the profile over ``u`` (:func:`_profile`) to a
     stationary point from the best start and its rivals (:func:`_masked_factors`); each row keeps its best. Rows
-    are independent and solved in chunks of bounded
-    memory. Returns ``u, v``, the steps, whether the result is stationary (relative squared error settled within
-    ``tol``), and a lower bound on the squared error: the fully observed blocks' best rank-1 error (Eckart-Young;
-    the partial block only adds a non-negative term).
+    are independent and solved in chunks of bounded memory. Returns ``u, v``, the steps, whether the result is
+    stationary (relative squared error settled within ``tol``), and a lower bound on the squared error: the fully
+    observed blocks' best rank-1 error (Eckart-Young; the partial block only adds a non-negative term).
     """
     full = rows if mask is None else rows[:, :-1]
     energy = float((full * full).sum())
