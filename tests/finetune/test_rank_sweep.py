@@ -5,6 +5,7 @@ on fresh random data, and a tiny study end to end."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -297,6 +298,46 @@ def test_the_within_method_slope_is_a_dummy_variable_fit(within: float, rng) -> 
     assert sweep["without_flagged"]["slope"] == pytest.approx(
         dummy_least_squares(y[keep], x[keep], [families[i] for i in keep])[0], rel=1e-9, abs=1e-9
     )
+
+
+@pytest.mark.parametrize(("within", "seeds"), [(4.0, 8), (0.0, 8), (-3.0, 4)])
+def test_the_per_draw_slopes_are_dummy_variable_fits_and_their_t_interval_is_scipys(within, seeds, rng) -> None:
+    """Each seed's slope is the dummy-variable fit on that seed's runs alone; the interval, p and sign-flip p over
+    the draws are scipy's one-sample t and a brute-force enumeration of the 2^n sign patterns."""
+    benchmarks = sweep_benchmarks(np.random.default_rng(rng.getrandbits(64)), within, seeds=seeds)
+    sweep = sr.rank_sweep(benchmarks)
+    assert sweep is not None
+    runs = benchmarks["sentiment"]["cells"]["k32_x1"]["runs"]
+    slopes = []
+    for seed in range(seeds):
+        rows = [(m, by_seed[str(seed)]) for m, by_seed in runs.items() if m != "majority"]
+        y = np.array([100 * r["scores"]["ood"] for _, r in rows])
+        x = np.log([r["effective_rank"] for _, r in rows])
+        slopes.append(dummy_least_squares(y, x, [registry.family(m) for m, _ in rows])[0])
+    got = sweep["by_seed"]
+    assert [d["seed"] for d in got["slopes"]] == list(range(seeds)) and got["n"] == got["draws"] == seeds
+    assert [d["slope"] for d in got["slopes"]] == pytest.approx(slopes, rel=1e-9, abs=1e-9)
+    test = sps.ttest_1samp(slopes, 0.0)
+    low, high = test.confidence_interval(0.95)
+    assert (got["slope"], got["low"], got["high"], got["p"]) == pytest.approx(
+        (np.mean(slopes), low, high, test.pvalue), rel=1e-7, abs=1e-12
+    )
+    centred = np.array(slopes)
+    flips = [abs(np.dot(signs, centred)) >= abs(centred.sum()) - 1e-12
+             for signs in itertools.product((1, -1), repeat=seeds)]  # fmt: skip
+    assert got["sign_flip_p"] == pytest.approx(np.mean(flips))
+    if seeds < 6:
+        assert got["verdict"] == f"no verdict (n = {seeds} < 6 seeds)"
+    elif within > 0:
+        assert got["verdict"] == "supported"
+    else:
+        assert got["verdict"].startswith("not detected") or test.pvalue <= 0.05
+    # every run of seed 3 is flagged: without them, that draw is gone and the others are unchanged
+    kept = sweep["by_seed_without_flagged"]
+    assert [d["seed"] for d in kept["slopes"]] == [s for s in range(seeds) if s != 3]
+    assert [d["slope"] for d in kept["slopes"]] == pytest.approx(slopes[:3] + slopes[4:], rel=1e-9, abs=1e-9)
+    text = "\n".join(sr._rank_sweep_lines(sweep))
+    assert f"**{got['verdict']}**" in text and f"{got['slope']:+.3g}" in text
 
 
 def test_the_sweep_table_has_every_variant_and_no_baseline(rng) -> None:

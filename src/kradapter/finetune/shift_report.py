@@ -31,10 +31,10 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -649,6 +649,7 @@ def mechanism(benchmarks: Mapping[str, Any]) -> dict[str, Any]:
 
         regressions[x] = {
             "pooled": fit(usable),
+            "by_seed": seed_slopes(usable, lambda r, x=x: float(r[x]), MECHANISM.get(x)),  # type: ignore[misc, arg-type]
             "by_benchmark": {
                 b: fit([r for r in usable if r["benchmark"] == b])
                 for b in benchmarks
@@ -704,6 +705,7 @@ def rank_sweep(benchmarks: Mapping[str, Any]) -> dict[str, Any] | None:
         return fixed_effects_slope([r["ood"] for r in rs], x, [fixed_effect(r) for r in rs])
 
     regression = fit(rows)
+    by_seed = seed_slopes(rows)
     verdict = "-"
     if regression.get("estimable"):
         verdict = stats.endpoint_verdict(regression["p"], regression["slope"], MECHANISM["effective_rank"],  # type: ignore[arg-type]
@@ -711,7 +713,50 @@ def rank_sweep(benchmarks: Mapping[str, Any]) -> dict[str, Any] | None:
     return {"label": "exploratory", "cells": [f"{b}/{cid}" for b, cid in cells], "x": "log effective rank",
             "y": "ood (points)", "fixed_effects": "benchmark x shots x method family",
             "expected": MECHANISM["effective_rank"], "variants": summaries, "regression": regression,
-            "verdict": verdict, "without_flagged": fit([r for r in rows if r["fit"] not in FLAGS])}  # fmt: skip
+            "verdict": verdict, "without_flagged": fit([r for r in rows if r["fit"] not in FLAGS]),
+            "by_seed": by_seed,
+            "by_seed_without_flagged": seed_slopes([r for r in rows if r["fit"] not in FLAGS])}  # fmt: skip
+
+
+def log_rank(row: Mapping[str, Any]) -> float:
+    return math.log(float(row["effective_rank"]))
+
+
+def seed_slopes(
+    rows: Sequence[Mapping[str, Any]],
+    x: Callable[[Mapping[str, Any]], float] = log_rank,
+    expected: Literal["greater", "less"] | None = "greater",
+) -> dict[str, Any]:
+    """The within-method slope of OOD accuracy (points) on ``x`` (log effective rank) fitted in each seed's draw alone
+    (benchmark x shots x seed; one intercept per method family), then a t interval, exact sign-flip p and MDE
+    over those slopes: every variant of one seed trains on the same texts, so the draws, not the runs, are the
+    independent replicates (the pooled regression counts runs). No verdict below the study's minimum seeds."""
+    draws: dict[tuple[str, int, int], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        draws.setdefault((r["benchmark"], int(r["shots"]), int(r["seed"])), []).append(r)
+    slopes = {}
+    for key, rs in sorted(draws.items()):
+        one = fixed_effects_slope([r["ood"] for r in rs], [x(r) for r in rs], [fixed_effect(r) for r in rs])
+        if one.get("estimable"):
+            slopes[key] = one["slope"]
+    out: dict[str, Any] = {"draws": len(draws), "n": len(slopes),
+                           "slopes": [{"benchmark": b, "shots": k, "seed": s, "slope": v}
+                                      for (b, k, s), v in slopes.items()]}  # fmt: skip
+    if len(slopes) < 2:
+        return out | {"estimable": False, "why": f"{len(slopes)} draw(s) with a within-method slope (need 2)"}
+    values = list(slopes.values())
+    t = stats.paired_t_interval(values)
+    sd = float(np.std(values, ddof=1))
+    detectable = stats.minimum_detectable_difference(sd, len(values))
+    if expected is None:  # no claimed direction to judge
+        verdict = "-"
+    elif len(values) < MIN_PAIRS_FOR_VERDICT:
+        verdict = FEW_PAIRS.format(n=len(values))
+    else:
+        verdict = stats.endpoint_verdict(t.p_value or 0.0, t.estimate, expected, detectable)
+    flip = stats.sign_flip_test(values).p_value
+    return out | {"estimable": True, "slope": t.estimate, "sd": sd, "low": t.low, "high": t.high, "p": t.p_value,
+                  "sign_flip_p": flip, "mde": detectable, "verdict": verdict}  # fmt: skip
 
 
 # -- markdown -------------------------------------------------------------------------------------------------------
@@ -874,6 +919,16 @@ def _mechanism_lines(mech: Mapping[str, Any]) -> list[str]:
             lines.append(f"| {x} | {scope} | {r['n']} | {r['groups']} | {r['slope']:+.3g} | "
                          f"[{r['low']:+.3g}, {r['high']:+.3g}] | {_p(r['p'])} | {r['slope_per_sd']:+.2f} | "
                          f"{r['mde_per_sd']:.2f} | {verdict} |")  # fmt: skip
+    per_draw = {x: reg["by_seed"] for x, reg in mech["regressions"].items() if reg.get("by_seed", {}).get("estimable")}
+    if per_draw:
+        lines += ["", "The same slopes fitted in each seed's draw alone (where a method family has runs of more than "
+                  "one size in a draw), then over the draws: t interval, exact sign-flip p, MDE in the metric's unit.",
+                  "",
+                  "| metric | draws | slope | SD | 95% t interval | t p | sign-flip p | MDE | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for x, r in per_draw.items():
+            lines.append(f"| {x} | {r['n']} | {r['slope']:+.3g} | {r['sd']:.3g} | [{r['low']:+.3g}, {r['high']:+.3g}] "
+                         f"| {_p(r['p'])} | {_p(r['sign_flip_p'])} | {r['mde']:.3g} | {r['verdict']} |")  # fmt: skip
     lines.append("")
     return lines
 
@@ -905,6 +960,19 @@ def _rank_sweep_lines(sweep: Mapping[str, Any]) -> list[str]:
         lines.append(f"| {scope} | {r['n']} | {r['groups']} | {r['slope']:+.3g} | "
                      f"[{r['low']:+.3g}, {r['high']:+.3g}] | {_p(r['p'])} | {r['slope_per_sd']:+.2f} | "
                      f"{r['mde_per_sd']:.2f} | **{verdict}** |")  # fmt: skip
+    lines += ["", "The same slope fitted in each seed's draw alone (every variant of a seed trains on the same texts, "
+              "so the draws are the independent replicates), then over the draws: mean slope (points per unit of log "
+              "rank), t interval, exact sign-flip p, MDE in the same unit.", "",
+              "| runs | draws | slope | SD | 95% t interval | t p | sign-flip p | MDE | verdict |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for scope, r in (("all", sweep.get("by_seed")), ("without flagged", sweep.get("by_seed_without_flagged"))):
+        if r is None:  # a document written before the per-draw fit
+            continue
+        if not r.get("estimable"):
+            lines.append(f"| {scope} | {r['n']} | - | - | - | - | - | - | {r.get('why', '-')} |")
+            continue
+        lines.append(f"| {scope} | {r['n']} | {r['slope']:+.3g} | {r['sd']:.3g} | [{r['low']:+.3g}, {r['high']:+.3g}] "
+                     f"| {_p(r['p'])} | {_p(r['sign_flip_p'])} | {r['mde']:.2f} | **{r['verdict']}** |")  # fmt: skip
     lines.append("")
     return lines
 
