@@ -244,12 +244,19 @@ def _set_threads(threads: int) -> None:
 
 
 def run_unit(unit: Unit, threads: int | None = None, expected: Fingerprint | None = None) -> tuple[Any, dict]:
-    """Check the environment, pin the threads, run the unit: its record and artifacts (exceptions propagate)."""
+    """Check the environment, pin the threads, run the unit: its record and artifacts (exceptions propagate).
+
+    The thread variables only reach libraries not yet loaded; numpy's BLAS (an SVD in a unit's analysis) has
+    started its threads by then in a driver process, so it is held to ``threads`` with threadpoolctl as well."""
     if expected is not None:
         check_environment(expected)
-    if threads is not None:
-        _set_threads(threads)
-    return _normalise(unit.key, unit.fn(*unit.args, **dict(unit.kwargs)))
+    if threads is None:
+        return _normalise(unit.key, unit.fn(*unit.args, **dict(unit.kwargs)))
+    from threadpoolctl import threadpool_limits
+
+    _set_threads(threads)
+    with threadpool_limits(limits=threads):
+        return _normalise(unit.key, unit.fn(*unit.args, **dict(unit.kwargs)))
 
 
 # -- executors ------------------------------------------------------------------------------------------------------

@@ -1,18 +1,22 @@
 """`kradapter compare` on an executor: bad input, same numbers sequential and on Ray, resume across executors,
-a worker killed mid-cell, a quiet command.
+a worker killed mid-cell, the driver killed mid-run, a quiet command.
 
 The Ray tests share one local cluster of 2 CPUs (module fixture; the command uses a cluster that is already up);
-one more starts in a fresh process for the output check.
+two more start in fresh processes: the killed driver's, and the output check's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import random
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,7 @@ from kradapter.compare import study
 from kradapter.compare.config import StudyConfig
 from kradapter.compare.results import columns
 from kradapter.executor import RAY_EXTRA, RayExecutor, SequentialExecutor, Unit, _quiet_init_options
+from tests import support
 
 from . import executor_cells as cells
 
@@ -187,6 +192,94 @@ def test_killed_worker_retried_then_failed_then_resumed(ray_cluster, tmp_path, m
     assert main(["compare", *SMALL[:-2], *argv, "--out", str(out), "--resume"]) == 0
     assert calls == ["lora"]
     assert "error" not in records(out)[("cell", "random_noise", "lora", 42)]
+
+
+def _fitted(path: Path) -> bool:
+    """Whether ``records.jsonl`` holds a whole record of a fit (LoRA or KRAdapter; the reference cells are quick)."""
+    text = path.read_text() if path.exists() else ""
+    keys = [json.loads(line)["key"] for line in text.splitlines(keepends=True) if line.endswith("\n")]
+    return any(key[0] == "cell" and key[2] in ("lora", "kradapter") for key in keys)
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` (one started with ``start_new_session``) until none is left."""
+    for _ in range(100):
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:  # ended meanwhile
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # session id; zombies are gone already
+                alive.append(int(stat.parent.name))
+        if not alive:
+            return
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    raise AssertionError(f"processes of session {sid} still running: {alive}")
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_run_on_ray_then_resume_gives_the_uninterrupted_numbers(tmp_path, rng: random.Random):
+    """`kradapter compare --executor ray` SIGKILLed (the driver, the one writer) once a fit has been recorded: every
+    record on disk is whole, and `--resume` (sequential) keeps them, runs only the rest, and ends with the records
+    and results document of an uninterrupted run."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'kradapter[ray]')")
+    study_file = tmp_path / "study.toml"
+    study_file.write_text("[early_stopping]\nenabled = false\n")  # every fit runs all its iterations
+    args = [*SMALL, "--config", str(study_file), "--iterations", "1500", "--methods", "lora,kradapter"]
+    args += ["--seeds", "3,4"]  # 2 matrices x 2 seeds: 8 fits of about 0.7 s and 12 quick cells
+    out = tmp_path / "killed"
+    log = tmp_path / "driver.log"
+    env = support.child_env()
+    env.pop("RAY_ADDRESS", None)  # a local cluster of its own, started (and orphaned) by the driver
+    command = [sys.executable, "-m", "kradapter.cli", "compare", *args, "--out", str(out)]
+    command += ["--executor", "ray", "--workers", "2"]
+    with log.open("w") as sink:
+        driver = subprocess.Popen(
+            command,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the driver and the cluster it starts: one session to clean up
+        )
+    path = out / "records.jsonl"
+    try:
+        deadline = time.monotonic() + 300
+        while not _fitted(path):
+            assert driver.poll() is None, f"exit {driver.returncode} before any fit was recorded\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no fit recorded after 300 s\n{log.read_text()}"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.2))  # anywhere after that: mid-fit, mid-append, between two records
+        if driver.poll() is not None:
+            pytest.fail(f"exit {driver.returncode} before the kill: make the study longer\n{log.read_text()}")
+        driver.send_signal(signal.SIGKILL)
+        assert driver.wait(timeout=60) == -signal.SIGKILL, log.read_text()
+    finally:
+        driver.kill()
+        driver.wait(timeout=60)
+        _kill_session(driver.pid)  # Ray's agents outlive a killed driver (its workers and raylet do not)
+    raw = path.read_bytes()
+    lines = raw.splitlines(keepends=True)
+    assert lines and raw.endswith(b"\n"), raw[-200:]  # no torn last line
+    kept = [json.loads(line) for line in lines]  # each a whole record
+    assert all(set(entry) == {"key", "record"} for entry in kept)
+    assert any(entry["key"][0] == "cell" for entry in kept)
+
+    assert main(["compare", *args, "--out", str(out), "--resume"]) == 0
+    assert main(["compare", *args, "--out", str(tmp_path / "whole")]) == 0
+    after = (out / "records.jsonl").read_bytes().splitlines(keepends=True)
+    assert after[: len(lines)] == lines  # the records made before the kill, untouched
+    keys = [tuple(json.loads(line)["key"]) for line in after]
+    whole = records(tmp_path / "whole")
+    assert len(keys) == len(set(keys)) == len(whole) > len(lines)  # nothing run twice, nothing missing
+    assert records(out) == whole
+    assert document(out) == document(tmp_path / "whole")
+    assert [p.name for p in out.rglob("*") if p.name.endswith((".tmp", ".kratmp"))] == []
+    modes = [i["environment"]["executor"] for i in json.loads((out / "run.json").read_text())["invocations"]]
+    assert modes == ["ray", "sequential"]
 
 
 # -- quiet output ---------------------------------------------------------------------------------------------------

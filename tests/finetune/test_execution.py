@@ -263,3 +263,21 @@ def test_a_failed_unit_exits_1_naming_it_and_resume_retries_it(
     done = records(out)
     assert "error" not in done[("run", "head", 1)] and done[("run", "head", 1)]["test"]["predictions"]
     assert done[("run", "head", 0)] == first  # the finished unit is not run again
+
+
+@pytest.mark.slow
+def test_a_one_rate_choice_lost_to_a_kill_is_recorded_again_on_resume(
+    corpus: Path, minilm_path: str, tmp_path: Path
+) -> None:
+    """A method with one rate records its choice right after its first run; a driver killed between the two
+    appends leaves the run without it (one seed: no later run to add it): ``--resume`` records it again."""
+    out = tmp_path / "out"
+    flags = ["--methods", "head", "--lr-grid", "head=1e-1", "--seeds", "0", "--threads-per-unit", "1"]
+    assert finetune(corpus, minilm_path, out, *flags) == 0
+    whole = records(out)
+    assert whole[("chosen", "head")] == {"lr": 0.1, "trials": [], "on_edge": False}
+    lines = (out / "records.jsonl").read_text().splitlines(keepends=True)
+    assert json.loads(lines[-1])["key"] == ["chosen", "head"]
+    (out / "records.jsonl").write_text("".join(lines[:-1]))  # the kill: the run's record on disk, not the choice
+    assert finetune(corpus, minilm_path, out, *flags, "--resume") == 0
+    assert records(out) == whole

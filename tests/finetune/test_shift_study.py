@@ -1,8 +1,10 @@
 """``kradapter shift``: settings, cells, data assembly, and a whole study on MiniLM and a small
-synthetic benchmark (fresh random texts per run) checked against independent recomputations."""
+synthetic benchmark (fresh random texts per run) checked against independent recomputations; a tiny study's records
+the same sequentially and on Ray, and resumed across executors."""
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import replace
 from pathlib import Path
@@ -278,6 +280,66 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
         Study(settings, model, "minilm", data).run(store, lambda execution: None, progress=False)
         assert store.records == finished
     assert (tmp_path / "out" / RESULTS_FILE).is_file()
+
+
+def _cut_and_resume(out: Path, argv: list[str], drop: int) -> None:
+    """Drop the last ``drop`` records of the run in ``out`` (a run stopped early), then ``--resume`` it with ``argv``:
+    the records kept are left as they were, and only the dropped units run again."""
+    lines = (out / "records.jsonl").read_text().splitlines(keepends=True)
+    (out / "records.jsonl").write_text("".join(lines[:-drop]))
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    after = (out / "records.jsonl").read_text().splitlines(keepends=True)
+    assert after[: len(lines) - drop] == lines[:-drop] and len(after) == len(lines)
+
+
+@pytest.mark.slow
+def test_sequential_and_ray_give_the_same_records_and_resume_crosses_executors(
+    minilm_path: str, tmp_path: Path, monkeypatch
+) -> None:
+    """``kradapter shift`` on the synthetic benchmark: the same records sequentially and on Ray ``--workers 2``
+    (metrics, per-item predictions, update measures; timings and memory aside) and the same adapter files, and a run
+    cut short on either executor finished on the other gives them again; the study's methods and reference rows run
+    before its contender. The smallest such study: two cells, LoRA and KRAdapter (and head-only training as the
+    anchor cell's contender) at one fixed rate each, 2 seeds, the reference rows, 3 steps, the query layers only."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'kradapter[ray]')")
+    from kradapter.executor import _quiet_init_options
+    from kradapter.finetune import shift_data
+    from tests.finetune.test_execution import files, records
+
+    bench = synthetic()  # one draw of texts for every run here (their hash is in the run's settings)
+    monkeypatch.setattr(shift_data, "load_benchmark", lambda name: bench)
+    argv = ["shift", "--model", minilm_path, "--benchmarks", "sentiment", "--methods", "lora", "kradapter"]
+    argv += ["--contenders", "head", "--lr-grid", "lora=3e-3", "kradapter=1e-2", "head=1e-2", "--seeds", "0", "1"]
+    argv += ["--shots", "2", "4", "--budgets", "1", "--steps", "3", "--batch-size", "4", "--max-length", "16"]
+    argv += ["--val-shots", "2", "--eval-per-class", "3", "--targets", "query", "--device", "cpu", "--quiet"]
+    sequential, on_ray = [*argv, "--threads-per-unit", "1"], [*argv, "--executor", "ray", "--workers", "2"]
+    seq, par = tmp_path / "seq", tmp_path / "ray"
+    assert main([*sequential, "--out", str(seq)]) == 0
+    ray.init(num_cpus=2, **_quiet_init_options())  # one local cluster for both Ray runs (the command uses it)
+    try:
+        assert main([*on_ray, "--out", str(par)]) == 0
+        mine = records(seq)
+        assert records(par) == mine  # metrics, predictions, update measures: bit for bit
+        assert files(par) == files(seq)  # the saved adapters too
+        rows = sorted((k[1], k[3], k[4]) for k in mine if k[2] == "run")
+        methods = {"k4_x1": ("head", "kradapter", "linear_probe", "lora", "majority"),  # the anchor cell
+                   "k2_x1": ("kradapter", "linear_probe", "lora", "majority")}  # fmt: skip
+        assert rows == sorted((c, m, s) for c, ms in methods.items() for m in ms for s in (0, 1))
+        assert all(mine[k]["test"]["predictions"] and mine[k]["shop"]["predictions"] for k in mine if k[2] == "run")
+        # the study's methods and reference rows first, in every cell, and the anchor cell's contender after them
+        # all (in plain order it would come before the second cell's units)
+        for out in (seq, par):
+            order = [json.loads(line)["key"][3] for line in (out / "records.jsonl").read_text().splitlines()]
+            assert max(i for i, m in enumerate(order) if m != "head") < order.index("head"), order
+        _cut_and_resume(seq, on_ray, 3)  # sequential, finished on Ray
+        assert records(seq) == mine
+    finally:
+        ray.shutdown()
+    _cut_and_resume(par, sequential, 3)  # Ray, finished sequentially
+    assert records(par) == mine
+    for out, modes in ((seq, ["sequential", "ray"]), (par, ["ray", "sequential"])):
+        invocations = json.loads((out / "run.json").read_text())["invocations"]
+        assert [i["executor"]["executor"] for i in invocations] == modes
 
 
 @pytest.mark.parametrize(

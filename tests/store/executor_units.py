@@ -65,7 +65,12 @@ def artifact_unit(seed: int) -> UnitResult:
 
 
 def threads_unit() -> dict:
-    return {"torch": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}
+    """The unit's torch threads, its OpenMP variable, and the thread count of every native pool (numpy's BLAS)."""
+    import numpy  # noqa: F401  (its BLAS loaded, as in any unit that uses numpy)
+    from threadpoolctl import threadpool_info
+
+    pools = sorted({info["internal_api"]: info["num_threads"] for info in threadpool_info()}.items())
+    return {"torch": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"), "pools": pools}
 
 
 def inputs_probe(digest: str) -> dict[str, str]:

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from kradapter.cli import main
+from kradapter.files import TMP_SUFFIX
 from tests import support
 
 ENV = support.child_env()
@@ -510,4 +511,4 @@ def test_sigkill_at_random_points_then_resume_gives_the_uninterrupted_numbers(
     assert cells(out) == cells(reference) and len(cells(out)) == 2 * 6  # 5 columns and the KRAdapter optimum
     assert resumed["config"].pop("output") != whole["config"].pop("output")  # the folders differ, as they must
     assert without_timing(resumed) == without_timing(whole), kills
-    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+    assert [p.name for p in out.rglob("*") if p.name.endswith((".tmp", TMP_SUFFIX))] == []  # no temporary left

@@ -116,7 +116,27 @@ def test_same_numbers_sequential_and_ray(ray_cluster):
 def test_threads_pinned_in_ray_tasks(ray_cluster):
     with RayExecutor(workers=2, threads_per_unit=1) as ex:
         results, _, _ = collect(ex, [Unit(("t", i), units.threads_unit) for i in range(2)])
-    assert [r for _, r, _ in results] == [{"torch": 1, "omp": "1"}] * 2
+    for _, r, _ in results:
+        assert (r["torch"], r["omp"]) == (1, "1") and r["pools"] and all(n == 1 for _, n in r["pools"]), r
+
+
+def test_sequential_pins_every_thread_pool_including_numpys_blas_already_started() -> None:
+    """In the driver numpy's BLAS has started its threads before the unit runs (the variables come too late):
+    each unit is still held to its threads, and the process gets its BLAS pool back afterwards (torch keeps the
+    unit's count: the driver runs at it)."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    np.linalg.svd(np.ones((8, 8)))  # the pools are up
+    before = sorted((i["internal_api"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas")
+    for threads in (1, 2):
+        (result,), failures, _ = collect(
+            SequentialExecutor(threads_per_unit=threads), [Unit(("t",), units.threads_unit)]
+        )
+        assert not failures
+        record = result[1]
+        assert record["torch"] == threads and record["pools"] and all(n == threads for _, n in record["pools"])
+    assert sorted((i["internal_api"], i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas") == before
 
 
 @pytest.mark.slow

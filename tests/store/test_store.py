@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kradapter.files import TMP_SUFFIX
 from kradapter.store import (
     LOCK_FILE,
     RECORDS_FILE,
@@ -277,7 +278,7 @@ def test_files_have_ordinary_modes(tmp_path: Path) -> None:
         os.umask(old)
     for name in (RUN_FILE, RECORDS_FILE, "experimental_results.json", "table.txt", "plot.png"):
         assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o644, name
-    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+    assert not [p.name for p in (tmp_path / "out").rglob("*") if p.name.endswith((".tmp", TMP_SUFFIX))]
 
 
 def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:

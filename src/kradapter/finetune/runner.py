@@ -38,7 +38,7 @@ import math
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -536,7 +536,7 @@ class Execution:
     def __init__(
         self, plans: Plan | Sequence[tuple[tuple[str, ...], Plan]], store: Store, report: Callable[[Execution], Any],
         rank: int = 0, world_size: int = 1, progress: bool = True, *, executor: Executor | None = None,
-        desc: str = "finetune",
+        desc: str = "finetune", first: Collection[str] = (),
     ) -> None:  # fmt: skip
         pairs: list[tuple[tuple[str, ...], Plan]] = [((), plans)] if isinstance(plans, Plan) else list(plans)
         self.parts = [Part(tuple(prefix), plan, Context.of(plan)) for prefix, plan in pairs]
@@ -547,6 +547,7 @@ class Execution:
         self.progress = progress and rank == 0
         self.executor = executor if executor is not None else SequentialExecutor()
         self.desc = desc
+        self.first = frozenset(first)
         self.trained = 0
         self.failed: dict[Key, str] = {}
 
@@ -587,13 +588,17 @@ class Execution:
 
     # -- what can run now -----------------------------------------------------------------------------------------
     def ready(self) -> list[Unit]:
-        """Every unit whose inputs are known and that is neither finished nor failed in this invocation."""
-        units: list[Unit] = []
+        """Every unit whose inputs are known and that is neither finished nor failed in this invocation; with
+        ``first`` methods, only theirs and the reference rows while any of those can run (a study run in chunks
+        finishes its primary methods before it starts the others)."""
+        early: list[Unit] = []
+        late: list[Unit] = []
         for part in self.parts:
-            units += self.baseline_units(part)
+            early += self.baseline_units(part)
             for method in part.plan.settings.methods:
-                units += self.method_units(part, method)
-        return [u for u in units if u.key not in self.failed]
+                (late if self.first and method not in self.first else early).extend(self.method_units(part, method))
+        early = [u for u in early if u.key not in self.failed]
+        return early or [u for u in late if u.key not in self.failed]
 
     def baseline_units(self, part: Part) -> list[Unit]:
         """The plan's reference rows not yet run, one per seed (cheap: run first)."""
@@ -648,8 +653,11 @@ class Execution:
         recorded = self.store.records.get(key)
         if recorded is not None:
             return float(recorded["lr"])
-        if not part.sweeps(method):  # one rate: recorded with the method's first finished run
+        if not part.sweeps(method):  # one rate: recorded with the method's first finished run (on_result)
             (lr,) = part.plan.settings.grid(method)
+            if any(self.store.done((*part.prefix, "run", method, s)) for s in part.plan.settings.seeds):
+                # a run is on disk without it: the driver was killed between the two appends
+                self.store.add(key, {"lr": float(lr), "trials": [], "on_edge": False})
             return float(lr)
         trials = sorted(self.trials(part, method), key=lambda t: float(t["lr"]))  # by rate: the same on any executor
         scores = self.scores(part, method)

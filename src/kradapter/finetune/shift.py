@@ -134,6 +134,6 @@ class Study:
         from .runner import Execution
 
         execution = Execution(self.plans(), store, report, rank, world_size, progress, executor=executor,
-                              desc="shift")  # fmt: skip
+                              desc="shift", first=self.settings.methods)  # fmt: skip
         self.execution = execution
         return execution.run()
