@@ -443,7 +443,7 @@ def choose_factors(
 def torch_norm(matrix: torch.Tensor) -> float:
     import torch
 
-    return float(torch.linalg.vector_norm(matrix))
+    return float(torch.linalg.vector_norm(matrix, dtype=torch.float64))  # float32 CPU norms drift with size
 
 
 def _matrix(delta: torch.Tensor) -> torch.Tensor:

@@ -265,6 +265,43 @@ def test_nearest_kronecker_low_rank_factors(ranks, generator) -> None:  # type: 
     # to the long-run optimiser's best within BEST_FOUND_TOLERANCE, and to the full-factor bound exactly
     assert error <= reference * (1 + BEST_FOUND_TOLERANCE) + 1e-10
     assert bound**0.5 <= min(error, reference) * (1 + 1e-12)
+    assert _half_steps_gain(target, a, b, ranks) <= 1e-10 * error**2
+
+
+def _truncated(matrix: torch.Tensor, rank: int | None) -> torch.Tensor:
+    if rank is None:
+        return matrix
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+def _half_steps_gain(target, a, b, ranks, steps: int = 3) -> float:  # type: ignore[no-untyped-def]
+    """How much exact alternating half steps (each factor's best rank-limited partner, by SVD) still lower the
+    squared error from ``kron(a, b)``: zero at a stationary point."""
+    (p, q), (s, t) = a.shape, b.shape
+    rows = target.reshape(p, s, q, t).permute(0, 2, 1, 3).reshape(p * q, s * t)
+    start = float(((torch.kron(a, b) - target) ** 2).sum())
+    for _ in range(steps):
+        b = _truncated((a.reshape(-1) @ rows).reshape(s, t) / (a * a).sum(), ranks[1])
+        a = _truncated((rows @ b.reshape(-1)).reshape(p, q) / (b * b).sum(), ranks[0])
+    return start - float(((torch.kron(a, b) - target) ** 2).sum())
+
+
+@pytest.mark.parametrize(
+    "first,second,ranks", [((8, 8), (40, 56), (None, 17)), ((8, 8), (40, 56), (3, 30)), ((12, 7), (5, 9), (2, None))]
+)
+def test_low_rank_kronecker_is_stationary_at_study_like_shapes(first, second, ranks, generator) -> None:  # type: ignore[no-untyped-def]
+    """A small full ``w1`` and a large low-rank ``w2`` (the registry's LoKr at large shapes, where plain alternating
+    half steps crawl): the solver stops at a point those half steps cannot improve, above the full-factor bound."""
+    target = torch.randn(first[0] * second[0], first[1] * second[1], dtype=torch.float64, generator=generator)
+    a, b, steps, converged, bound = nearest_kronecker(target, first, second, ranks)
+    assert converged and 0 < steps < 500
+    for mat, rank in zip((a, b), ranks, strict=True):
+        if rank is not None:
+            assert int(torch.linalg.matrix_rank(mat)) <= rank
+    error2 = float(((torch.kron(a, b) - target) ** 2).sum())
+    assert bound <= error2
+    assert _half_steps_gain(target, a, b, ranks) <= 1e-10 * error2
 
 
 @pytest.mark.slow  # long float64 reference optimisations: 5-25 s each on 2 cores
