@@ -1,12 +1,15 @@
-"""Time and error of KRAdapter's per-row optimum solver, this tree's against another revision's, side by side.
+"""Time and error of an optimum solver (KRAdapter's per-row, or LoKr's), this tree's against another revision's.
 
-    python benchmarks/optimum_speed.py [--shape 4096x11008] [--factorization sqrt_max] [--against REV]
-                                       [--rounds 1] [--threads 1] [--seed 0]
+    python benchmarks/optimum_speed.py [--method kradapter|kronecker] [--shape 4096x11008]
+                                       [--factorization sqrt_max] [--against REV] [--rounds 1] [--threads 1]
+                                       [--seed 0]
 
-One Gaussian target; ``kradapter_factors`` alone (the rows laid out once, outside the timing). With ``--against``,
-``compare/optima.py`` at git revision ``REV`` is loaded beside this tree's and the two alternate round by round.
-Prints each solver's median seconds, its squared error, the relative error and the certified lower bound, and the
-time ratio. This is how the 4096x11008 figures in BENCHMARKS.md were taken (``--against c8e055c``).
+One Gaussian target. ``kradapter``: ``kradapter_factors`` alone (the rows laid out once, outside the timing).
+``kronecker``: ``nearest_kronecker`` with the factor shapes and ranks the study's registry gives LoKr at this shape
+and budget. With ``--against``, ``compare/optima.py`` at git revision ``REV`` is loaded beside this tree's and the
+two alternate round by round. Prints each solver's median seconds, its squared error, the relative error and the
+certified lower bound, and the time ratio. This is how the 4096x11008 figures in BENCHMARKS.md were taken
+(``--against c8e055c``; LoKr ``--against e3837c2``).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def _revision(rev: str) -> ModuleType:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--method", choices=["kradapter", "kronecker"], default="kradapter")
     parser.add_argument("--shape", type=_shape, default=(4096, 11008))
     parser.add_argument("--factorization", choices=["sqrt_min", "sqrt_max"], default="sqrt_max")
     parser.add_argument("--against", metavar="REV", help="a git revision whose solver runs beside this tree's")
@@ -78,8 +82,11 @@ def main() -> None:
     if args.against:
         solvers[args.against] = _revision(args.against)
     rows_, cols = args.shape
-    shape = KhatriRaoShape(rows_, cols, args.factorization)
     target = torch.randn(rows_, cols, generator=torch.Generator().manual_seed(args.seed))
+    if args.method == "kronecker":
+        _kronecker(solvers, target, args.rounds)
+        return
+    shape = KhatriRaoShape(rows_, cols, args.factorization)
     rows, mask = optima.kradapter_rows(target, shape)
     total = float((rows * rows).sum())
     print(f"{rows_}x{cols} {args.factorization}: r = {shape.r}, r2 = {shape.r2}, cropped = {mask is not None}")
@@ -96,10 +103,41 @@ def main() -> None:
                 f", lower bound {(bound / total) ** 0.5:.6f}, converged {converged}",
                 flush=True,
             )
+    _report(times)
+
+
+def _kronecker(solvers: dict[str, ModuleType], target: torch.Tensor, rounds: int) -> None:
+    from kradapter.compare.config import StudyConfig
+    from kradapter.compare.fit import inject
+    from kradapter.compare.study import plan_method
+
+    rows, cols = target.shape
+    plan = plan_method("kronecker", (rows, cols), StudyConfig())
+    model = inject(plan, rows, cols, 0, target.device, target.dtype)
+    (first, second), ranks = optima.lokr_factors(model.base_model.model.layer)
+    total = float((target.double() ** 2).sum())
+    print(f"{rows}x{cols} LoKr {plan.settings}: w1 {first}, w2 {second}, ranks {ranks}")
+    times: dict[str, list[float]] = {name: [] for name in solvers}
+    for _ in range(rounds):
+        for name, module in solvers.items():
+            start = time.perf_counter()
+            a, b, steps, converged, bound = module.nearest_kronecker(target, first, second, ranks)
+            times[name].append(time.perf_counter() - start)
+            error = float(((torch.kron(a, b) - target.double()) ** 2).sum())
+            print(
+                f"  {name}: {times[name][-1]:.2f} s, {steps} steps, squared error {error:.12e}, relative "
+                f"{(error / total) ** 0.5:.8f}, lower bound {(bound / total) ** 0.5:.6f}, converged {converged}",
+                flush=True,
+            )
+    _report(times)
+
+
+def _report(times: dict[str, list[float]]) -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     print("medians: " + ", ".join(f"{name} {value:.2f} s" for name, value in medians.items()))
-    if args.against:
-        print(f"ratio {args.against} / this tree: {medians[args.against] / medians['this tree']:.2f}x")
+    if len(medians) == 2:
+        other = next(name for name in medians if name != "this tree")
+        print(f"ratio {other} / this tree: {medians[other] / medians['this tree']:.2f}x")
 
 
 if __name__ == "__main__":
