@@ -516,6 +516,7 @@ def nearest_kronecker(
     a_mat, b_mat = a_starts[0].reshape(p, q), b_starts[0].reshape(s, t)
     if ranks == (None, None) or sigma2 == 0:  # closed form (or a zero target: the zero update)
         return a_mat, b_mat, 0, True, bound
+    limits: tuple[int | None, int | None]
     if ranks[1] is None:  # B full, A rank-limited: B is the outer factor
         rows, starts, inner, limits = rearranged.T, b_starts.reshape(-1, s, t), first, (None, ranks[0])
     else:
