@@ -1,12 +1,13 @@
 """Time and error of an optimum solver (KRAdapter's per-row, or LoKr's), this tree's against another revision's.
 
-    python benchmarks/optimum_speed.py [--method kradapter|kronecker] [--shape 4096x11008]
+    python benchmarks/optimum_speed.py [--method METHOD] [--shape 4096x11008]
                                        [--factorization sqrt_max] [--against REV] [--rounds 1] [--threads 1]
                                        [--seed 0]
 
-One Gaussian target. ``kradapter``: ``kradapter_factors`` alone (the rows laid out once, outside the timing).
-``kronecker``: ``nearest_kronecker`` with the factor shapes and ranks the study's registry gives LoKr at this shape
-and budget. With ``--against``, ``compare/optima.py`` at git revision ``REV`` is loaded beside this tree's and the
+One Gaussian target. ``--method`` is a method with an optimum row (the registry's ``optimum_of``; default the
+budget method, KRAdapter): for KRAdapter ``kradapter_factors`` alone (the rows laid out once, outside the timing);
+for LoKr ``nearest_kronecker`` with the factor shapes and ranks the study's registry gives it at this shape and
+budget. With ``--against``, ``compare/optima.py`` at git revision ``REV`` is loaded beside this tree's and the
 two alternate round by round. Prints each solver's median seconds, its squared error, the relative error and the
 certified lower bound, and the time ratio. This is how the 4096x11008 figures in BENCHMARKS.md were taken
 (``--against c8e055c``; LoKr ``--against e3837c2``).
@@ -23,10 +24,16 @@ import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
+from peft.tuners.lokr import LoKrLayer
 
+from kradapter import registry
 from kradapter.compare import optima
+from kradapter.compare.config import StudyConfig
+from kradapter.compare.fit import inject
+from kradapter.compare.study import plan_method
 from kradapter.shape import KhatriRaoShape
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +74,10 @@ def _revision(rev: str) -> ModuleType:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=["kradapter", "kronecker"], default="kradapter")
+    with_optimum = [registry.get(name, ["reference"]).optimum_of for name in registry.of_kind("reference")]
+    parser.add_argument(
+        "--method", choices=[name for name in with_optimum if name], default=registry.budget_method().name
+    )
     parser.add_argument("--shape", type=_shape, default=(4096, 11008))
     parser.add_argument("--factorization", choices=["sqrt_min", "sqrt_max"], default="sqrt_max")
     parser.add_argument("--against", metavar="REV", help="a git revision whose solver runs beside this tree's")
@@ -83,8 +93,10 @@ def main() -> None:
         solvers[args.against] = _revision(args.against)
     rows_, cols = args.shape
     target = torch.randn(rows_, cols, generator=torch.Generator().manual_seed(args.seed))
-    if args.method == "kronecker":
-        _kronecker(solvers, target, args.rounds)
+    plan = plan_method(args.method, (rows_, cols), StudyConfig())
+    layer = inject(plan, rows_, cols, 0, target.device, target.dtype).base_model.model.layer
+    if isinstance(layer, LoKrLayer):
+        _kronecker(solvers, target, plan, layer, args.rounds)
         return
     shape = KhatriRaoShape(rows_, cols, args.factorization)
     rows, mask = optima.kradapter_rows(target, shape)
@@ -106,15 +118,9 @@ def main() -> None:
     _report(times)
 
 
-def _kronecker(solvers: dict[str, ModuleType], target: torch.Tensor, rounds: int) -> None:
-    from kradapter.compare.config import StudyConfig
-    from kradapter.compare.fit import inject
-    from kradapter.compare.study import plan_method
-
+def _kronecker(solvers: dict[str, ModuleType], target: torch.Tensor, plan: Any, layer: Any, rounds: int) -> None:
     rows, cols = target.shape
-    plan = plan_method("kronecker", (rows, cols), StudyConfig())
-    model = inject(plan, rows, cols, 0, target.device, target.dtype)
-    (first, second), ranks = optima.lokr_factors(model.base_model.model.layer)
+    (first, second), ranks = optima.lokr_factors(layer)
     total = float((target.double() ** 2).sum())
     print(f"{rows}x{cols} LoKr {plan.settings}: w1 {first}, w2 {second}, ranks {ranks}")
     times: dict[str, list[float]] = {name: [] for name in solvers}

@@ -47,6 +47,10 @@ MAX_ITERATIONS = 5000
 # on 2-11% of small Gaussian targets; 4 full races miss the best of exact alternating from 4 starts on 3 of 120.)
 LOKR_STARTS = 8
 RACE_TOL = 1e-9
+# The polish stops at a gradient entry of POLISH_GRAD (of the relative squared error) or a step moving it less than
+# ``tol * POLISH_CHANGE``: restarted near a minimum, L-BFGS's first short steps would meet ``tol`` itself at once.
+POLISH_GRAD = 1e-12
+POLISH_CHANGE = 1e-3
 
 
 @dataclass
@@ -432,12 +436,13 @@ def _low_rank_kronecker(
     ranks: tuple[int | None, int | None],
     tol: float,
     max_iterations: int,
+    grad_tol: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, int, bool, float]:
     """Maximise ``f(A) = ||trunc(R^T vec(A))||^2 / ||A||^2`` (the inner factor's best rank-limited partner of ``A``
     removes exactly that much of ``||R||^2``) over the outer factor ``A`` (``rank <= ranks[0]``, as ``X Y^T``) by
-    float64 L-BFGS with a strong-Wolfe line search from ``start``; returns ``A``, its partner, the iterations,
-    whether the loss settled within ``tol`` (relative to ``||R||^2``) before ``max_iterations``, and the squared
-    error."""
+    float64 L-BFGS with a strong-Wolfe line search from ``start`` until the loss (relative to ``||R||^2``) moves
+    less than ``tol`` in a step or its gradient's largest entry falls to ``grad_tol``; returns ``A``, its partner,
+    the iterations, whether it stopped so before ``max_iterations``, and the squared error."""
     outer_rank, inner_rank = ranks
     if outer_rank is None or outer_rank >= min(start.shape):
         params = [start.clone()]
@@ -465,7 +470,7 @@ def _low_rank_kronecker(
         params,
         max_iter=max_iterations,
         max_eval=2 * max_iterations,
-        tolerance_grad=0.0,
+        tolerance_grad=grad_tol,
         tolerance_change=tol,
         history_size=20,
         line_search_fn="strong_wolfe",
@@ -494,7 +499,7 @@ def nearest_kronecker(
     them, for a given ``A`` the best ``B`` is the truncated SVD of ``R^T vec(A) / ||A||^2``, so the error is a
     function of ``A`` alone, minimised by L-BFGS (the rank-limited factor is the inner one; with both limited,
     ``A = X Y^T``). It has local minima: each of ``R``'s top ``LOKR_STARTS`` singular vectors starts a run to
-    ``RACE_TOL``, and the best is polished to ``tol``. Returns ``A, B``, the iterations, convergence, and the
+    ``RACE_TOL``, and the best is polished (to ``POLISH_GRAD``). Returns ``A, B``, the iterations, convergence, and the
     squared error of the full-factor optimum (a lower bound).
     """
     (p, q), (s, t) = first, second
@@ -525,7 +530,9 @@ def nearest_kronecker(
     starts = starts / torch.linalg.vector_norm(starts, dim=(1, 2), keepdim=True).clamp_min(1e-300)
     raced = [_low_rank_kronecker(rows, total, start, inner, limits, RACE_TOL, max_iterations) for start in starts]
     best = min(raced, key=lambda run: run[4])
-    outer, partner, steps, converged, _ = _low_rank_kronecker(rows, total, best[0], inner, limits, tol, max_iterations)
+    outer, partner, steps, converged, _ = _low_rank_kronecker(
+        rows, total, best[0], inner, limits, tol * POLISH_CHANGE, max_iterations, POLISH_GRAD
+    )
     steps += sum(run[2] for run in raced)
     a_mat, b_mat = (partner, outer) if ranks[1] is None else (outer, partner)
     return a_mat, b_mat, steps, converged, bound
