@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -143,6 +145,62 @@ def test_profile_gradient_and_hessian_are_autograds(r, tail, generator) -> None:
         assert float(g(u[i])) == pytest.approx(float(value[i]), rel=1e-12)
         assert torch.allclose(grad[i], torch.autograd.functional.jacobian(g, u[i]), rtol=1e-9, atol=1e-12)
         assert torch.allclose(hess[i], torch.autograd.functional.hessian(g, u[i]), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("r", [1, 7, 30])
+def test_secular_top_eigenvector_is_the_rank_one_updates_top(r, generator) -> None:  # type: ignore[no-untyped-def]
+    """EM's step: the top eigenvector of ``G + f f'`` from ``G``'s eigenpairs by the secular equation, against a
+    float64 ``eigh`` of the updated matrix; with ``f`` orthogonal to ``G``'s top eigenvector and weak (no root
+    above ``G``'s top eigenvalue) and ``f = 0``, it is ``G``'s top eigenvector."""
+    from kradapter.compare.optima import _secular_top
+
+    n = 6
+    a = torch.randn(n, r + 2, r, dtype=torch.float64, generator=generator)
+    gram = a.mT @ a
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(-1), vectors.flip(-1)
+    f = (
+        torch.randn(n, r, dtype=torch.float64, generator=generator)
+        * torch.logspace(-3, 1, n, dtype=torch.float64)[:, None]
+    )
+    if r > 1:
+        weak = vectors[1, :, 1] * 1e-3 * float(values[1, 0] - values[1, 1]) ** 0.5  # orthogonal to the top one
+        f[1] = weak
+    f[2] = 0
+    u = (vectors @ _secular_top(values, (vectors.mT @ f.unsqueeze(2)).squeeze(2)).unsqueeze(2)).squeeze(2)
+    reference = torch.linalg.eigh(gram + f.unsqueeze(2) * f.unsqueeze(1)).eigenvectors[..., -1]
+    assert torch.allclose(torch.linalg.vector_norm(u, dim=1), torch.ones(n, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose((u * reference).sum(1).abs(), torch.ones(n, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("r,tail", [(9, 6), (13, 1), (30, 27)])
+def test_em_rises_and_settles_at_a_stationary_point(r, tail, generator) -> None:  # type: ignore[no-untyped-def]
+    """Expectation-maximisation never lowers the profile ``g`` (step by step), and where it settles the profile's
+    gradient (autograd-checked in the test above) vanishes: a stationary point of the cropped problem."""
+    from kradapter.compare import optima
+
+    n = 8
+    a = torch.randn(n, r + 3, r, dtype=torch.float64, generator=generator)
+    gram = a.mT @ a
+    last = torch.randn(n, tail, dtype=torch.float64, generator=generator)
+    values, vectors = torch.linalg.eigh(gram)
+    values, vectors = values.flip(-1), vectors.flip(-1)
+    trail = []
+    for steps in (1, 2, 3, 5, 8):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(optima, "EM_STEPS", steps)
+            u, value, _, _ = optima._em(values, vectors, last, 0.0)
+        assert torch.allclose(optima._profile_value(gram, last, u.unsqueeze(2)).squeeze(1), value, rtol=1e-12)
+        trail.append(value)
+    for before, after in itertools.pairwise(trail):
+        assert (after >= before * (1 - 1e-13)).all()
+    u, value, settled, _ = optima._em(values, vectors, last, 1e-14)
+    # EM's rate is about the cropped share of a row's information: quick with few entries cropped, slow with most
+    # (its unsettled rows are Newton's to finish, _masked_factors).
+    assert settled.all() or 2 * tail < r
+    assert settled.any()
+    _, grad, _ = optima._profile(gram, last, u)
+    assert (torch.linalg.vector_norm(grad[settled], dim=1) <= 1e-5 * value[settled]).all()
 
 
 def test_cropped_rows_reach_the_supremum_no_stationary_point_attains() -> None:

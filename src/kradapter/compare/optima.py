@@ -117,14 +117,14 @@ def kradapter_rows(target: torch.Tensor, shape: KhatriRaoShape) -> tuple[torch.T
 EIGENVALUE_SLACK = 1e-5
 
 
-ALS_BLOCK = 25  # alternating steps between checks of the warm-up's objective
-ALS_WARMUP = 200  # at most; a row leaves the warm-up once its starts' objectives settle (relative ALS_SETTLED)
-ALS_SETTLED = 1e-10
-RIVAL = 1e-6  # a settled start this close to its row's best objective is polished too (see _masked_factors)
+ALS_WARMUP = 50  # alternating steps from each start before Newton (see _warm_up)
+RIVAL = 1e-6  # a start this close to its row's best objective is polished too (see _masked_factors)
 STARTS = 4  # alternating least squares with cropped entries starts from this many top singular vectors per row
-# (of the fully observed blocks), and from one more: the top one of the row with its cropped entries set to zero.
+# (of the fully observed blocks); expectation-maximisation starts from one more, the zero-filled row's top one.
+EM_STEPS = 200  # at most; a row leaves EM once its objective settles (relative ``tol``)
+SECULAR_STEPS = 30  # at most; Newton's method on the secular equation settles in 3-6
 NEWTON_STEPS = 100  # at most; a row leaves the Newton iteration as soon as its objective settles
-CHUNK = 2**23  # rows are solved in chunks of about this many Gram-matrix entries (bounded memory on large layers)
+CHUNK = 2**25  # rows are solved in chunks of about this many Gram-matrix entries (bounded memory on large layers)
 
 
 def _gram_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +132,77 @@ def _gram_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     and the squared singular values."""
     values, vectors = torch.linalg.eigh(gram.float())
     return vectors.flip(-1).double(), values.flip(-1).double().clamp_min(0)
+
+
+def _secular_top(values: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Each row's top unit eigenvector of ``diag(values) + z z'`` (``values`` descending): the largest root ``mu``
+    of the secular equation ``sum z_i^2 / (mu - values_i) = 1`` by Newton's method on its reciprocal form, which
+    is concave and increasing there, so the iterates rise monotonically from ``values_0 + z_0^2`` (a lower bound)
+    to the root; then ``z / (mu - values)``, normalised. ``O(r)`` a row. Where no root lies above ``values_0``
+    (``z_0 = 0``), the top eigenvector is the first axis. In ``G``'s eigenbasis ``Q``, the top eigenvector of
+    ``G + f f'`` is ``Q`` times this, with ``z = Q'f``."""
+    tiny = torch.finfo(z.dtype).tiny
+    z2 = z * z
+    mu = values[:, :1] + z2[:, :1]
+    for _ in range(SECULAR_STEPS):
+        d = (mu - values).clamp_min(tiny)
+        psi = (z2 / d).sum(1, keepdim=True)
+        slope = (z2 / (d * d)).sum(1, keepdim=True)
+        step = ((psi - 1) * psi / slope.clamp_min(tiny)).nan_to_num(0.0).clamp_min(0)  # 1/psi - 1 = 0
+        mu = mu + step
+        if not bool((step > 1e-15 * mu.abs()).any()):
+            break
+    d = mu - values
+    y = torch.where(d > 0, z / d.clamp_min(tiny), torch.zeros_like(z))
+    norm = torch.linalg.vector_norm(y, dim=1, keepdim=True)
+    found = (norm > 0) & torch.isfinite(norm) & (d[:, :1] > 0)
+    axis = torch.zeros_like(y)
+    axis[:, 0] = 1
+    return torch.where(found, y / norm.clamp_min(tiny), axis)
+
+
+EM_SHRINK = 0.25  # EM's working tensors drop the settled rows once this share of them has settled (a copy each)
+
+
+def _em(
+    values: torch.Tensor, vectors: torch.Tensor, last: torch.Tensor, tol: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Expectation-maximisation for the cropped rows: fill the cropped entries with the current fit
+    (``v_last * u[tail:]``, ``v_last = c'x / x'x``) and take the completed row's top right singular vector, the top
+    eigenvector of ``G + f f'`` (:func:`_secular_top` in ``G``'s eigenbasis ``values, vectors``). The first fill is
+    zero. Each step cannot lower the objective, and with few entries cropped it converges fast (the rate is about
+    the cropped share of the row's information). Until each row's :func:`_profile` value settles (relative
+    ``tol``) or ``EM_STEPS``; returns ``u`` (unit rows), that value, whether each row settled, and the slowest
+    row's steps. A step costs one ``r x r`` product a row: ``Q'f`` is ``Q'c`` (fixed) plus the fill's part."""
+    n, r = vectors.shape[:2]
+    tail = last.shape[1]
+    tiny = torch.finfo(last.dtype).tiny
+    out_u, out_value = last.new_zeros(n, r), last.new_zeros(n)
+    settled = torch.zeros(n, dtype=torch.bool, device=last.device)
+    index = torch.arange(n, device=last.device)  # the working tensors hold the unsettled rows
+    qc = (vectors[:, :tail].mT @ last.unsqueeze(2)).squeeze(2)
+    value = torch.full((n,), -math.inf, dtype=last.dtype, device=last.device)
+    z, taken = qc, 0
+    while True:
+        w = _secular_top(values, z)
+        u = (vectors @ w.unsqueeze(2)).squeeze(2)
+        x, rest = u[:, :tail], u[:, tail:]
+        cx, xx = (last * x).sum(1), (x * x).sum(1).clamp_min(tiny)
+        new_value = (values * w * w).sum(1) + cx * cx / xx
+        done = (new_value - value).abs() <= tol * new_value.abs()
+        out_u[index], out_value[index] = u, new_value
+        settled[index[done]] = True
+        value = new_value
+        if taken == EM_STEPS or bool(settled[index].all()):
+            break
+        taken += 1
+        z = qc + (cx / xx).unsqueeze(1) * (vectors[:, tail:].mT @ rest.unsqueeze(2)).squeeze(2)
+        if done.sum() > EM_SHRINK * index.numel():  # settled rows step on until then (EM cannot lower them)
+            going = ~settled[index]
+            index, z, value, values, vectors, qc, last = (
+                t[going] for t in (index, z, value, values, vectors, qc, last)
+            )
+    return out_u, out_value, settled, taken
 
 
 def _als(
@@ -194,27 +265,13 @@ def _profile_value(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor) -> t
     return explained + (last.unsqueeze(2) * x).sum(1) ** 2 / (x * x).sum(1).clamp_min(tiny)
 
 
-def _warm_up(
-    gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """:func:`_als_gram` in blocks of ``ALS_BLOCK`` steps until all of a row's starts settle (or ``ALS_WARMUP``
-    steps): alternating steps cost ``r^2`` a row against Newton's ``r^3``, so Newton starts close and polishes in
-    a step or two. ``u``: ``(rows, r, starts)``, stepped together (one pass over a row's Gram matrix serves all
-    its starts). Returns ``u``, each start's objective, whether each row settled, and the slowest row's steps."""
-    value = _profile_value(gram, last, u)
-    settled = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
-    active = torch.arange(u.shape[0], device=u.device)
-    taken = 0
-    while active.numel() and taken < ALS_WARMUP:
-        taken += ALS_BLOCK
-        stepped = _als_gram(gram[active], last[active], u[active], ALS_BLOCK)
-        new_value = _profile_value(gram[active], last[active], stepped)
-        u[active] = stepped
-        done = ((new_value - value[active]).abs() <= ALS_SETTLED * new_value.abs()).all(1)
-        value[active] = new_value
-        settled[active[done]] = True
-        active = active[~done]
-    return u, value, settled, taken
+def _warm_up(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ALS_WARMUP`` alternating steps (:func:`_als_gram`) from each start, in float32: they carry a start into
+    its own basin (EM would pull every start into one), and Newton polishes in float64. ``u``: ``(rows, r,
+    starts)``, stepped together (one pass over a row's Gram matrix serves all its starts). Returns ``u`` and each
+    start's objective, in float64."""
+    stepped = _als_gram(gram.float(), last.float(), u.float(), ALS_WARMUP).to(gram.dtype)
+    return stepped, _profile_value(gram, last, stepped)
 
 
 def _profile(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor):
@@ -288,35 +345,40 @@ def _newton(
     return out_u, out_value, taken
 
 
-def _masked_factors(rows: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, vectors: torch.Tensor):
-    """The cropped case of :func:`kradapter_factors` on a chunk of rows: ``(u, alternating + Newton steps)``.
+def _masked_factors(
+    rows: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor, tol: float
+):
+    """The cropped case of :func:`kradapter_factors` on a chunk of rows: ``(u, EM + alternating + Newton steps)``.
 
-    Newton polishes each row's best start, and any other start that may still overtake it: one whose row did not
-    settle, or one within ``RIVAL`` of the best objective that is not the same point (``|cos| < 1 - RIVAL``). The
-    others have settled well below the best, near a lower stationary point."""
+    Candidates per row: EM from the zero-filled row (:func:`_em`), and alternating least squares from the fully
+    observed blocks' top ``STARTS`` right singular vectors (:func:`_warm_up`; it keeps a start in its own basin
+    where EM would pull every start into one). Newton polishes each row's best candidate (unless it is EM's point
+    and EM settled) and any other within ``RIVAL`` of the best that is not the same point (``|cos| < 1 - RIVAL``);
+    the others lie below the best after the warm-up. Each row keeps its best, or the supremum of :func:`_limit`."""
     tail = int(mask[0, -1].sum())
     last = rows[:, -1, :tail]
     count = min(STARTS, vectors.shape[-1])
-    filled = gram.clone()
-    filled[:, :tail, :tail] += last.unsqueeze(2) * last.unsqueeze(1)
-    zero_filled = _gram_eigh(filled)[0][..., :1]  # where the observed part of the last block dominates a row
-    u, value, settled, warm = _warm_up(gram, last, torch.cat([vectors[..., :count], zero_filled], 2))
+    em_u, em_value, em_settled, em_steps = _em(values, vectors, last, tol)
+    u, value = _warm_up(gram, last, vectors[..., :count])
     n = u.shape[0]
-    value = value.nan_to_num(nan=-math.inf)  # argmax would take a NaN as the largest
+    u = torch.cat([u, em_u.unsqueeze(2)], 2)
+    value = torch.cat([value, em_value.unsqueeze(1)], 1).nan_to_num(nan=-math.inf)  # argmax takes NaN as largest
     top = value.argmax(1)
     unit = u / torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
     cos = (unit * unit[torch.arange(n), :, top].unsqueeze(2)).sum(1).abs()
     best = value.gather(1, top.unsqueeze(1))
-    rival = (value >= best - RIVAL * best.abs()) & (cos < 1 - RIVAL)
-    polish = rival | ~settled.unsqueeze(1)
+    polish = (value >= best - RIVAL * best.abs()) & (cos < 1 - RIVAL)
     polish[torch.arange(n), top] = True
+    polish[:, count] &= ~em_settled  # EM's settled point is stationary to ``tol`` already
     row, start = polish.nonzero(as_tuple=True)
     polished, polished_value, newton = _newton(gram[row], last[row], u[row, :, start])
-    value = torch.full_like(value, -math.inf)  # a start Newton did not polish cannot win
-    value[row, start] = polished_value.nan_to_num(nan=-math.inf)
+    found = torch.full_like(value, -math.inf)  # a candidate neither polished nor EM's settled point cannot win
+    found[:, count] = torch.where(em_settled, value[:, count], -math.inf)
+    found[row, start] = polished_value.nan_to_num(nan=-math.inf)
+    value = found
     u[row, :, start] = polished
     chosen, winner = value.max(1)
-    return _limit(gram, last, u[torch.arange(n), :, winner], chosen), warm + newton
+    return _limit(gram, last, u[torch.arange(n), :, winner], chosen), max(em_steps, ALS_WARMUP) + newton
 
 
 LIMIT_TAIL = 1e-7  # the tail's norm in a unit ``u`` that stands for the limit x -> 0 (see _limit)
@@ -342,34 +404,54 @@ def kradapter_factors(
     """Per row, ``v`` (``r2``) and ``u`` (``r``) minimising ``||mask * (rows - v u^T)||_F``, summed over rows.
 
     Without a mask: the top singular pair of each row (float32 ``eigh`` of the Gram matrix), refined in float64 by
-    power iteration. With a mask (cropped entries, all in the last block) the problem has local minima: from the
-    fully observed blocks' top ``STARTS`` right singular vectors and the zero-filled row's top one, float64
-    alternating least squares until the objective settles (``v = R u / M u^2``, ``u = R^T v / M^T v^2``, in Gram
-    form: :func:`_warm_up`), then safeguarded Newton steps on the profile over ``u`` (:func:`_profile`) to a
-    stationary point from the best start and its rivals (:func:`_masked_factors`); each row keeps its best. Rows
-    are independent and solved in chunks of bounded memory. Returns ``u, v``, the steps, whether the result is
-    stationary (relative squared error settled within ``tol``), and a lower bound on the squared error: the fully
-    observed blocks' best rank-1 error (Eckart-Young; the partial block only adds a non-negative term).
+    power iteration. With a mask (cropped entries, all in the last block) the problem has local minima: the best
+    of expectation-maximisation from the zero-filled row and of alternating least squares from the fully observed
+    blocks' top ``STARTS`` right singular vectors (both from a float64 ``eigh`` of each row's Gram matrix), polished
+    to a stationary point by Newton's method (:func:`_masked_factors`), then one exact alternating step whose gain
+    is the stationarity test. Rows are independent and solved in chunks of bounded memory. Returns ``u, v``, the
+    steps, whether the result is stationary (relative squared error settled within ``tol``), and a lower bound on
+    the squared error: the fully observed blocks' best rank-1 error (Eckart-Young; the partial block only adds a
+    non-negative term).
     """
     full = rows if mask is None else rows[:, :-1]
     energy = float((full * full).sum())
     chunk = max(1, CHUNK // (rows.shape[2] * rows.shape[2] * (1 if mask is None else STARTS + 1)))
-    us, top, steps = [], 0.0, 0
-    for first in range(0, rows.shape[0], chunk):
-        part = full[first : first + chunk]
-        gram = part.mT @ part
-        vectors, values = _gram_eigh(gram)
-        top += float(values[:, 0].sum())
-        if mask is None:
+    if mask is None:
+        us, top = [], 0.0
+        for first in range(0, rows.shape[0], chunk):
+            part = full[first : first + chunk]
+            vectors, values = _gram_eigh(part.mT @ part)
+            top += float(values[:, 0].sum())
             us.append(vectors[..., 0])
-        else:
-            u, taken = _masked_factors(rows[first : first + chunk], mask[first : first + chunk], gram, vectors)
-            us.append(u)
-            steps = max(steps, taken)
+        bound = max(energy - top - EIGENVALUE_SLACK * energy, 0.0)
+        # Power iteration from the float32 vectors to the tolerance: v, and the test.
+        u, v, _, steps, converged = _als(rows, None, torch.cat(us), tol, max_iterations)
+        return u, v, steps, converged, bound
+    tail = int(mask[0, -1].sum())
+    total = max(energy + float((rows[:, -1] ** 2).sum()), torch.finfo(rows.dtype).tiny)
+    us, vs, top, gain, steps = [], [], 0.0, 0.0, 0
+    for first in range(0, rows.shape[0], chunk):
+        part, last = full[first : first + chunk], rows[first : first + chunk, -1, :tail]
+        gram = part.mT @ part
+        values, vectors = torch.linalg.eigh(gram)
+        values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
+        top += float(values[:, 0].sum())
+        u, taken = _masked_factors(rows[first : first + chunk], mask[first : first + chunk], gram, values, vectors, tol)
+        # One more exact alternating step: its gain in the objective is the stationarity test; then the best v.
+        stepped = _als_gram(gram, last, u.unsqueeze(2), 1).squeeze(2)
+        gain += float(
+            (_profile_value(gram, last, stepped.unsqueeze(2)) - _profile_value(gram, last, u.unsqueeze(2))).sum()
+        )
+        u = stepped
+        tiny = torch.finfo(u.dtype).tiny
+        x = u[:, :tail]
+        v_full = (part @ u.unsqueeze(2)).squeeze(2) / (u * u).sum(1, keepdim=True).clamp_min(tiny)
+        v_last = (last * x).sum(1, keepdim=True) / (x * x).sum(1, keepdim=True).clamp_min(tiny)
+        us.append(u)
+        vs.append(torch.cat([v_full, v_last], 1))
+        steps = max(steps, taken + 1)
     bound = max(energy - top - EIGENVALUE_SLACK * energy, 0.0)
-    # Exact alternating steps from u (power iteration without a mask) to the tolerance: v, and the test.
-    u, v, _, refine, converged = _als(rows, mask, torch.cat(us), tol, max_iterations if mask is None else 2)
-    return u, v, steps + refine, converged, bound
+    return torch.cat(us), torch.cat(vs), steps, gain <= tol * total, bound
 
 
 def _kradapter(layer: Any, target: torch.Tensor, tol: float, max_iterations: int) -> Optimum:
