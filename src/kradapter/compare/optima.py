@@ -13,11 +13,12 @@ it is the rank-1 matrix ``V[i] U[i]^T``. The error splits into one best-rank-1 p
   squares (power iteration on that row) until the objective moves less than ``tol`` (relative): exact to
   float64 rounding, and certified by the top eigenvalue (``lower_bound`` equals the error).
 - ``r * r2 > M``: the last block's cropped entries are unobserved, so each row is a rank-1 fit with missing
-  entries, which has no closed form. Solved by alternating least squares on the observed entries (each half step
-  exact, the objective never rises) from several of the full blocks' singular vectors and the zero-filled row's,
-  then Newton's method to a stationary point; each row keeps the best of these and of one supremum no stationary
-  point attains (:func:`_limit`). Reported with a certified lower bound (the same rows' best rank-1 fit with the
-  partial block dropped).
+  entries, which has no closed form and can have local optima. In each row's Gram eigenbasis (one float64
+  ``eigh``), expectation-maximisation from the zero-filled row (each step the top eigenvector of a rank-one
+  update, by the secular equation: ``r^2`` a row) and alternating least squares from the fully observed blocks'
+  top singular vectors; Newton's method polishes each row's best to a stationary point, and each row keeps it or
+  one supremum no stationary point attains (:func:`_limit`). Reported with a certified lower bound (the same rows'
+  best rank-1 fit with the partial block dropped).
 
 **LoKr.** ``dW = s * kron(w1, w2)``. With full factors the optimum is the nearest Kronecker product (Van Loan &
 Pitsianis 1993): the top singular pair of the target rearranged so each ``(out_k x in_n)`` block is a row. With a
@@ -467,8 +468,9 @@ def _kradapter(layer: Any, target: torch.Tensor, tol: float, max_iterations: int
     solver = (
         "per-row best rank-1 (Eckart-Young): float32 Gram eigh, float64 power-iteration refinement"
         if exact
-        else "per-row rank-1 with the cropped entries unobserved: best of 5 starts, float64 alternating least squares"
-        " then Newton's method, and the supremum as the cropped block's observed part tends to zero"
+        else "per-row rank-1 with the cropped entries unobserved: best of EM from the zero-filled row and alternating"
+        " least squares from 4 starts, polished by Newton's method, and the supremum as the cropped block's observed"
+        " part tends to zero"
     )
     return Optimum(_update(layer), math.sqrt(max(bound, 0.0)), steps, converged, exact, solver, 0.0)
 
