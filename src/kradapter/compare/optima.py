@@ -32,10 +32,13 @@ optimum (the low-rank updates are a subset of those).
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -44,6 +47,8 @@ from ..shape import KhatriRaoShape
 
 TOL = 1e-13  # relative change of the squared error at which an iterative solver stops
 MAX_ITERATIONS = 5000
+T = TypeVar("T")
+R = TypeVar("R")
 # A low-rank LoKr factor is searched from the rearranged target's top LOKR_STARTS singular vectors, each run to a
 # relative change of RACE_TOL; the best is polished (below). (Short races of 5-20 steps pick the wrong basin
 # on 2-11% of small Gaussian targets; 4 full races miss the best of exact alternating from 4 starts on 3 of 120.)
@@ -399,6 +404,39 @@ def _limit(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, value: torch
     return torch.where(better.unsqueeze(1), candidate, u)
 
 
+def _workers() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _spans(count: int, per_row: int) -> list[slice]:
+    """Row chunks of sizes differing by at most one, a multiple of the workers in number (fewer only with fewer
+    rows), each of at most ``CHUNK / workers`` entries (``per_row`` a row): those in flight hold about ``CHUNK``."""
+    workers = _workers()
+    most = max(1, CHUNK // (workers * per_row))
+    chunks = min(count, workers * -(-count // (most * workers)))
+    size, longer = divmod(count, max(chunks, 1))
+    ends = [i * size + min(i, longer) for i in range(chunks + 1)]
+    return [slice(start, end) for start, end in itertools.pairwise(ends)]
+
+
+def _parallel(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
+    """``fn`` over ``items`` in up to ``torch.get_num_threads()`` Python threads at one torch thread each, in order.
+
+    The per-row solvers are batches of small matrices (a batched ``eigh`` is a loop of LAPACK calls on one core
+    whatever the thread count), and LoKr's starts are independent runs: independent pieces side by side use the
+    cores that intra-op threads leave idle. The results are each piece's own, as in a sequential loop."""
+    workers = min(_workers(), len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def kradapter_factors(
     rows: torch.Tensor, mask: torch.Tensor | None, tol: float = TOL, max_iterations: int = MAX_ITERATIONS
 ) -> tuple[torch.Tensor, torch.Tensor, int, bool, float]:
@@ -416,31 +454,30 @@ def kradapter_factors(
     """
     full = rows if mask is None else rows[:, :-1]
     energy = float((full * full).sum())
-    chunk = max(1, CHUNK // (rows.shape[2] * rows.shape[2] * (1 if mask is None else STARTS + 1)))
+    spans = _spans(rows.shape[0], rows.shape[2] * rows.shape[2] * (1 if mask is None else STARTS + 1))
     if mask is None:
-        us, top = [], 0.0
-        for first in range(0, rows.shape[0], chunk):
-            part = full[first : first + chunk]
-            vectors, values = _gram_eigh(part.mT @ part)
-            top += float(values[:, 0].sum())
-            us.append(vectors[..., 0])
-        bound = max(energy - top - EIGENVALUE_SLACK * energy, 0.0)
+
+        def top_vectors(span: slice) -> tuple[torch.Tensor, float]:
+            vectors, values = _gram_eigh(full[span].mT @ full[span])
+            return vectors[..., 0], float(values[:, 0].sum())
+
+        starts, tops = zip(*_parallel(top_vectors, spans), strict=True)
+        bound = max(energy - sum(tops) - EIGENVALUE_SLACK * energy, 0.0)
         # Power iteration from the float32 vectors to the tolerance: v, and the test.
-        u, v, _, steps, converged = _als(rows, None, torch.cat(us), tol, max_iterations)
+        u, v, _, steps, converged = _als(rows, None, torch.cat(starts), tol, max_iterations)
         return u, v, steps, converged, bound
     tail = int(mask[0, -1].sum())
     total = max(energy + float((rows[:, -1] ** 2).sum()), torch.finfo(rows.dtype).tiny)
-    us, vs, top, gain, steps = [], [], 0.0, 0.0, 0
-    for first in range(0, rows.shape[0], chunk):
-        part, last = full[first : first + chunk], rows[first : first + chunk, -1, :tail]
+
+    def cropped(span: slice) -> tuple[torch.Tensor, torch.Tensor, float, float, int]:
+        part, last = full[span], rows[span, -1, :tail]
         gram = part.mT @ part
         values, vectors = torch.linalg.eigh(gram)
         values, vectors = values.flip(-1).clamp_min(0), vectors.flip(-1)
-        top += float(values[:, 0].sum())
-        u, taken = _masked_factors(rows[first : first + chunk], mask[first : first + chunk], gram, values, vectors, tol)
+        u, taken = _masked_factors(rows[span], mask[span], gram, values, vectors, tol)
         # One more exact alternating step: its gain in the objective is the stationarity test; then the best v.
         stepped = _als_gram(gram, last, u.unsqueeze(2), 1).squeeze(2)
-        gain += float(
+        gain = float(
             (_profile_value(gram, last, stepped.unsqueeze(2)) - _profile_value(gram, last, u.unsqueeze(2))).sum()
         )
         u = stepped
@@ -448,11 +485,11 @@ def kradapter_factors(
         x = u[:, :tail]
         v_full = (part @ u.unsqueeze(2)).squeeze(2) / (u * u).sum(1, keepdim=True).clamp_min(tiny)
         v_last = (last * x).sum(1, keepdim=True) / (x * x).sum(1, keepdim=True).clamp_min(tiny)
-        us.append(u)
-        vs.append(torch.cat([v_full, v_last], 1))
-        steps = max(steps, taken + 1)
-    bound = max(energy - top - EIGENVALUE_SLACK * energy, 0.0)
-    return torch.cat(us), torch.cat(vs), steps, gain <= tol * total, bound
+        return u, torch.cat([v_full, v_last], 1), float(values[:, 0].sum()), gain, taken + 1
+
+    us, vs, tops, gains, steps = zip(*_parallel(cropped, spans), strict=True)
+    bound = max(energy - sum(tops) - EIGENVALUE_SLACK * energy, 0.0)
+    return torch.cat(us), torch.cat(vs), max(steps), sum(gains) <= tol * total, bound
 
 
 def _kradapter(layer: Any, target: torch.Tensor, tol: float, max_iterations: int) -> Optimum:
@@ -606,7 +643,8 @@ def nearest_kronecker(
         rows, starts, inner, limits = rearranged, a_starts.reshape(-1, p, q), second, ranks
     # The problem has local minima: race every start to a loose tolerance, then polish the best.
     starts = starts / torch.linalg.vector_norm(starts, dim=(1, 2), keepdim=True).clamp_min(1e-300)
-    raced = [_low_rank_kronecker(rows, total, start, inner, limits, RACE_TOL, max_iterations) for start in starts]
+    raced = _parallel(lambda start: _low_rank_kronecker(rows, total, start, inner, limits, RACE_TOL, max_iterations),
+                      list(starts))  # fmt: skip
     best = min(raced, key=lambda run: run[4])
     outer, partner, steps, converged, _ = _low_rank_kronecker(
         rows, total, best[0], inner, limits, tol * POLISH_CHANGE, max_iterations, POLISH_GRAD
