@@ -259,12 +259,12 @@ def test_row_chunks_side_by_side_give_what_one_after_another_gives(
     rows, mask = optima.kradapter_rows(torch.randn(*shape, dtype=torch.float64, generator=generator), kr_shape)
     per_row = kr_shape.r * kr_shape.r * (1 if mask is None else optima.STARTS + 1)
     monkeypatch.setattr(optima, "CHUNK", 5 * per_row)  # several chunks
-    spans = optima._spans(rows.shape[0], per_row)
+    spans = optima._spans(rows.shape[0], per_row, optima._workers(rows.device))
     assert len(spans) % 2 == 0 and spans[0].start == 0 and spans[-1].stop == rows.shape[0]
     assert all(a.stop == b.start for a, b in itertools.pairwise(spans))
     together = optima.kradapter_factors(rows, mask)
     assert torch.get_num_threads() == 2
-    monkeypatch.setattr(optima, "_workers", lambda: 1)
+    monkeypatch.setattr(optima, "_workers", lambda device: 1)
     alone = optima.kradapter_factors(rows, mask)
     observed = torch.ones_like(rows) if mask is None else mask
     errors = [((rows - v.unsqueeze(2) * u.unsqueeze(1) * observed) ** 2).sum((1, 2)) for u, v, *_ in (together, alone)]
@@ -280,7 +280,7 @@ def test_lokr_starts_side_by_side_give_what_one_after_another_gives(generator, m
 
     target = torch.randn(24, 35, dtype=torch.float64, generator=generator)
     together = nearest_kronecker(target, (4, 5), (6, 7), (None, 2))
-    monkeypatch.setattr(optima, "_workers", lambda: 1)
+    monkeypatch.setattr(optima, "_workers", lambda device: 1)
     alone = nearest_kronecker(target, (4, 5), (6, 7), (None, 2))
     errors = [float(torch.linalg.vector_norm(torch.kron(a, b) - target)) for a, b, *_ in (together, alone)]
     assert errors[0] == pytest.approx(errors[1], rel=1e-9)

@@ -404,14 +404,14 @@ def _limit(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, value: torch
     return torch.where(better.unsqueeze(1), candidate, u)
 
 
-def _workers() -> int:
-    return max(1, torch.get_num_threads())
+def _workers(device: torch.device) -> int:
+    """Python threads for independent pieces: the torch thread count on the CPU; one elsewhere (a GPU batches)."""
+    return max(1, torch.get_num_threads()) if device.type == "cpu" else 1
 
 
-def _spans(count: int, per_row: int) -> list[slice]:
+def _spans(count: int, per_row: int, workers: int) -> list[slice]:
     """Row chunks of sizes differing by at most one, a multiple of the workers in number (fewer only with fewer
     rows), each of at most ``CHUNK / workers`` entries (``per_row`` a row): those in flight hold about ``CHUNK``."""
-    workers = _workers()
     most = max(1, CHUNK // (workers * per_row))
     chunks = min(count, workers * -(-count // (most * workers)))
     size, longer = divmod(count, max(chunks, 1))
@@ -419,13 +419,13 @@ def _spans(count: int, per_row: int) -> list[slice]:
     return [slice(start, end) for start, end in itertools.pairwise(ends)]
 
 
-def _parallel(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
-    """``fn`` over ``items`` in up to ``torch.get_num_threads()`` Python threads at one torch thread each, in order.
+def _parallel(fn: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
+    """``fn`` over ``items`` in up to ``workers`` Python threads at one torch thread each, in order.
 
     The per-row solvers are batches of small matrices (a batched ``eigh`` is a loop of LAPACK calls on one core
     whatever the thread count), and LoKr's starts are independent runs: independent pieces side by side use the
     cores that intra-op threads leave idle. The results are each piece's own, as in a sequential loop."""
-    workers = min(_workers(), len(items))
+    workers = min(workers, len(items))
     if workers <= 1:
         return [fn(item) for item in items]
     threads = torch.get_num_threads()
@@ -454,14 +454,15 @@ def kradapter_factors(
     """
     full = rows if mask is None else rows[:, :-1]
     energy = float((full * full).sum())
-    spans = _spans(rows.shape[0], rows.shape[2] * rows.shape[2] * (1 if mask is None else STARTS + 1))
+    workers = _workers(rows.device)
+    spans = _spans(rows.shape[0], rows.shape[2] * rows.shape[2] * (1 if mask is None else STARTS + 1), workers)
     if mask is None:
 
         def top_vectors(span: slice) -> tuple[torch.Tensor, float]:
             vectors, values = _gram_eigh(full[span].mT @ full[span])
             return vectors[..., 0], float(values[:, 0].sum())
 
-        starts, tops = zip(*_parallel(top_vectors, spans), strict=True)
+        starts, tops = zip(*_parallel(top_vectors, spans, workers), strict=True)
         bound = max(energy - sum(tops) - EIGENVALUE_SLACK * energy, 0.0)
         # Power iteration from the float32 vectors to the tolerance: v, and the test.
         u, v, _, steps, converged = _als(rows, None, torch.cat(starts), tol, max_iterations)
@@ -487,7 +488,7 @@ def kradapter_factors(
         v_last = (last * x).sum(1, keepdim=True) / (x * x).sum(1, keepdim=True).clamp_min(tiny)
         return u, torch.cat([v_full, v_last], 1), float(values[:, 0].sum()), gain, taken + 1
 
-    us, vs, tops, gains, steps = zip(*_parallel(cropped, spans), strict=True)
+    us, vs, tops, gains, steps = zip(*_parallel(cropped, spans, workers), strict=True)
     bound = max(energy - sum(tops) - EIGENVALUE_SLACK * energy, 0.0)
     return torch.cat(us), torch.cat(vs), max(steps), sum(gains) <= tol * total, bound
 
@@ -644,7 +645,7 @@ def nearest_kronecker(
     # The problem has local minima: race every start to a loose tolerance, then polish the best.
     starts = starts / torch.linalg.vector_norm(starts, dim=(1, 2), keepdim=True).clamp_min(1e-300)
     raced = _parallel(lambda start: _low_rank_kronecker(rows, total, start, inner, limits, RACE_TOL, max_iterations),
-                      list(starts))  # fmt: skip
+                      list(starts), _workers(rows.device))  # fmt: skip
     best = min(raced, key=lambda run: run[4])
     outer, partner, steps, converged, _ = _low_rank_kronecker(
         rows, total, best[0], inner, limits, tol * POLISH_CHANGE, max_iterations, POLISH_GRAD
