@@ -447,10 +447,10 @@ def kradapter_factors(
     of expectation-maximisation from the zero-filled row and of alternating least squares from the fully observed
     blocks' top ``STARTS`` right singular vectors (both from a float64 ``eigh`` of each row's Gram matrix), polished
     to a stationary point by Newton's method (:func:`_masked_factors`), then one exact alternating step whose gain
-    is the stationarity test. Rows are independent and solved in chunks of bounded memory. Returns ``u, v``, the
-    steps, whether the result is stationary (relative squared error settled within ``tol``), and a lower bound on
-    the squared error: the fully observed blocks' best rank-1 error (Eckart-Young; the partial block only adds a
-    non-negative term).
+    is the stationarity test. Rows are independent: solved in chunks of bounded memory, side by side on the CPU
+    (:func:`_parallel`). Returns ``u, v``, the steps, whether the result is stationary (relative squared error
+    settled within ``tol``), and a lower bound on the squared error: the fully observed blocks' best rank-1 error
+    (Eckart-Young; the partial block only adds a non-negative term).
     """
     full = rows if mask is None else rows[:, :-1]
     energy = float((full * full).sum())
