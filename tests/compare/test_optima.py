@@ -273,6 +273,30 @@ def test_row_chunks_side_by_side_give_what_one_after_another_gives(
     assert together[4] == pytest.approx(alone[4], rel=1e-9)
 
 
+def test_side_by_side_pieces_keep_order_and_restore_the_threads_when_one_fails(two_threads) -> None:  # type: ignore[no-untyped-def]
+    """Results come back in the items' order, each piece runs at one torch thread, and a piece's exception reaches
+    the caller with the torch thread count restored."""
+    from kradapter.compare import optima
+
+    seen: list[int] = []
+
+    def piece(i: int) -> int:
+        seen.append(torch.get_num_threads())
+        return i * i
+
+    assert optima._parallel(piece, list(range(7)), 2) == [i * i for i in range(7)]
+    assert seen == [1] * 7 and torch.get_num_threads() == 2
+
+    def failing(i: int) -> int:
+        if i == 3:
+            raise ValueError("piece 3")
+        return i
+
+    with pytest.raises(ValueError, match="piece 3"):
+        optima._parallel(failing, list(range(5)), 2)
+    assert torch.get_num_threads() == 2
+
+
 def test_lokr_starts_side_by_side_give_what_one_after_another_gives(generator, monkeypatch, two_threads):  # type: ignore[no-untyped-def]
     """LoKr's races from its starts are independent runs: in two Python threads they end where one after another
     does, and the polished best is the same."""
