@@ -308,6 +308,19 @@ class Store:
         return store
 
     @classmethod
+    def read(cls, directory: Path | str, spec: RunSpec) -> Store:
+        """A run folder as it stands, for reading while its run may still be going: its ``run.json`` and finished
+        records (an unfinished last line is skipped, not cut), checked against ``spec`` as a resume checks them; no
+        lock is taken and nothing is ever written through it."""
+        directory = Path(directory)
+        run_path = directory / RUN_FILE
+        if not run_path.is_file():
+            raise StoreError(f"{directory} holds no run to read ({RUN_FILE} is missing): check --out")
+        meta = _read_meta(run_path, spec.kind)
+        _check_resumable(directory, meta, spec, "read")
+        return cls(directory, spec, meta, _read_records(directory / RECORDS_FILE, spec.kind, repair=False), None)
+
+    @classmethod
     def _read_only(cls, directory: Path, spec: RunSpec, mode: str) -> Store:
         records: dict[Key, Any] = {}
         if mode == "resume" and (directory / RECORDS_FILE).exists():
@@ -657,7 +670,7 @@ def _earlier_results(directory: Path, legacy: tuple[str, ...]) -> list[str]:
     return [RUN_FILE, *found] if found or not readable else []
 
 
-def _check_resumable(directory: Path, meta: dict[str, Any], spec: RunSpec) -> None:
+def _check_resumable(directory: Path, meta: dict[str, Any], spec: RunSpec, verb: str = "resume") -> None:
     changed = differences(meta["settings"], spec.settings, "setting")
     old_inputs = meta["inputs"]
     changed += [
@@ -672,8 +685,12 @@ def _check_resumable(directory: Path, meta: dict[str, Any], spec: RunSpec) -> No
                 changed += differences(old[value], settings, f"{axis} {value}:")
     if changed:
         raise StoreError(
-            f"cannot resume {directory}: its results were made with other settings ({'; '.join(changed)}). "
-            "Run with the earlier settings, pass --overwrite to start again, or choose another output folder"
+            f"cannot {verb} {directory}: its results were made with other settings ({'; '.join(changed)}). "
+            + (
+                "Run with the earlier settings, pass --overwrite to start again, or choose another output folder"
+                if verb == "resume"
+                else "Give the settings it was run with"
+            )
         )
 
 

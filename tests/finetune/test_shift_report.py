@@ -364,3 +364,97 @@ def test_an_incomplete_group_leaves_its_members_as_endpoints(built) -> None:
     assert names == ["sent/k4_x1", "sent/k8_x1", "g1/k4_x1", "g1/k8_x1"]
     g1 = out["primary"]["endpoints"][2]
     assert g1["two_way"]["estimate"] == pytest.approx(g1["mean"])
+
+
+# -- an interim look: the design's runs not all in ------------------------------------------------------------------
+
+
+class PlannedStudy(FakeStudy):
+    """The fake study with its design recorded: the methods of each cell and the seeds every cell will run."""
+
+    def __init__(self, seeds: tuple[int, ...]) -> None:
+        super().__init__()
+        self.settings = SimpleNamespace(benchmarks=tuple(DOMAINS), seeds=seeds)
+        kinds = {(4, 1): ("kradapter", "lora", "loha"), (8, 1): ("kradapter", "lora"), (4, 4): ("loha",)}
+        self.cells = [Cell(c.benchmark, c.shots, c.budget, kinds[(c.shots, c.budget)]) for c in self.cells]
+
+
+def _document(records: dict[tuple, Any], study: FakeStudy, folder: Path) -> dict[str, Any]:
+    with Store.open(folder, RunSpec("shift", {"anchor_shots": 4}), "new") as store:
+        for key, record in records.items():
+            store.add(key, record)
+        patch = pytest.MonkeyPatch()
+        patch.setattr(shift_settings, "GROUPS", GROUP, raising=False)
+        try:
+            return json.loads(json.dumps(sr.document(store, study)))  # type: ignore[arg-type]
+        finally:
+            patch.undo()
+
+
+def test_a_complete_design_gives_the_same_primary_family(built, tmp_path: Path) -> None:
+    results, records, _ = built
+    planned = _document(records, PlannedStudy(SEEDS), tmp_path / "planned")
+    for key in ("endpoints", "sensitivity"):
+        for got, want in zip(planned["primary"][key], results["primary"][key], strict=True):
+            assert "pending" not in got and got["verdict"] == want["verdict"]
+            assert got["holm_p"] == pytest.approx(want["holm_p"])
+    assert planned["primary"]["family"] | {"tested": 4, "pending": 0} == planned["primary"]["family"]
+    assert planned["primary"]["family"]["size"] == 4
+
+
+def test_pending_endpoints_enter_holm_at_one_and_get_no_verdict(tmp_path: Path) -> None:
+    records = synthetic_records(np.random.default_rng(7))
+    del records[("sent", "k8_x1", "run", "lora", 5)]  # one run still to come: that endpoint has 5 of 6 seeds
+    for seed in SEEDS:  # a group's member with no run in: the group's endpoint has no seed yet
+        for method in ("kradapter", "lora"):
+            del records[("g2", "k8_x1", "run", method, seed)]
+    results = _document(records, PlannedStudy(SEEDS), tmp_path / "interim")
+    by_name = {e["name"]: e for e in results["primary"]["endpoints"]}
+    assert list(by_name) == ["sent/k4_x1", "sent/k8_x1", "news/k4_x1", "news/k8_x1"]  # the group, not g1 alone
+    assert by_name["sent/k8_x1"]["pending"] == {"seeds": 5, "planned": 6}
+    assert by_name["sent/k8_x1"]["verdict"] == "pending (5 of 6 seeds in)" and "holm_p" not in by_name["sent/k8_x1"]
+    assert by_name["sent/k8_x1"]["t"]["p"] > 0  # its interim interval is still shown
+    assert by_name["news/k8_x1"]["verdict"] == "pending (0 of 6 seeds in)" and by_name["news/k8_x1"]["n"] == 0
+    complete = [by_name[n] for n in ("sent/k4_x1", "news/k4_x1")]
+    raw = [e["t"]["p"] for e in complete]
+    assert [e["holm_p"] for e in complete] == pytest.approx(hand_holm([*raw, 1.0, 1.0])[:2])
+    assert results["primary"]["family"] | {"size": 4, "tested": 2, "pending": 2} == results["primary"]["family"]
+    assert by_name["sent/k4_x1"]["verdict"] == "supported"
+    sensitivity = {e["name"]: e for e in results["primary"]["sensitivity"]}
+    assert sensitivity["sent/k8_x1"]["verdict"] == "pending (5 of 6 seeds in)"
+    text = sr.markdown(results)
+    assert "Holm over the family's 4 endpoints" in text and "Interim: 2 of them pending" in text
+    assert "| sent, 8 shots | 5 |" in text and "**pending (5 of 6 seeds in)**" in text
+    for table in text.split("Sensitivity")[:2]:  # a row with no test keeps the verdict in its column
+        rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ")]
+        column = rows[0].index("verdict")
+        row = next(r for r in rows if r[0] == "| news, 8 shots")
+        assert len(row) == len(rows[0]) and row[column] == "pending (0 of 6 seeds in)"
+
+
+def test_an_endpoint_one_seed_short_of_a_larger_design_is_pending(built, tmp_path: Path) -> None:
+    _, records, _ = built
+    results = _document(records, PlannedStudy((*SEEDS, 6)), tmp_path / "more")
+    assert {e["verdict"] for e in results["primary"]["endpoints"]} == {"pending (6 of 7 seeds in)"}
+    assert results["primary"]["family"]["tested"] == 0 and results["primary"]["family"]["size"] == 4
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(
+    st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12),
+    st.lists(st.booleans(), min_size=12, max_size=12),
+    st.sampled_from([0.01, 0.05, 0.1]),
+)
+def test_holm_with_the_pending_at_one_rejects_only_what_the_full_family_rejects(p, waiting, alpha) -> None:
+    """Why a verdict of an interim look stands: whatever the pending p-values turn out to be, every endpoint Holm
+    rejects with them set to 1 it also rejects with their true values, and its adjusted p only falls."""
+    interim = [1.0 if w else x for x, w in zip(p, waiting, strict=False)]
+    now, later = stats.holm(interim, alpha=alpha), stats.holm(p, alpha=alpha)
+    for i, w in enumerate(waiting[: len(p)]):
+        if not w:
+            assert later.adjusted[i] <= now.adjusted[i] + 1e-15
+            assert later.reject[i] or not now.reject[i]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -340,6 +341,48 @@ def test_sequential_and_ray_give_the_same_records_and_resume_crosses_executors(
     for out, modes in ((seq, ["sequential", "ray"]), (par, ["ray", "sequential"])):
         invocations = json.loads((out / "run.json").read_text())["invocations"]
         assert [i["executor"]["executor"] for i in invocations] == modes
+
+
+@pytest.mark.slow
+def test_report_only_reads_a_run_as_it_stands_and_writes_nothing(
+    minilm_path: str, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """``--report-only`` on a run stopped part way (its last append unfinished, its folder locked by a run going on)
+    prints the interim tables, every primary endpoint without all its seeds ``pending``, and leaves every byte of
+    the folder as it was; finished, it prints the tables the command wrote; other settings are refused."""
+    from kradapter.finetune import shift_data
+    from kradapter.store import FolderLock
+
+    bench = synthetic()
+    monkeypatch.setattr(shift_data, "load_benchmark", lambda name: bench)
+    argv = ["shift", "--model", minilm_path, "--benchmarks", "sentiment", "--methods", "lora", "kradapter"]
+    argv += ["--contenders", "none", "--lr-grid", "lora=3e-3", "kradapter=1e-2", "--seeds", "0", "1"]
+    argv += ["--shots", "2", "--budgets", "1", "--steps", "3", "--batch-size", "4", "--max-length", "16"]
+    argv += ["--val-shots", "2", "--eval-per-class", "3", "--targets", "query", "--device", "cpu", "--quiet"]
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 0
+    table = (out / "shift_table.md").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out), "--report-only"]) == 0
+    assert capsys.readouterr().out == table  # finished: what the command wrote
+    lines = (out / "records.jsonl").read_text().splitlines(keepends=True)
+    kradapter_seed_1 = next(i for i, line in enumerate(lines) if '"run","kradapter",1]' in line)
+    del lines[kradapter_seed_1]
+    (out / "records.jsonl").write_text("".join(lines) + '{"key": ["sentiment", "k2_x1", "run"')  # a run going on
+    lock = FolderLock(out)  # a run going on holds the folder
+    lock.acquire()
+    try:
+        before = support.snapshot(out)
+        assert main([*argv, "--out", str(out), "--report-only"]) == 0
+        interim = capsys.readouterr()
+        assert support.snapshot(out) == before
+    finally:
+        lock.release()
+    assert "**Interim: 1 of them pending**" in interim.out and "pending (1 of 2 seeds in)" in interim.out
+    done, planned = map(int, re.search(r"(\d+) of (\d+) units finished", interim.err).groups())  # type: ignore[union-attr]
+    assert done == planned - 1
+    assert main([*argv, "--steps", "4", "--out", str(out), "--report-only"]) == 2  # the last --steps counts
+    assert "cannot read" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -408,6 +408,28 @@ def test_a_read_only_store_writes_nothing(tmp_path: Path) -> None:
     assert b'"b"' not in after[RECORDS_FILE]
 
 
+def test_reading_a_run_as_it_stands_takes_no_lock_and_writes_nothing(tmp_path: Path) -> None:
+    """``Store.read`` (``--report-only``): the finished records of a folder another run holds, its unfinished last
+    append skipped but not cut, every byte left as it was; other settings or no run are errors naming why."""
+    finished(tmp_path)
+    with Store.open(tmp_path, spec(), "resume") as holder:
+        holder.add(("cell", "a", "lora", 2), {"error_value": 0.25})
+        with (tmp_path / RECORDS_FILE).open("a") as f:
+            f.write('{"key": ["cell", "a", "lora", 3], "rec')  # the holder is half way through an append
+        before = snapshot(tmp_path)
+        reader = Store.read(tmp_path, spec())
+        assert reader.lock is None and reader.records[("cell", "a", "lora", 2)] == {"error_value": 0.25}
+        assert ("cell", "a", "lora", 3) not in reader.records and len(reader.records) == 3
+        reader.add(("cell", "b", "lora", 1), {"v": 3})
+        reader.write_json("experimental_results.json", {"other": True})
+        reader.save_meta()
+        assert snapshot(tmp_path) == before
+    with pytest.raises(StoreError, match=r"cannot read .*training\.lr.*Give the settings it was run with"):
+        Store.read(tmp_path, spec({"training.lr": 0.2}))
+    with pytest.raises(StoreError, match=r"holds no run to read \(run\.json is missing\)"):
+        Store.read(tmp_path / "elsewhere", spec())
+
+
 def test_a_run_that_finished_nothing_holds_no_results(tmp_path: Path) -> None:
     """A run stopped before its first record (a bad input found after opening, a failing device, a kill) leaves no
     results: derived files are not written before the first record, and a new run, with any settings, with or

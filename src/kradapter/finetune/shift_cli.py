@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .. import registry
 from ..assets import MissingPackageError
 from ..executor import add_executor_arguments
-from ..store import Store, StoreError, file_hash
+from ..store import RUN_FILE, Store, StoreError, file_hash
 from .commands import (
     add_recipe_arguments,
     check_model,
@@ -86,6 +86,12 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--budgets", nargs="+", type=ints, default=None, help=f"multiples of {budget}'s count")
     p.add_argument("--anchor-shots", type=int, default=None, help="shots of the cell that also runs the contenders")
     p.add_argument("--eval-per-class", type=int, default=None, help="evaluation texts per class (0: all)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="print the tables of the records in --out so far (its run going on, stopped or finished) and exit: "
+        "trains nothing and writes nothing; the settings must be the run's",
+    )
     add_executor_arguments(p)
     p.set_defaults(val_shots=None, run=run)  # --val-shots: the preset's (100 per class outside reduced)
     return p
@@ -141,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
     fail = failer("shift", rank)
     try:
         check_launch()
+        if args.report_only:  # before the data and model load: a wrong folder answers at once
+            if args.overwrite:
+                raise SettingsError("--report-only reads --out and writes nothing: it cannot be given with --overwrite")
+            if not (Path(args.out) / RUN_FILE).is_file():
+                raise StoreError(f"--report-only: {args.out} holds no run ({RUN_FILE} is missing): check --out")
         settings = settings_from(args)
         executor = check_executor(args, world_size)
         model_dir = check_model(args, settings.recipe, world_size)
@@ -150,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         name = Path(args.model).name if args.model else MODEL_NAME
         study = Study(settings, model_dir, name, data, args.trust_remote_code)
         inputs = {"model": file_hash(model_dir), **{f"data.{b}": data_hash(d) for b, d in data.items()}}
+        if args.report_only:
+            return report_only(study, Store.read(args.out, settings.run_spec(inputs)))
         outputs = shift_outputs(settings.benchmarks)
         store = open_store(
             args.out,
@@ -165,6 +178,16 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc))
     with store:
         return execute(study, store, args, executor)
+
+
+def report_only(study: Study, store: Store) -> int:
+    """The tables of a run folder's finished units, printed (``--report-only``); nothing runs, nothing is written."""
+    from .shift_report import document, markdown
+
+    done = sum(1 for key, record in store.records.items() if key[2] != "chosen" and store.done(key))
+    print(f"{store.directory}: {done} of {study.units()} units finished", file=sys.stderr)
+    print(markdown(document(store, study)))
+    return 0
 
 
 def execute(study: Study, store: Store, args: argparse.Namespace, executor: Any = None) -> int:

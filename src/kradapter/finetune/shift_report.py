@@ -58,6 +58,7 @@ NO_VERDICT = f"not tested (n < {MIN_PAIRS})"
 # no verdict is given (the powered preset refuses fewer seeds).
 MIN_PAIRS_FOR_VERDICT = MIN_SEEDS_FOR_VERDICT
 FEW_PAIRS = "no verdict (n = {n} < " + str(MIN_SEEDS_FOR_VERDICT) + " seeds)"
+PENDING = "pending ({seeds} of {planned} seeds in)"  # an endpoint whose design's runs are not all in yet
 CONTRAST = (ANCHOR, registry.reference_adapter())  # the primary contrast: the first minus the second
 PRIMARY_METRIC = "ood"
 PRIMARY_BUDGET = 1
@@ -155,6 +156,9 @@ def collect(store: Store, study: Study) -> tuple[dict[str, Any], Predictions]:
         entry: dict[str, Any] = {"shots": cell.shots, "budget": cell.budget,
                                  "budget_params": study.budgets[b] * cell.budget, "methods": {}, "chosen": {},
                                  "runs": {}}  # fmt: skip
+        seeds = getattr(study.settings, "seeds", None)
+        if seeds is not None:  # the design: what the cell will hold when the run is complete
+            entry["planned"] = {"methods": list(cell.methods), "seeds": [int(s) for s in seeds]}
         for name, size in study.sizes.get((b, cid), {}).items():
             entry["methods"][name] = {"knobs": size.settings, "adapter_params": size.count,
                                       "budget_ratio": size.budget_ratio,
@@ -216,6 +220,11 @@ class Unit:
     scores: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # method -> seed -> metric -> acc
     flags: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # method -> seed -> flagged members
     reference_cell: str = ""  # where KRAdapter's runs come from (its 1x cell above 1x)
+    planned: dict[str, list[Any]] | None = None  # the cell's design (methods, seeds); None: not recorded
+
+    def complete(self, seeds: Iterable[int]) -> bool:
+        """Whether ``seeds`` (a contrast's paired seeds) are all the design's: no run of it is still to come."""
+        return self.planned is None or set(self.planned["seeds"]) <= set(seeds)
 
     @property
     def metrics(self) -> list[str]:
@@ -238,6 +247,7 @@ def units(benchmarks: Mapping[str, Any], groups: Mapping[str, Sequence[str]]) ->
     for b, bench in benchmarks.items():
         for cid, cell in bench["cells"].items():
             unit = Unit(b, cid, cell["shots"], cell["budget"], (b,), list(bench["domains"]))
+            unit.planned = cell.get("planned")
             unit.reference_cell = _reference_cell(cell, cid)
             for method, runs in cell["runs"].items():
                 unit.scores[method] = {s: dict(r["scores"]) for s, r in runs.items()}
@@ -257,6 +267,10 @@ def units(benchmarks: Mapping[str, Any], groups: Mapping[str, Sequence[str]]) ->
             domains = parts[0].domains if all(p.domains == parts[0].domains for p in parts) else []
             unit = Unit(group, cid, parts[0].shots, parts[0].budget, tuple(present), list(domains))
             unit.reference_cell = parts[0].reference_cell
+            if all(p.planned is not None for p in parts):  # what every member will have
+                plans = [p.planned for p in parts if p.planned is not None]
+                unit.planned = {key: [x for x in plans[0][key] if all(x in q[key] for q in plans[1:])]
+                                for key in ("methods", "seeds")}  # fmt: skip
             for method in set.intersection(*(set(p.scores) for p in parts)):
                 seeds = set.intersection(*(set(p.scores[method]) for p in parts))
                 for seed in sorted(seeds, key=int):
@@ -331,16 +345,22 @@ def paired_entry(differences: Mapping[str, float], primary: bool = False) -> dic
 
 
 def holm_family(entries: Sequence[dict[str, Any]], expected: str = EXPECTED) -> dict[str, Any]:
-    """Holm-adjust the tested entries of one family in place and give each its verdict; the family's summary."""
-    tested = [e for e in entries if "t" in e]
+    """Holm-adjust the tested entries of one family in place and give each its verdict; the family's summary.
+
+    An entry marked ``pending`` (its design's runs are not all in) gets no adjusted p or verdict and enters the
+    adjustment at p = 1 when its design will test it (at least two seeds): its true p can only be smaller, and
+    Holm's rejections only grow as p-values fall, so a verdict given now stands when it arrives."""
+    tested = [e for e in entries if "t" in e and "pending" not in e]
+    waiting = [e for e in entries if "pending" in e and e["pending"]["planned"] >= MIN_PAIRS]
     if tested:
-        adjusted = stats.holm([e["t"]["p"] for e in tested])
-        for e, q in zip(tested, adjusted.adjusted, strict=True):
+        adjusted = stats.holm([e["t"]["p"] for e in tested] + [1.0] * len(waiting))
+        for e, q in zip(tested, adjusted.adjusted, strict=False):
             e["holm_p"] = q
             e["verdict"] = stats.endpoint_verdict(q, e["mean"], expected, e["mde"])  # type: ignore[arg-type]
             if e["n"] < MIN_PAIRS_FOR_VERDICT:  # the t-test alone would decide on a handful of seeds
                 e["verdict"] = FEW_PAIRS.format(n=e["n"])
-    return {"size": len(tested), "alpha": stats.ALPHA, "method": "holm"}
+    return {"size": len(tested) + len(waiting), "tested": len(tested), "pending": len(waiting), "alpha": stats.ALPHA,
+            "method": "holm"}  # fmt: skip
 
 
 def _differences(unit: Unit, other: str, metric: str, exclude_flagged: bool = False) -> dict[str, float]:
@@ -465,17 +485,24 @@ def primary(
     endpoints: list[dict[str, Any]] = []
     sensitivity: list[dict[str, Any]] = []
     for unit in all_units:
-        if not _is_primary(unit, grouped) or a not in unit.scores or b not in unit.scores:
+        planned = unit.planned["methods"] if unit.planned is not None else unit.scores
+        if not _is_primary(unit, grouped) or a not in planned or b not in planned:
             continue
         head: dict[str, Any] = {"name": f"{unit.name}/{unit.cell}", "benchmark": unit.name, "cell": unit.cell,
                                 "shots": unit.shots, "members": list(unit.members)}  # fmt: skip
         entry = head | paired_entry(_differences(unit, b, PRIMARY_METRIC), primary=True)
         entry["flagged"] = {s: unit.flags[a].get(s, []) + unit.flags[b].get(s, []) for s in map(str, entry["seeds"])}
         entry["flagged"] = {s: f for s, f in entry["flagged"].items() if f}
-        entry["two_way"] = two_way(unit, b, PRIMARY_METRIC, entry["seeds"], benchmarks, predictions)
-        endpoints.append(entry)
+        if entry["seeds"]:
+            entry["two_way"] = two_way(unit, b, PRIMARY_METRIC, entry["seeds"], benchmarks, predictions)
         clean = head | paired_entry(_differences(unit, b, PRIMARY_METRIC, exclude_flagged=True), primary=True)
         clean["excluded_seeds"] = sorted(int(s) for s in entry["flagged"])
+        if not unit.complete(entry["seeds"]) and unit.planned is not None:  # an interim look: no verdict yet
+            pending = {"seeds": entry["n"], "planned": len(unit.planned["seeds"])}
+            for e in (entry, clean):
+                e["pending"] = pending
+                e["verdict"] = PENDING.format(**pending)
+        endpoints.append(entry)
         sensitivity.append(clean)
     family = holm_family(endpoints)
     holm_family(sensitivity)
@@ -794,13 +821,14 @@ def _primary_rows(endpoints: Sequence[Mapping[str, Any]], full: bool) -> list[st
     for e in endpoints:
         name = f"{e['benchmark']}, {e['shots']} shots"
         if "t" not in e:
-            cells = [name, str(e["n"]), _num(e.get("mean"), sign=True), *["-"] * (len(head) - 4), e["verdict"]]
-            lines.append("| " + " | ".join(cells) + " |")
+            verdict = head.index("verdict")
+            cells = [name, str(e["n"]), _num(e.get("mean"), sign=True), *["-"] * (verdict - 3), e["verdict"]]
+            lines.append("| " + " | ".join(cells + ["-"] * (len(head) - len(cells))) + " |")
             continue
         flip = _p(e["sign_flip"]["p"]) + (" (disagrees)" if e["tests_disagree"] else "")
         st = e.get("studentized")
         row = [name, str(e["n"]), _num(e["mean"], sign=True), _num(e["sd"]), _interval(e["t"]["low"], e["t"]["high"]),
-               _p(e["t"]["p"]), flip, _interval(st["low"], st["high"]) if st else "-", _p(e["holm_p"]),
+               _p(e["t"]["p"]), flip, _interval(st["low"], st["high"]) if st else "-", _p(e.get("holm_p")),
                _num(e["mde"]), str(e["seeds_for_target_mde"] or "> 100,000"), f"**{e['verdict']}**"]  # fmt: skip
         if full:
             tw = e.get("two_way")
@@ -839,8 +867,13 @@ def markdown(results: Mapping[str, Any]) -> str:
     prim = results["primary"]
     lines += [f"## Primary endpoints (pre-registered): {a} minus {b}, mean OOD accuracy, 1x count, points", ""]
     if prim["endpoints"]:
-        lines += [f"Holm over the {prim['family']['size']} tested endpoints; verdicts from the Holm-adjusted paired "
+        family = prim["family"]
+        lines += [f"Holm over the family's {family['size']} endpoints; verdicts from the Holm-adjusted paired "
                   "t-test, with the MDE at the achieved seeds (80% power, two-sided 5%).", ""]  # fmt: skip
+        if family.get("pending"):
+            lines[-2] += (f" **Interim: {family['pending']} of them pending** (their runs are not all in): each "
+                          "enters the adjustment at p = 1 and gets no verdict, so every verdict given now stands "
+                          "when they arrive (a \"not detected\" may still become a verdict).")  # fmt: skip
         lines += _primary_rows(prim["endpoints"], full=True)
         lines += ["", "Sensitivity: the same family without seeds where either method's run was flagged "
                   f"({' / '.join(FLAGS)}):", ""]  # fmt: skip
