@@ -57,3 +57,22 @@ def finetune_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def shift_dir(tmp_path: Path) -> Path:
     return Path(shutil.copytree(DATA / "shift", tmp_path / "shift"))
+
+
+@pytest.fixture
+def shift_v2_dir(tmp_path: Path) -> Path:
+    """A folder holding the current shift document (``shift_report.document``): the synthetic store of
+    ``tests/finetune/test_shift_report.py`` with one primary endpoint's last run still to come (an interim look)."""
+    import json
+
+    import numpy as np
+
+    from kradapter.finetune import shift_report
+    from tests.finetune import test_shift_report as synthetic
+
+    records = synthetic.synthetic_records(np.random.default_rng(7))
+    del records[("sent", "k8_x1", "run", "lora", 5)]
+    folder = tmp_path / "shift_v2"
+    results = synthetic._document(records, synthetic.PlannedStudy(synthetic.SEEDS), folder)
+    (folder / shift_report.RESULTS_FILE).write_text(json.dumps(results))
+    return folder

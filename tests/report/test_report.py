@@ -82,6 +82,73 @@ def test_compare_report(compare_dir: Path) -> None:
     assert len(data.tables) == len(results["results"])
 
 
+def test_finetune_forest_intervals_are_paired_t(finetune_dir: Path) -> None:
+    """Recomputed with scipy: KRAdapter minus each method, a t interval on n - 1 degrees of freedom (never the
+    percentile bootstrap, which covers ~84% at five seeds)."""
+    from scipy import stats as sps
+
+    results = json.loads((finetune_dir / "finetune_results.json").read_text())
+    runs = results["runs"]
+    for pair in load(finetune_dir).paired:
+        other = next(m for m in runs if m != "kradapter" and pair["against"].lower() == m)
+        seeds = sorted(set(runs["kradapter"]) & set(runs[other]))
+        d = [runs["kradapter"][s]["test"][pair["endpoint"]] - runs[other][s]["test"][pair["endpoint"]] for s in seeds]
+        low, high = sps.t.interval(0.95, len(d) - 1, loc=sum(d) / len(d), scale=sps.sem(d))
+        assert (pair["low"], pair["high"]) == pytest.approx((low, high)) and pair["n"] == len(seeds)
+
+
+def test_shift_report_reads_the_current_document(shift_v2_dir: Path) -> None:
+    """The pre-registered primary endpoints first (a table with every one, pending ones included, and their
+    intervals), then every exploratory contrast, and each cell's table of methods and baselines."""
+    results = json.loads((shift_v2_dir / "shift_results.json").read_text())
+    data = load(shift_v2_dir)
+    endpoints = results["primary"]["endpoints"]
+    first = data.tables[0]
+    assert first["title"].startswith("Primary endpoints (pre-registered)") and "1 pending (interim)" in first["title"]
+    assert [row[0] for row in first["rows"]] == [f"{e['benchmark']}, {e['shots']} shots" for e in endpoints]
+    assert [row[-1] for row in first["rows"]] == [e["verdict"] for e in endpoints]
+    assert "pending (5 of 6 seeds in)" in [row[-1] for row in first["rows"]]
+    tested = [e for e in endpoints if "t" in e]
+    contrasts = [e for family in results["exploratory"]["contrasts"].values() for e in family if "t" in e]
+    assert len(data.paired) == len(tested) + len(contrasts)
+    for pair, e in zip(data.paired, tested + contrasts, strict=True):  # primary first, in the document's order
+        assert (pair["mean"], pair["low"], pair["high"]) == (e["mean"], e["t"]["low"], e["t"]["high"])
+        assert pair["verdict"] == e["verdict"] and pair["n"] == e["n"]
+    assert all(p["endpoint"] == "ood (primary)" for p in data.paired[: len(tested)])
+    tables = list(results["tables"].values())
+    assert len(data.tables) == 1 + len(tables)
+    for got, want in zip(data.tables[1:], tables, strict=True):
+        assert len(got["rows"]) == len(want["rows"])
+        kradapter = next(row for row in got["rows"] if row[0] == "KRAdapter")
+        ood = want["rows"]["kradapter"]["ood"]
+        assert kradapter[got["columns"].index("ood")] == f"{ood['mean']:.4f} ± {ood['std']:.4f}"
+    assert data.primary == "ood" and len(data.runs) == sum(
+        len(seeds) for b in results["benchmarks"].values() for c in b["cells"].values() for seeds in c["runs"].values()
+    )
+    page = build_report(shift_v2_dir).read_text()
+    assert "Primary endpoints (pre-registered)" in page and 'id="chart-forest"' in page
+
+
+def test_shift_report_takes_the_layers_from_the_records_as_they_stand(shift_v2_dir: Path) -> None:
+    """The current document leaves the per-layer update rows in the records: the report reads each method's lowest
+    seed there, every row of it, and skips a line a running study is still appending."""
+    lines = [json.loads(line) for line in (shift_v2_dir / "records.jsonl").read_text().splitlines()]
+    want = {}
+    for entry in sorted(lines, key=lambda e: -e["key"][4] if len(e["key"]) == 5 else 0):
+        key = entry["key"]
+        if len(key) == 5 and key[2] == "run" and entry["record"].get("updates"):
+            ranks = [row["effective_rank"] for row in entry["record"]["updates"]]
+            want[(f"{key[0]} {key[1]}", key[3])] = (str(key[4]), ranks)
+    with (shift_v2_dir / "records.jsonl").open("a") as f:
+        f.write('{"key":["sent","k4_x1","run","lora",-1],"record":{"updates":[{"effective_rank": 1')
+    data = load(shift_v2_dir)
+    got: dict = {}
+    for row in data.layers:
+        got.setdefault((row["group"], row["method"].lower()), (row["seed"], []))[1].append(row["effective_rank"])
+    assert got == want and all(seed == "0" for seed, _ in got.values())
+    assert 'id="chart-layers"' in build_report(shift_v2_dir).read_text()
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

@@ -18,7 +18,7 @@ from typing import Any
 
 from .. import registry
 from ..records import RESULTS_FILES, ResultsError, read_results, results_file
-from ..store import LOCK_FILE, RUN_FILE
+from ..store import LOCK_FILE, RECORDS_FILE, RUN_FILE
 
 
 class ReportError(ValueError):
@@ -84,6 +84,9 @@ def load(folder: str | Path) -> ReportData:
     build = {"compare": _compare, "finetune": _finetune, "shift": _shift}[kind]
     try:
         data = build(results, str(folder))
+        if kind == "shift" and not data.layers:  # the current document leaves the per-layer rows in the records
+            for (benchmark, cell, method), (seed, updates) in first_updates(folder / RECORDS_FILE).items():
+                _updates(data, method, str(seed), f"{benchmark} {cell}", updates)
     except (KeyError, TypeError, AttributeError) as exc:
         raise ReportError(f"{str(path)!r} is not a {kind} results file this version can read ({exc!r})") from None
     data.provenance = {
@@ -123,13 +126,17 @@ def _paired(group: str, endpoint: str, against: str, pair: dict[str, Any]) -> di
         "low": float(pair["low"]),
         "high": float(pair["high"]),
         "verdict": pair.get("verdict", ""),
+        "outcome": str(pair.get("verdict", "")).split(" (")[
+            0
+        ],  # its word: "not detected (MDE 1.3 points)" -> "not detected"
         "n": int(pair.get("n", 0)),
     }
 
 
 def _pair_runs(group: str, endpoint: str, by_method: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """KRAdapter minus each other method over the seeds both have (``kradapter.stats.paired_difference``)."""
-    from ..stats import paired_difference
+    """KRAdapter minus each other method over the seeds both have: the paired t interval, whose 95% holds at the
+    handful of seeds these runs have, where the percentile bootstrap's does not (``kradapter.stats``)."""
+    from ..stats import paired_t_interval, verdict
 
     out: list[dict[str, Any]] = []
     anchor = registry.anchor()  # the method every paired interval is against
@@ -140,7 +147,14 @@ def _pair_runs(group: str, endpoint: str, by_method: dict[str, dict[str, float]]
         common = [s for s in scores if s in ref]
         if other == anchor or len(common) < 2:
             continue
-        pair = paired_difference({s: ref[s] for s in common}, {s: scores[s] for s in common}).to_dict()
+        t = paired_t_interval([ref[s] for s in common], [scores[s] for s in common])
+        pair = {
+            "mean_difference": t.estimate,
+            "low": t.low,
+            "high": t.high,
+            "n": t.n,
+            "verdict": verdict(t.low, t.high),
+        }
         out.append(_paired(group, endpoint, other, pair))
     return out
 
@@ -332,9 +346,9 @@ def _shift(results: dict[str, Any], folder: str) -> ReportData:
         kind="shift",
         folder=folder,
         title="kradapter shift: in and out of distribution",
-        primary="id",
+        primary="ood" if "primary" in results else "id",
         higher_is_better=True,
-        metrics=["id", "ood", "gap"],
+        metrics=["ood", "id", "gap"] if "primary" in results else ["id", "ood", "gap"],
         costs=["train_time_s", "peak_memory_mb", "trainable_params"],
     )
     for benchmark, bench in results["benchmarks"].items():
@@ -362,22 +376,122 @@ def _shift(results: dict[str, Any], folder: str) -> ReportData:
                     )
                     if n == 0:
                         _updates(data, method, str(seed), group, run.get("updates"))
-            paired = cell.get("paired") or {}
-            order = [m for m in PRIMARY_ENDPOINTS if m in paired] + [m for m in paired if m not in PRIMARY_ENDPOINTS]
-            for endpoint in order:
-                for other, pair in (paired[endpoint] or {}).items():
-                    data.paired.append(_paired(group, endpoint, other, pair))
-            metrics = ["id", *domains, "ood", "gap"]
-            rows = []
-            for method, s in (cell.get("summary") or {}).items():
-                rows.append(
-                    [_label(method)] + [_pm((s.get(m) or {}).get("mean"), (s.get(m) or {}).get("std")) for m in metrics]
-                )
-            data.tables.append(
-                {
-                    "title": f"{benchmark}, cell {cell_id}: accuracy per domain",
-                    "columns": ["method", *metrics],
-                    "rows": rows,
-                }
-            )
+            if "primary" not in results:  # the earlier study's document: intervals and summaries per cell
+                _shift_cell_v1(data, group, benchmark, cell_id, cell, domains)
+    if "primary" in results:
+        _shift_v2(data, results)
     return data
+
+
+def first_updates(path: Path) -> dict[tuple[str, str, str], tuple[int, list[Any]]]:
+    """Per (benchmark, cell, method) its lowest seed's learned-update rows, from a shift run's records (read as they
+    stand: a line still being appended is skipped). Only the keys are parsed until the chosen lines are known."""
+    chosen: dict[tuple[str, str, str], tuple[int, bytes]] = {}
+    if not path.is_file():
+        return {}
+    with path.open("rb") as lines:
+        for line in lines:
+            if not line.endswith(b"\n"):
+                break
+            head, found, _ = line.partition(b',"record":')
+            try:
+                key = json.loads(head.removeprefix(b'{"key":')) if found else None
+            except ValueError:
+                continue
+            if not (isinstance(key, list) and len(key) == 5 and key[2] == "run" and isinstance(key[4], int)):
+                continue
+            where = (str(key[0]), str(key[1]), str(key[3]))
+            if b'"updates":' in line and (where not in chosen or key[4] < chosen[where][0]):
+                chosen[where] = (key[4], line)
+    out = {}
+    for where, (seed, line) in chosen.items():
+        updates = json.loads(line)["record"].get("updates")
+        if isinstance(updates, list):
+            out[where] = (seed, updates)
+    return out
+
+
+def _shift_cell_v1(
+    data: ReportData, group: str, benchmark: str, cell_id: str, cell: dict[str, Any], domains: list[str]
+) -> None:
+    paired = cell.get("paired") or {}
+    order = [m for m in PRIMARY_ENDPOINTS if m in paired] + [m for m in paired if m not in PRIMARY_ENDPOINTS]
+    for endpoint in order:
+        for other, pair in (paired[endpoint] or {}).items():
+            data.paired.append(_paired(group, endpoint, other, pair))
+    metrics = ["id", *domains, "ood", "gap"]
+    rows = []
+    for method, s in (cell.get("summary") or {}).items():
+        rows.append(
+            [_label(method)] + [_pm((s.get(m) or {}).get("mean"), (s.get(m) or {}).get("std")) for m in metrics]
+        )
+    data.tables.append(
+        {"title": f"{benchmark}, cell {cell_id}: accuracy per domain", "columns": ["method", *metrics], "rows": rows}
+    )
+
+
+def _interval_row(e: dict[str, Any]) -> dict[str, Any] | None:
+    """A tested paired entry of the study's document as the forest draws it (points: KRAdapter minus the other)."""
+    t = e.get("t")
+    if not t:
+        return None
+    return {"mean_difference": e["mean"], "low": t["low"], "high": t["high"], "n": e["n"], "verdict": e["verdict"]}
+
+
+def _shift_v2(data: ReportData, results: dict[str, Any]) -> None:
+    """The current document: the pre-registered primary endpoints first (their table, then their intervals), the
+    exploratory contrasts, and every cell's table of methods and baselines."""
+    from .. import registry
+
+    primary = results["primary"]
+    reference = _label(registry.reference_adapter())
+    family = primary.get("family") or {}
+    pending = f", {family['pending']} pending (interim)" if family.get("pending") else ""
+    rows = []
+    for e in primary["endpoints"]:
+        t = e.get("t") or {}
+        rows.append([
+            f"{e['benchmark']}, {e['shots']} shots", str(e["n"]), _num(e.get("mean")), _num(e.get("sd"), sign=False),
+            f"[{_num(t.get('low'))}, {_num(t.get('high'))}]" if t else "-", _p(t.get("p")),
+            _p((e.get("sign_flip") or {}).get("p")), _p(e.get("holm_p")), _num(e.get("mde"), sign=False), e["verdict"],
+        ])  # fmt: skip
+        pair = _interval_row(e)
+        if pair is not None:
+            data.paired.append(_paired(e["name"], "ood (primary)", registry.reference_adapter(), pair))
+    data.tables.append({
+        "title": f"Primary endpoints (pre-registered): KRAdapter minus {reference}, mean OOD accuracy, points; Holm "
+        f"over the family of {family.get('size', len(rows))}{pending}",
+        "columns": ["endpoint", "n", "mean", "SD", "95% t interval", "t p", "sign-flip p", "Holm p", "MDE", "verdict"],
+        "rows": rows,
+    })  # fmt: skip
+    for metric, entries in (results.get("exploratory") or {}).get("contrasts", {}).items():
+        for e in entries:
+            pair = _interval_row(e)
+            if pair is not None:
+                data.paired.append(_paired(e["unit"], f"{metric} (exploratory)", e["against"], pair))
+    for table in (results.get("tables") or {}).values():
+        domains = list(table.get("domains") or [])
+        metrics = ["id", *domains, "ood", "gap"]
+        rows = []
+        for method, row in (table.get("rows") or {}).items():
+            cells = [_pm((row.get(m) or {}).get("mean"), (row.get(m) or {}).get("std")) for m in metrics]
+            flagged = ", ".join(map(str, row.get("flagged_seeds") or [])) or ("none" if "fit" in row else "-")
+            rows.append([_label(method), str(row.get("n", "")), *cells, flagged])
+        data.tables.append({
+            "title": f"{table['benchmark']}, {table['shots']} shots per class, {table['budget']}x KRAdapter's count: "
+            "accuracy per domain (exploratory)",
+            "columns": ["method", "seeds", *metrics, "seeds flagged (underfit / diverged)"],
+            "rows": rows,
+        })  # fmt: skip
+
+
+def _num(value: Any, sign: bool = True) -> str:
+    if value is None:
+        return "-"
+    return f"{value:+.2f}" if sign else f"{value:.2f}"
+
+
+def _p(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}"

@@ -157,7 +157,10 @@ def forest_chart(data: ReportData) -> tuple[Any, int]:
         alt.Tooltip("verdict:N"),
     ]
     rules = base.mark_rule(strokeWidth=2).encode(
-        x=alt.X("low:Q", title="difference, 95% interval"), x2="high:Q", color=alt.Color("verdict:N"), tooltip=tooltip
+        x=alt.X("low:Q", title="difference, 95% interval"),
+        x2="high:Q",
+        color=alt.Color("outcome:N", title="verdict"),  # one legend entry per word, not per MDE
+        tooltip=tooltip,
     )
     points = base.mark_point(filled=True, size=POINT_SIZE, color="black").encode(x="mean:Q", tooltip=tooltip)
     zero = alt.Chart(alt.Data(values=[{"origin": 0}])).mark_rule(strokeDash=[2, 2], color="gray").encode(x="origin:Q")
