@@ -383,6 +383,8 @@ def test_report_only_reads_a_run_as_it_stands_and_writes_nothing(
     assert done == planned - 1
     assert main([*argv, "--steps", "4", "--out", str(out), "--report-only"]) == 2  # the last --steps counts
     assert "cannot read" in capsys.readouterr().err
+    assert main([*argv, "--preset", "ranks", "--out", str(out), "--report-only"]) == 2
+    assert "(the run's preset is reduced: pass --preset reduced)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

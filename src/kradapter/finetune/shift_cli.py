@@ -8,6 +8,7 @@ checked, and every cell planned, before any training.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         study = Study(settings, model_dir, name, data, args.trust_remote_code)
         inputs = {"model": file_hash(model_dir), **{f"data.{b}": data_hash(d) for b, d in data.items()}}
         if args.report_only:
-            return report_only(study, Store.read(args.out, settings.run_spec(inputs)))
+            return report_only(study, _read(args.out, settings, inputs))
         outputs = shift_outputs(settings.benchmarks)
         store = open_store(
             args.out,
@@ -178,6 +179,20 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc))
     with store:
         return execute(study, store, args, executor)
+
+
+def _read(out: str, settings: StudySettings, inputs: dict[str, str]) -> Store:
+    """The run in ``out`` for ``--report-only``; refused with other settings, naming the run's preset if it differs."""
+    try:
+        return Store.read(out, settings.run_spec(inputs))
+    except StoreError as exc:
+        try:
+            preset = json.loads((Path(out) / RUN_FILE).read_text())["settings"]["preset"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise exc from None
+        if preset != settings.preset:
+            raise StoreError(f"{exc} (the run's preset is {preset}: pass --preset {preset})") from None
+        raise
 
 
 def report_only(study: Study, store: Store) -> int:
