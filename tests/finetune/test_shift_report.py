@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from scipy import stats as sps
 
 from kradapter import stats
@@ -437,11 +439,6 @@ def test_an_endpoint_one_seed_short_of_a_larger_design_is_pending(built, tmp_pat
     results = _document(records, PlannedStudy((*SEEDS, 6)), tmp_path / "more")
     assert {e["verdict"] for e in results["primary"]["endpoints"]} == {"pending (6 of 7 seeds in)"}
     assert results["primary"]["family"]["tested"] == 0 and results["primary"]["family"]["size"] == 4
-
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 
 @given(
