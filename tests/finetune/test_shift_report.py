@@ -455,3 +455,29 @@ def test_holm_with_the_pending_at_one_rejects_only_what_the_full_family_rejects(
         if not w:
             assert later.adjusted[i] <= now.adjusted[i] + 1e-15
             assert later.reject[i] or not now.reject[i]
+
+
+def test_a_rebuild_resamples_only_the_endpoints_whose_runs_changed(tmp_path: Path, monkeypatch) -> None:
+    """The document is rebuilt after every unit: an unchanged endpoint's two-way bootstrap is remembered (the same
+    numbers), and a changed prediction is seen (its endpoint resampled again)."""
+    calls: list[int] = []
+    real = stats.two_way_bootstrap
+
+    def counted(a, b, *args, **kwargs):
+        calls.append(a.shape[0])
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(sr, "_TWO_WAY", {})
+    monkeypatch.setattr(stats, "two_way_bootstrap", counted)
+    records = synthetic_records(np.random.default_rng(11))
+    first = _document(records, PlannedStudy(SEEDS), tmp_path / "a")
+    assert len(calls) == len(first["primary"]["endpoints"]) == 4
+    again = _document(records, PlannedStudy(SEEDS), tmp_path / "b")
+    assert len(calls) == 4 and again["primary"] == first["primary"]
+    items = records[("sent", "k4_x1", "run", "kradapter", 0)]["a"]["predictions"]
+    items[0] = 1 - items[0]  # one item of one run: its endpoint's item scores change, its accuracies do not
+    changed = _document(records, PlannedStudy(SEEDS), tmp_path / "c")
+    assert len(calls) == 5
+    by_name = {e["name"]: e for e in changed["primary"]["endpoints"]}
+    assert by_name["sent/k4_x1"]["two_way"] != first["primary"]["endpoints"][0]["two_way"]
+    assert by_name["sent/k4_x1"]["t"] == first["primary"]["endpoints"][0]["t"]
