@@ -184,3 +184,13 @@ def test_help_answers_without_heavy_imports() -> None:
     code += "print(sorted(m for m in ('torch', 'altair', 'vl_convert', 'peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert re.search(r"\[\]\s*$", out), out
+
+
+def test_shift_report_survives_a_damaged_record_line(shift_v2_dir: Path) -> None:
+    """A complete but damaged record line (edited by hand) costs that method's layer rows, not the report."""
+    path = shift_v2_dir / "records.jsonl"
+    path.write_text(path.read_text() + '{"key":["sent","k4_x1","run","lora",-1],"record":{"updates": [oops\n')
+    data = load(shift_v2_dir)
+    groups = {(row["group"], row["method"]) for row in data.layers}
+    assert ("sent k4_x1", "LoRA") not in groups and ("sent k4_x1", "KRAdapter") in groups
+    assert 'id="chart-layers"' in build_report(shift_v2_dir).read_text()

@@ -126,9 +126,7 @@ def _paired(group: str, endpoint: str, against: str, pair: dict[str, Any]) -> di
         "low": float(pair["low"]),
         "high": float(pair["high"]),
         "verdict": pair.get("verdict", ""),
-        "outcome": str(pair.get("verdict", "")).split(" (")[
-            0
-        ],  # its word: "not detected (MDE 1.3 points)" -> "not detected"
+        "outcome": str(pair.get("verdict", "")).split(" (")[0],  # "not detected (MDE 1.3 points)": its word
         "n": int(pair.get("n", 0)),
     }
 
@@ -405,7 +403,10 @@ def first_updates(path: Path) -> dict[tuple[str, str, str], tuple[int, list[Any]
                 chosen[where] = (key[4], line)
     out = {}
     for where, (seed, line) in chosen.items():
-        updates = json.loads(line)["record"].get("updates")
+        try:
+            updates = json.loads(line)["record"].get("updates")
+        except (ValueError, KeyError, AttributeError):  # a damaged line: no layer rows from it
+            continue
         if isinstance(updates, list):
             out[where] = (seed, updates)
     return out
@@ -440,8 +441,9 @@ def _interval_row(e: dict[str, Any]) -> dict[str, Any] | None:
 
 def _shift_v2(data: ReportData, results: dict[str, Any]) -> None:
     """The current document: the pre-registered primary endpoints first (their table, then their intervals), the
-    exploratory contrasts, and every cell's table of methods and baselines."""
-    from .. import registry
+    exploratory contrasts, and every cell's table of methods and baselines (numbers formatted as the study's own
+    markdown tables format them)."""
+    from ..finetune.shift_report import _interval, _num, _p
 
     primary = results["primary"]
     reference = _label(registry.reference_adapter())
@@ -451,9 +453,9 @@ def _shift_v2(data: ReportData, results: dict[str, Any]) -> None:
     for e in primary["endpoints"]:
         t = e.get("t") or {}
         rows.append([
-            f"{e['benchmark']}, {e['shots']} shots", str(e["n"]), _num(e.get("mean")), _num(e.get("sd"), sign=False),
-            f"[{_num(t.get('low'))}, {_num(t.get('high'))}]" if t else "-", _p(t.get("p")),
-            _p((e.get("sign_flip") or {}).get("p")), _p(e.get("holm_p")), _num(e.get("mde"), sign=False), e["verdict"],
+            f"{e['benchmark']}, {e['shots']} shots", str(e["n"]), _num(e.get("mean"), sign=True), _num(e.get("sd")),
+            _interval(t["low"], t["high"]) if t else "-", _p(t.get("p")), _p((e.get("sign_flip") or {}).get("p")),
+            _p(e.get("holm_p")), _num(e.get("mde")), e["verdict"],
         ])  # fmt: skip
         pair = _interval_row(e)
         if pair is not None:
@@ -483,15 +485,3 @@ def _shift_v2(data: ReportData, results: dict[str, Any]) -> None:
             "columns": ["method", "seeds", *metrics, "seeds flagged (underfit / diverged)"],
             "rows": rows,
         })  # fmt: skip
-
-
-def _num(value: Any, sign: bool = True) -> str:
-    if value is None:
-        return "-"
-    return f"{value:+.2f}" if sign else f"{value:.2f}"
-
-
-def _p(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}"
