@@ -10,7 +10,8 @@ from peft import get_peft_model
 from torch import nn
 
 from kradapter import registry
-from kradapter.compare.optima import lokr_factors, nearest_kronecker, optimum
+from kradapter.compare import optima
+from kradapter.compare.optima import binding_ranks, lokr_factors, nearest_kronecker, optimum
 from kradapter.finetune.updates import layer_update
 from kradapter.khatri_rao import delta_weight
 from kradapter.shape import KhatriRaoShape
@@ -382,6 +383,19 @@ def test_nearest_kronecker_full_factors(first, second, generator) -> None:  # ty
     assert error == pytest.approx(bound**0.5, rel=1e-9)
 
 
+@pytest.mark.parametrize("first,second", KRON, ids=[f"{a}x{b}" for a, b in KRON])
+def test_nearest_kronecker_with_rank_limits_that_cannot_bind_is_the_closed_form(first, second, generator) -> None:  # type: ignore[no-untyped-def]
+    """A rank limit at least the factor's smaller side leaves the factor full: the closed form, not a search."""
+    target = torch.randn(first[0] * second[0], first[1] * second[1], dtype=torch.float64, generator=generator)
+    ranks = (min(first) + 1, min(second))
+    assert binding_ranks(first, second, ranks) == (None, None)
+    assert binding_ranks(first, second, (min(first) - 1 or None, None)) == (min(first) - 1 or None, None)
+    a, b, steps, converged, bound = nearest_kronecker(target, first, second, ranks)
+    closed = nearest_kronecker(target, first, second)
+    assert steps == 0 and converged
+    assert torch.equal(torch.kron(a, b), torch.kron(closed[0], closed[1])) and bound == closed[4]
+
+
 @pytest.mark.slow  # long float64 reference optimisations: 5-25 s each on 2 cores
 @pytest.mark.parametrize("ranks", [(None, 1), (None, 2), (1, 2), (2, 1)])
 def test_nearest_kronecker_low_rank_factors(ranks, generator) -> None:  # type: ignore[no-untyped-def]
@@ -435,6 +449,30 @@ def test_low_rank_kronecker_is_stationary_at_study_like_shapes(first, second, ra
     error2 = float(((torch.kron(a, b) - target) ** 2).sum())
     assert bound <= error2
     assert _half_steps_gain(target, a, b, ranks) <= 1e-10 * error2
+
+
+def test_large_lokr_targets_search_from_the_top_start_only(generator, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Above ``LOKR_LARGE`` entries one start (the top singular vector) is searched, to a stationary point no
+    worse than that start's own race; at or below it every start races."""
+    first, second, ranks = (4, 4), (24, 40), (None, 7)
+    target = torch.randn(first[0] * second[0], first[1] * second[1], dtype=torch.float64, generator=generator)
+    raced: list[int] = []
+    real = optima._parallel
+
+    def counted(fn, items, workers):  # type: ignore[no-untyped-def]
+        raced.append(len(items))
+        return real(fn, items, workers)
+
+    monkeypatch.setattr(optima, "_parallel", counted)
+    monkeypatch.setattr(optima, "LOKR_LARGE", target.numel())
+    nearest_kronecker(target, first, second, ranks)
+    monkeypatch.setattr(optima, "LOKR_LARGE", target.numel() - 1)
+    a, b, _, converged, bound = nearest_kronecker(target, first, second, ranks)
+    assert raced == [optima.LOKR_STARTS, 1]
+    error2 = float(((torch.kron(a, b) - target) ** 2).sum())
+    assert converged and bound <= error2
+    assert _half_steps_gain(target, a, b, ranks) <= 1e-10 * error2
+    assert error2 <= _alternating(target, first, second, ranks, 0) * (1 + 1e-3)
 
 
 def _alternating(target, first, second, ranks, start: int = 0, steps: int = 3000):  # type: ignore[no-untyped-def]
@@ -493,7 +531,7 @@ def test_lokr_optimum_through_peft(rows, cols, factor, r, both, generator) -> No
     error = float(torch.linalg.vector_norm(found.update - target))
     (first, second), ranks = lokr_factors(layer)
     reference = _long_run_kronecker(target, first, second, ranks, 3, generator)
-    assert found.exact == (ranks == (None, None))
+    assert found.exact == (binding_ranks(first, second, ranks) == (None, None))
     assert error <= reference * (1 + (1e-9 if found.exact else BEST_FOUND_TOLERANCE)) + 1e-10
     assert found.lower_bound <= min(error, reference) * (1 + 1e-12)
 

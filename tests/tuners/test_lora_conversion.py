@@ -135,6 +135,7 @@ def test_convert_to_lora_agrees_with_export(
     ranks = {layer.name: layer.rank for layer in report.layers}
 
     assert set(updates) == set(ranks)
+    telling: list[bool] = []
     for name, delta in updates.items():
         want_rank = rank if isinstance(rank, int) else energy_rank(delta, rank)
         got_rank = state[f"{PREFIX}{name}.lora_A.weight"].shape[0]
@@ -145,8 +146,10 @@ def test_convert_to_lora_agrees_with_export(
         assert relative(converted, product(exported, name, export_config)) <= tolerance, name
         assert relative(converted, reference) <= tolerance, name
         assert relative(product(exported, name, export_config), reference) <= 1e-6, name  # export: float64 throughout
-        if want_rank < min(delta.shape):  # a real truncation, not the whole update
-            assert relative(reference, delta) > 1e-3
+        if want_rank < min(delta.shape):  # a real truncation: can the checks above tell it from the whole update?
+            telling.append(relative(reference, delta) > 2 * tolerance)
+    # a layer whose spectrum is nearly flat at the cut has a loose tolerance; at least one truncated layer must not
+    assert not telling or any(telling)
     if isinstance(rank, int):
         assert lora_config.r == rank and not lora_config.rank_pattern
     else:

@@ -24,10 +24,12 @@ it is the rank-1 matrix ``V[i] U[i]^T``. The error splits into one best-rank-1 p
 Pitsianis 1993): the top singular pair of the target rearranged so each ``(out_k x in_n)`` block is a row. With a
 low-rank ``w2`` (or ``w1``, ``decompose_both``) no closed form is known, but for a given ``w1`` the best ``w2`` is a
 truncated SVD, so the error is a smooth function of ``w1`` alone (the full factor): minimised by float64 L-BFGS
-from the rearranged target's top 8 singular vectors, the best polished to a stationary point (at 4096x11008, ``w1``
-8x8 and ``w2`` 512x1376 of rank 456: 357 iterations, 69 s on one thread; the exact alternating half steps it
-replaced had not settled after 16 minutes). The best found, not proven optimal; its lower bound is the full-factor
-optimum (the low-rank updates are a subset of those).
+from the rearranged target's top 8 singular vectors, the best polished to a stationary point; on targets of more
+than ``LOKR_LARGE`` entries from the top one only (at 4096x11008, ``w1`` 8x8 and ``w2`` 512x1376 of rank 456: 8
+starts took 357 iterations, 69 s on one thread; one start 23-52 iterations; the exact alternating half steps they
+replaced had not settled after 16 minutes). A rank limit that cannot bind (at least the factor's smaller side)
+leaves the closed form. The best found, not proven optimal; its lower bound is the full-factor optimum (the
+low-rank updates are a subset of those).
 """
 
 from __future__ import annotations
@@ -53,6 +55,12 @@ R = TypeVar("R")
 # relative change of RACE_TOL; the best is polished (below). (Short races of 5-20 steps pick the wrong basin
 # on 2-11% of small Gaussian targets; 4 full races miss the best of exact alternating from 4 starts on 3 of 120.)
 LOKR_STARTS = 8
+# On a rearranged target of more than LOKR_LARGE entries one start (the top singular vector) is searched: each
+# evaluation there is a pass over tens of millions of entries and an ``eigh`` of a 512-1024 sided Gram matrix, and
+# the 8 starts' minima differ by little (4096x11008, 4 targets: the first start within 7.5e-8 relative Frobenius
+# error of the best of 8; 4096x4096: within 1.0e-5). Below it (every real-weight shape of the default study,
+# 1024x2752) all 8 race.
+LOKR_LARGE = 2**23
 RACE_TOL = 1e-9
 # The polish stops at a gradient entry of POLISH_GRAD (of the relative squared error) or a step moving it less than
 # ``tol * POLISH_CHANGE``: restarted near a minimum, L-BFGS's first short steps would meet ``tol`` itself at once.
@@ -599,6 +607,21 @@ def _low_rank_kronecker(
     return a, partner, steps, steps < max_iterations, total - kept * norm2
 
 
+def lokr_starts(entries: int) -> int:
+    """How many of the rearranged target's top singular vectors start a low-rank LoKr search (see LOKR_LARGE)."""
+    return LOKR_STARTS if entries <= LOKR_LARGE else 1
+
+
+def binding_ranks(
+    first: tuple[int, int], second: tuple[int, int], ranks: tuple[int | None, int | None]
+) -> tuple[int | None, int | None]:
+    """``ranks`` with each limit that cannot bind (at least the factor's smaller side) replaced by ``None``: such a
+    factor is full in all but its parametrisation, and the closed form is its exact optimum."""
+    return tuple(  # type: ignore[return-value]
+        None if rank is None or rank >= min(shape) else rank for shape, rank in zip((first, second), ranks, strict=True)
+    )
+
+
 def nearest_kronecker(
     target: torch.Tensor,
     first: tuple[int, int],
@@ -621,13 +644,14 @@ def nearest_kronecker(
     (p, q), (s, t) = first, second
     if target.shape != (p * s, q * t):
         raise ValueError(f"a {tuple(target.shape)} target is not kron of {first} and {second} factors")
+    ranks = binding_ranks(first, second, ranks)
     rearranged = target.detach().double().reshape(p, s, q, t).permute(0, 2, 1, 3).reshape(p * q, s * t)
     total = float((rearranged * rearranged).sum())
     small = rearranged @ rearranged.T if p * q <= s * t else rearranged.T @ rearranged
     values, vectors = torch.linalg.eigh(small)
     sigma2 = float(values[-1].clamp_min(0))
     # The full-factor optimum, and each side's k-th singular vector (the outer factor's starts below).
-    count = min(LOKR_STARTS, vectors.shape[1]) if ranks != (None, None) else 1
+    count = min(lokr_starts(rearranged.numel()), vectors.shape[1]) if ranks != (None, None) else 1
     picked = vectors[:, -count:].flip(1)
     if p * q <= s * t:  # unit left singular vectors a: their best partners are R^T a
         a_starts, b_starts = picked.T, picked.T @ rearranged
@@ -679,6 +703,7 @@ def _lokr(layer: Any, target: torch.Tensor, tol: float, max_iterations: int) -> 
         raise ValueError("no optimum for LoKr's effective-conv2d factorisation")
     (first, second), (rank1, rank2) = lokr_factors(layer)
     full1, full2 = rank1 is None, rank2 is None
+    exact = binding_ranks(first, second, (rank1, rank2)) == (None, None)
     a, b, steps, converged, bound = nearest_kronecker(target, first, second, (rank1, rank2), tol, max_iterations)
     b = b / scale
     if full1:
@@ -691,12 +716,16 @@ def _lokr(layer: Any, target: torch.Tensor, tol: float, max_iterations: int) -> 
     else:
         for param, value in zip((layer.lokr_w2_a[name], layer.lokr_w2_b[name]), _split(b, rank2 or 1), strict=True):
             _write(param, value)
-    exact = full1 and full2
     solver = (
         "nearest Kronecker product (Van Loan-Pitsianis): top singular pair of the rearranged target, float64"
         if exact
         else "Kronecker product with low-rank factors: the best low-rank partner of each full factor in closed form "
-        "(truncated SVD), the full factor by float64 L-BFGS from the full-factor optimum to a stationary point (best "
-        "found)"
+        "(truncated SVD), the full factor by float64 L-BFGS from the rearranged target's top "
+        + (
+            f"{LOKR_STARTS} singular vectors, raced, the best polished"
+            if lokr_starts(target.numel()) > 1
+            else "singular vector (one start: a large target)"
+        )
+        + " to a stationary point (best found)"
     )
     return Optimum(_update(layer), math.sqrt(bound), steps, converged, exact, solver, 0.0)
