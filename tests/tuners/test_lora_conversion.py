@@ -146,8 +146,9 @@ def test_convert_to_lora_agrees_with_export(
         assert relative(converted, product(exported, name, export_config)) <= tolerance, name
         assert relative(converted, reference) <= tolerance, name
         assert relative(product(exported, name, export_config), reference) <= 1e-6, name  # export: float64 throughout
-        if want_rank < min(delta.shape):  # a real truncation: can the checks above tell it from the whole update?
-            telling.append(relative(reference, delta) > 2 * tolerance)
+        if want_rank < min(delta.shape):  # a real truncation, not the whole update
+            assert relative(reference, delta) > 0, name
+            telling.append(relative(reference, delta) > 2 * tolerance)  # can the checks above tell the two apart?
     # a layer whose spectrum is nearly flat at the cut has a loose tolerance; at least one truncated layer must not
     assert not telling or any(telling)
     if isinstance(rank, int):
