@@ -106,6 +106,63 @@ def test_kradapter_rows_are_eckart_young_per_row(generator) -> None:  # type: ig
     assert float(torch.linalg.vector_norm(found.update - target)) == pytest.approx(expected**0.5, rel=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(13, 29), (29, 13), (31, 31), (7, 50)])
+def test_top_part_is_the_truncated_svd(shape, generator) -> None:  # type: ignore[no-untyped-def]
+    """LoKr's inner truncation (the partial eigensolver on the CPU: top pairs for a low rank, bottom ones removed
+    for a high one) is the float64 SVD's best rank-r approximation, and its kept energy is that of the top values."""
+    m = torch.randn(*shape, dtype=torch.float64, generator=generator)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    n = min(shape)
+    for rank in (1, 2, n // 2, n // 2 + 1, n - 1, n, None):
+        kept, part = optima._top_part(m, rank)
+        k = n if rank is None else min(rank, n)
+        assert kept == pytest.approx(float((s[:k] ** 2).sum()), rel=1e-12)
+        torch.testing.assert_close(part, (u[:, :k] * s[:k]) @ vh[:k], rtol=0, atol=1e-12 * float(s[0]))
+
+
+@pytest.mark.parametrize("wanted", [range(0, 3), range(4, 10), range(0, 10)])
+def test_partial_eigh_is_the_full_eigh_part(wanted, generator) -> None:  # type: ignore[no-untyped-def]
+    """The wanted ascending eigenpairs of a symmetric matrix, as a whole ``eigh`` gives them (vectors up to sign)."""
+    a = torch.randn(10, 17, dtype=torch.float64, generator=generator)
+    gram = a @ a.T
+    values, vectors = torch.linalg.eigh(gram)
+    part_values, part_vectors = optima._eigh_part(gram, wanted)
+    torch.testing.assert_close(part_values, values[wanted.start : wanted.stop], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((part_vectors * vectors[:, wanted.start : wanted.stop]).sum(0).abs(),
+                               torch.ones(len(wanted), dtype=torch.float64), rtol=0, atol=1e-10)  # fmt: skip
+
+
+@pytest.mark.parametrize("shape,factorization", [((29, 13), "sqrt_max"), ((7, 50), "sqrt_max"), ((13, 29), "sqrt_min")])
+def test_kradapter_rows_layout_and_mask(shape, factorization, generator) -> None:  # type: ignore[no-untyped-def]
+    """The rows hold the target in ``K``'s layout with zeros where cropped, and the mask (one block, broadcast to
+    every row) is 1 exactly on the observed entries: a row times the mask is the row."""
+    kr_shape = KhatriRaoShape(*shape, factorization)
+    target = torch.randn(*shape, dtype=torch.float64, generator=generator)
+    rows, mask = optima.kradapter_rows(target, kr_shape)
+    k = target if not kr_shape.transposed else target.T
+    flat = rows.reshape(kr_shape.m, -1)
+    torch.testing.assert_close(flat[:, : kr_shape.M], k, rtol=0, atol=0)
+    assert not flat[:, kr_shape.M :].any()
+    if mask is None:
+        assert kr_shape.r * kr_shape.r2 == kr_shape.M
+        return
+    assert mask.shape == rows.shape
+    observed = torch.zeros(kr_shape.r2 * kr_shape.r, dtype=torch.float64)
+    observed[: kr_shape.M] = 1
+    torch.testing.assert_close(mask, observed.view(1, kr_shape.r2, kr_shape.r).expand_as(mask), rtol=0, atol=0)
+
+
+def test_power_iteration_errors_are_the_residuals(generator) -> None:  # type: ignore[no-untyped-def]
+    """Without a mask the per-row errors come from ``||R||^2 - (v'v)(u'u)`` (no full-size residual): they equal the
+    residuals written out, at every step count."""
+    rows = torch.randn(6, 9, 5, dtype=torch.float64, generator=generator)
+    start = torch.randn(6, 5, dtype=torch.float64, generator=generator)
+    for steps in (1, 2, 7):
+        u, v, errors, _, _ = optima._als(rows, None, start, 0.0, steps, check=False)
+        residual = rows - v.unsqueeze(2) * u.unsqueeze(1)
+        torch.testing.assert_close(errors, (residual * residual).sum((1, 2)), rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape,factorization", [((29, 13), "sqrt_max"), ((13, 29), "sqrt_min"), ((7, 50), "sqrt_max")])
 def test_gram_form_steps_are_the_masked_alternating_steps(shape, factorization, generator) -> None:  # type: ignore[no-untyped-def]
     """The cropped solver's warm-up runs alternating least squares on ``r x r`` Gram matrices, several starts at
@@ -452,8 +509,8 @@ def test_low_rank_kronecker_is_stationary_at_study_like_shapes(first, second, ra
 
 
 def test_large_lokr_targets_search_from_the_top_start_only(generator, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """Above ``LOKR_LARGE`` entries one start (the top singular vector) is searched, to a stationary point no
-    worse than that start's own race; at or below it every start races."""
+    """Above ``LOKR_LARGE`` entries one start (the top singular vector) is searched straight to a stationary point
+    (no race: nothing to pick) no worse than exact alternating from that start; at or below it every start races."""
     first, second, ranks = (4, 4), (24, 40), (None, 7)
     target = torch.randn(first[0] * second[0], first[1] * second[1], dtype=torch.float64, generator=generator)
     raced: list[int] = []
@@ -468,7 +525,7 @@ def test_large_lokr_targets_search_from_the_top_start_only(generator, monkeypatc
     nearest_kronecker(target, first, second, ranks)
     monkeypatch.setattr(optima, "LOKR_LARGE", target.numel() - 1)
     a, b, _, converged, bound = nearest_kronecker(target, first, second, ranks)
-    assert raced == [optima.LOKR_STARTS, 1]
+    assert raced == [optima.LOKR_STARTS]  # the one-start search is not a race
     error2 = float(((torch.kron(a, b) - target) ** 2).sum())
     assert converged and bound <= error2
     assert _half_steps_gain(target, a, b, ranks) <= 1e-10 * error2

@@ -55,7 +55,8 @@ R = TypeVar("R")
 # relative change of RACE_TOL; the best is polished (below). (Short races of 5-20 steps pick the wrong basin
 # on 2-11% of small Gaussian targets; 4 full races miss the best of exact alternating from 4 starts on 3 of 120.)
 LOKR_STARTS = 8
-# On a rearranged target of more than LOKR_LARGE entries one start (the top singular vector) is searched: each
+# On a rearranged target of more than LOKR_LARGE entries one start (the top singular vector) is searched, straight
+# to the polish's stationary point (a race has nothing to pick): each
 # evaluation there is a pass over tens of millions of entries and an ``eigh`` of a 512-1024 sided Gram matrix, and
 # the 8 starts' minima differ by little (4096x11008, 4 targets: the first start within 7.5e-8 relative Frobenius
 # error of the best of 8; 4096x4096: within 1.0e-5). Below it (every real-weight shape of the default study,
@@ -116,14 +117,15 @@ def _update(layer: Any) -> torch.Tensor:
 
 def kradapter_rows(target: torch.Tensor, shape: KhatriRaoShape) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The target's rows in ``K``'s layout as ``(m, r2, r)`` float64 blocks (cropped entries zero), and the mask of
-    observed entries (``None`` when nothing is cropped), through :mod:`kradapter.khatri_rao`'s own layout."""
+    observed entries (``None`` when nothing is cropped; the same for every row: one block, broadcast), through
+    :mod:`kradapter.khatri_rao`'s own layout."""
     blocks, view = khatri_rao._padded(shape, torch.float64, target.device)
     view.copy_(khatri_rao._k_view(target.detach(), shape))
     if not shape.blocks[1]:
         return blocks, None
-    mask, mask_view = khatri_rao._padded(shape, torch.float64, target.device)
-    mask_view.fill_(1.0)
-    return blocks, mask
+    row = torch.zeros(shape.r2 * shape.r, dtype=torch.float64, device=target.device)
+    row[: shape.M] = 1.0
+    return blocks, row.view(1, shape.r2, shape.r).expand(shape.m, shape.r2, shape.r)
 
 
 # The top eigenvalue of a row's float32 Gram matrix is off by up to ~sqrt(r2) float32 epsilons of the row's squared
@@ -225,8 +227,9 @@ def _als(
     """Alternating least squares for per-row rank-1 fits from ``u``: ``(u, v, per-row squared error, steps,
     converged)``. Without a mask this is power iteration. ``check=False`` runs all steps without measuring."""
     tiny = torch.finfo(rows.dtype).tiny
-    total = max(float((rows * rows).sum()), tiny)
+    total = max(float(torch.linalg.vector_norm(rows)) ** 2, tiny)
     previous, steps, converged = math.inf, 0, False
+    norms = None
     v = rows.new_zeros(rows.shape[:2])
     errors = rows.new_zeros(rows.shape[0])
     for steps in range(1, max_iterations + 1):
@@ -238,9 +241,13 @@ def _als(
             u = (rows.mT @ v.unsqueeze(2)).squeeze(2) / (mask.mT @ (v * v).unsqueeze(2)).squeeze(2).clamp_min(tiny)
         if not check and steps < max_iterations:
             continue
-        fit = v.unsqueeze(2) * u.unsqueeze(1)
-        residual = rows - (fit if mask is None else fit * mask)
-        errors = (residual * residual).sum((1, 2))
+        if mask is None:  # u = R'v / v'v, so ||R - v u'||^2 = ||R||^2 - (v'v)(u'u): no full-size temporaries
+            if norms is None:
+                norms = torch.linalg.vector_norm(rows, dim=(1, 2)) ** 2
+            errors = norms - (v * v).sum(1) * (u * u).sum(1)
+        else:
+            residual = rows - v.unsqueeze(2) * u.unsqueeze(1) * mask
+            errors = (residual * residual).sum((1, 2))
         error = float(errors.sum())
         if previous - error <= tol * total:
             converged = True
@@ -396,20 +403,30 @@ def _masked_factors(
 
 
 LIMIT_TAIL = 1e-7  # the tail's norm in a unit ``u`` that stands for the limit x -> 0 (see _limit)
+LIMIT_MARGIN = 1e-9  # rows whose supremum lies this far (relative) below their value cannot gain from it
 
 
 def _limit(gram: torch.Tensor, last: torch.Tensor, u: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``u``, or where it is higher, the supremum that no stationary point attains: as ``x = u[:tail] -> 0`` along
     ``c``, ``g`` tends to ``lambda_max(G_rest) + ||c||^2`` (``G_rest``: the Gram matrix on the other coordinates),
     the last block fitted exactly by a ``v`` that grows as ``1 / ||x||``. Rows with exact zeros (sparse targets)
-    reach it; it is realised with ``||x|| = LIMIT_TAIL`` and kept only where ``g`` there beats ``value``."""
+    reach it; it is realised with ``||x|| = LIMIT_TAIL`` and kept only where ``g`` there beats ``value``. The
+    supremum itself comes from eigenvalues alone: eigenvectors are computed only for the rows it could win."""
     tail = last.shape[1]
     norm = torch.linalg.vector_norm(last, dim=1, keepdim=True)
-    vectors = torch.linalg.eigh(gram[:, tail:, tail:]).eigenvectors
-    candidate = torch.cat([LIMIT_TAIL * last / norm.clamp_min(torch.finfo(u.dtype).tiny), vectors[..., -1]], 1)
-    reached = _profile_value(gram, last, candidate.unsqueeze(2)).squeeze(1)
-    better = (reached > value) & (norm.squeeze(1) > 0) & torch.isfinite(reached)
-    return torch.where(better.unsqueeze(1), candidate, u)
+    rest = gram[:, tail:, tail:]
+    supremum = torch.linalg.eigvalsh(rest)[:, -1] + norm.squeeze(1) ** 2
+    rows = ((supremum >= value * (1 - LIMIT_MARGIN)) | ~torch.isfinite(value)).nonzero().squeeze(1)
+    if not rows.numel():
+        return u
+    vectors = torch.linalg.eigh(rest[rows]).eigenvectors
+    candidate = torch.cat([LIMIT_TAIL * last[rows] / norm[rows].clamp_min(torch.finfo(u.dtype).tiny),
+                           vectors[..., -1]], 1)  # fmt: skip
+    reached = _profile_value(gram[rows], last[rows], candidate.unsqueeze(2)).squeeze(1)
+    better = (reached > value[rows]) & (norm[rows].squeeze(1) > 0) & torch.isfinite(reached)
+    u = u.clone()
+    u[rows] = torch.where(better.unsqueeze(1), candidate, u[rows])
+    return u
 
 
 def _workers(device: torch.device) -> int:
@@ -461,7 +478,7 @@ def kradapter_factors(
     (Eckart-Young; the partial block only adds a non-negative term).
     """
     full = rows if mask is None else rows[:, :-1]
-    energy = float((full * full).sum())
+    energy = float(torch.linalg.vector_norm(full)) ** 2  # no squared copy: a large layer's rows are ~400 MB
     workers = _workers(rows.device)
     spans = _spans(rows.shape[0], rows.shape[2] * rows.shape[2] * (1 if mask is None else STARTS + 1), workers)
     if mask is None:
@@ -476,7 +493,7 @@ def kradapter_factors(
         u, v, _, steps, converged = _als(rows, None, torch.cat(starts), tol, max_iterations)
         return u, v, steps, converged, bound
     tail = int(mask[0, -1].sum())
-    total = max(energy + float((rows[:, -1] ** 2).sum()), torch.finfo(rows.dtype).tiny)
+    total = max(energy + float(torch.linalg.vector_norm(rows[:, -1])) ** 2, torch.finfo(rows.dtype).tiny)
 
     def cropped(span: slice) -> tuple[torch.Tensor, torch.Tensor, float, float, int]:
         part, last = full[span], rows[span, -1, :tail]
@@ -543,13 +560,25 @@ def _top_part(m: torch.Tensor, rank: int | None) -> tuple[float, torch.Tensor]:
     if rank is None or rank >= n:
         return float((m * m).sum()), m
     wide = s <= t
-    values, vectors = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
-    kept = float(values[n - rank :].sum())
-    if rank <= n - rank:
-        basis = vectors[:, n - rank :]
-        return kept, basis @ (basis.T @ m) if wide else (m @ basis) @ basis.T
-    rest = vectors[:, : n - rank]
-    return kept, m - (rest @ (rest.T @ m) if wide else (m @ rest) @ rest.T)
+    gram = m @ m.T if wide else m.T @ m
+    top = rank <= n - rank  # project onto the top eigenvectors, or remove the (fewer) bottom ones
+    values, vectors = _eigh_part(gram, range(n - rank, n) if top else range(n - rank))
+    if top:
+        return float(values.sum()), vectors @ (vectors.T @ m) if wide else (m @ vectors) @ vectors.T
+    kept = float(gram.diagonal().sum() - values.sum())
+    return kept, m - (vectors @ (vectors.T @ m) if wide else (m @ vectors) @ vectors.T)
+
+
+def _eigh_part(gram: torch.Tensor, wanted: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eigenpairs ``wanted`` (ascending positions) of a symmetric matrix. On the CPU, LAPACK's ``syevr`` computes
+    only those (scipy): less than half the time of a whole ``eigh`` for a sixth of the pairs at 512x512."""
+    if gram.device.type == "cpu" and len(wanted) < gram.shape[0]:
+        import scipy.linalg
+
+        values, vectors = scipy.linalg.eigh(gram.numpy(), subset_by_index=[wanted.start, wanted.stop - 1], driver="evr")
+        return torch.from_numpy(values), torch.from_numpy(vectors)
+    values, vectors = torch.linalg.eigh(gram)
+    return values[wanted.start : wanted.stop], vectors[:, wanted.start : wanted.stop]
 
 
 def _low_rank_kronecker(
@@ -645,8 +674,11 @@ def nearest_kronecker(
     if target.shape != (p * s, q * t):
         raise ValueError(f"a {tuple(target.shape)} target is not kron of {first} and {second} factors")
     ranks = binding_ranks(first, second, ranks)
-    rearranged = target.detach().double().reshape(p, s, q, t).permute(0, 2, 1, 3).reshape(p * q, s * t)
-    total = float((rearranged * rearranged).sum())
+    # One pass, converting as it permutes (a float64 copy, then a permuted one, cost 20x more at 4096x11008).
+    rearranged = target.new_empty((p, q, s, t), dtype=torch.float64)
+    rearranged.copy_(target.detach().reshape(p, s, q, t).permute(0, 2, 1, 3))
+    rearranged = rearranged.reshape(p * q, s * t)
+    total = float(torch.linalg.vector_norm(rearranged)) ** 2
     small = rearranged @ rearranged.T if p * q <= s * t else rearranged.T @ rearranged
     values, vectors = torch.linalg.eigh(small)
     sigma2 = float(values[-1].clamp_min(0))
@@ -668,11 +700,14 @@ def nearest_kronecker(
         rows, starts, inner, limits = rearranged, a_starts.reshape(-1, p, q), second, ranks
     # The problem has local minima: race every start to a loose tolerance, then polish the best.
     starts = starts / torch.linalg.vector_norm(starts, dim=(1, 2), keepdim=True).clamp_min(1e-300)
-    raced = _parallel(lambda start: _low_rank_kronecker(rows, total, start, inner, limits, RACE_TOL, max_iterations),
-                      list(starts), _workers(rows.device))  # fmt: skip
-    best = min(raced, key=lambda run: run[4])
+
+    def race(start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool, float]:
+        return _low_rank_kronecker(rows, total, start, inner, limits, RACE_TOL, max_iterations)
+
+    raced = _parallel(race, list(starts), _workers(rows.device)) if len(starts) > 1 else []
+    best = min(raced, key=lambda run: run[4])[0] if raced else starts[0]  # one start: no race, its run polishes
     outer, partner, steps, converged, _ = _low_rank_kronecker(
-        rows, total, best[0], inner, limits, tol * POLISH_CHANGE, max_iterations, POLISH_GRAD
+        rows, total, best, inner, limits, tol * POLISH_CHANGE, max_iterations, POLISH_GRAD
     )
     steps += sum(run[2] for run in raced)
     a_mat, b_mat = (partner, outer) if ranks[1] is None else (outer, partner)
