@@ -13,10 +13,11 @@ applies a factor to every unit (for example that ratio). Two units at once on a 
 each ``--one-thread`` times slower than the model's one process on 2 cores (measured 1.30: docs/executor.md,
 "Threads").
 
-The schedule is greedy (longest unit first onto the slot that frees first) within each wave of the study's
-runner, with a barrier between waves: every method's grid trials (and the reference rows), each of the adaptive
-trials (each waits for the one before: it needs its rate), then the seeds' runs. A real run overlaps nothing
-across waves either (``Runner.run``), so the barriers are the runner's; cluster start is added once.
+The schedule is greedy (longest unit first onto the slot that frees first) within each of four waves, with a
+barrier between waves: every method's grid trials (and the reference rows), each of the adaptive trials (each
+waits for the one before: it needs its rate), then the seeds' runs; cluster start is added once. The runner
+itself streams units (``Execution.stream``: a cell's next trial or its runs start as soon as their inputs are in,
+with no barrier across cells), so this is an upper bound on its wall time, loosest on many nodes.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def training_seconds(s: StudySettings, benchmark: str, shots: int) -> float:
 
 
 def waves(s: StudySettings) -> list[list[float]]:
-    """The units' model seconds in each wave of the runner: grid trials and reference rows, each adaptive trial,
-    the seeds' runs (a seed run also scores the evaluation sets; the linear probe embeds them once per seed)."""
+    """The units' model seconds in each of four waves (the runner's stages, with barriers added): grid trials and
+    reference rows, each adaptive trial, the seeds' runs (a seed run also scores the evaluation sets; the linear
+    probe embeds them once per seed)."""
     grid: list[float] = []
     adaptive: list[list[float]] = [[] for _ in range(EXTRA_TRIALS)]
     runs: list[float] = []

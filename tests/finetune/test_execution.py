@@ -37,6 +37,80 @@ def peak(at: float, width: float = 1.0):
     return lambda lr: (math.exp(-(((math.log10(lr) - math.log10(at)) / width) ** 2)), 0.0, 0.0)
 
 
+# -- the schedule ---------------------------------------------------------------------------------------------------
+
+
+class _Graph(runner.Execution):
+    """An execution whose units are a dependency graph: ``early`` and ``late`` lists of ``(key, needs)``, a unit
+    ready once every key it needs finished (as a method's runs need its trials)."""
+
+    def __init__(self, early: list[tuple[str, set[str]]], late: list[tuple[str, set[str]]]) -> None:
+        self.graph = {True: early, False: late}
+        self.finished_keys: set[str] = set()
+        self.failed = {}
+
+    def units(self, early: bool):  # type: ignore[no-untyped-def, override]
+        for key, needs in self.graph[early]:
+            if key not in self.finished_keys and key not in self.failed and needs <= self.finished_keys:
+                yield SimpleNamespace(key=key)
+
+
+def _drive(execution: _Graph, slots: int) -> tuple[list[str], list[list[str]]]:
+    """Run ``execution`` as the executors do (``slots`` units in flight, each finishing in hand-out order, a new
+    stream whenever one ends with nothing in flight): the order units start, and what was in flight at each start."""
+    started: list[str] = []
+    in_flight: list[str] = []
+    beside: list[list[str]] = []
+    stream = execution.stream()
+    while True:
+        while len(in_flight) < slots and (unit := next(stream, None)) is not None:
+            beside.append(list(in_flight))
+            started.append(unit.key)
+            in_flight.append(unit.key)
+        if not in_flight:
+            if execution.next_unit(()) is None:
+                return started, beside
+            stream = execution.stream()
+            continue
+        execution.finished_keys.add(in_flight.pop(0))
+
+
+def _cells(*names: str) -> list[tuple[str, set[str]]]:
+    """Per cell: two trials one after the other (the second's rate needs the first's score), then two runs."""
+    out: list[tuple[str, set[str]]] = []
+    for c in names:
+        out += [(f"{c}.t1", set()), (f"{c}.t2", {f"{c}.t1"}), (f"{c}.r1", {f"{c}.t2"}), (f"{c}.r2", {f"{c}.t2"})]
+    return out
+
+
+def test_one_slot_completes_each_cell_in_priority_order_before_the_others_methods() -> None:
+    """One unit at a time: a cell's next trial and its runs start as soon as their inputs are in, so the cells
+    finish one after another in priority order (no wave of every cell), and the later methods come last."""
+    started, _ = _drive(_Graph(_cells("a", "b"), [("a.c1", set()), ("b.c1", set())]), slots=1)
+    assert started == ["a.t1", "a.t2", "a.r1", "a.r2", "b.t1", "b.t2", "b.r1", "b.r2", "a.c1", "b.c1"]
+
+
+def test_two_slots_fill_from_the_next_cell_and_hold_the_others_until_the_first_are_done() -> None:
+    """Two at once: while a cell's trial runs, the next cell's starts beside it (no idle slot); a later method's
+    unit never starts while a first method's unit is left to run or running; every unit runs once."""
+    late = [("a.c1", set()), ("a.c2", set())]
+    started, beside = _drive(_Graph(_cells("a", "b", "c"), late), slots=2)
+    assert sorted(started) == sorted(k for k, _ in _cells("a", "b", "c") + late) and len(set(started)) == len(started)
+    assert started[:2] == ["a.t1", "b.t1"]
+    for key, running in zip(started, beside, strict=True):
+        if key.startswith("a.c"):
+            assert all(k.startswith("a.c") for k in running), (key, running)
+    first = [started.index(f"{c}.r2") for c in "abc"]
+    assert first == sorted(first)  # the cells' last runs start in priority order
+
+
+def test_a_failed_unit_is_not_handed_out_again_and_does_not_hold_the_others() -> None:
+    execution = _Graph([("a.t1", set()), ("a.r1", {"a.t1"})], [("a.c1", set())])
+    execution.failed = {"a.t1": "boom"}
+    started, _ = _drive(execution, slots=2)
+    assert started == ["a.c1"]
+
+
 # -- the tuning rule ------------------------------------------------------------------------------------------------
 
 

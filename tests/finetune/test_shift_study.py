@@ -213,6 +213,10 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
         finished = dict(store.records)
     bench = results["benchmarks"]["sentiment"]
     assert list(bench["cells"]) == ["k4_x1", "k2_x1", "k4_x4"]
+    # one unit at a time, the cells ran one after another, fewest shots first (the report keeps the anchor first)
+    ran = [key[1] for key in finished]
+    assert [c for i, c in enumerate(ran) if i == 0 or c != ran[i - 1]] == ["k2_x1", "k4_x1", "k4_x4"]
+    assert [c.id for c in study.priority()] == ["k2_x1", "k4_x1", "k4_x4"]
     anchor, small, large = (bench["cells"][c] for c in ("k4_x1", "k2_x1", "k4_x4"))
     chosen = anchor["chosen"]["lora"]["lr"]
     for cell_name in ("k4_x1", "k2_x1", "k4_x4"):  # one rate: recorded as the cell's choice, with no trials

@@ -38,7 +38,7 @@ import math
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -587,18 +587,43 @@ class Execution:
                    self.adapter_dir(part, method, seed, lr))  # fmt: skip
 
     # -- what can run now -----------------------------------------------------------------------------------------
-    def ready(self) -> list[Unit]:
-        """Every unit whose inputs are known and that is neither finished nor failed in this invocation; with
-        ``first`` methods, only theirs and the reference rows while any of those can run (a study run in chunks
-        finishes its primary methods before it starts the others)."""
-        early: list[Unit] = []
-        late: list[Unit] = []
+    def units(self, early: bool) -> Iterator[Unit]:
+        """Lazily, in priority order (plan by plan, as given), the units whose inputs are known and that are neither
+        finished nor failed in this invocation: ``early``, the reference rows and the ``first`` methods' (every
+        method's without ``first``); else the other methods'."""
         for part in self.parts:
-            early += self.baseline_units(part)
+            if early:
+                yield from (u for u in self.baseline_units(part) if u.key not in self.failed)
             for method in part.plan.settings.methods:
-                (late if self.first and method not in self.first else early).extend(self.method_units(part, method))
-        early = [u for u in early if u.key not in self.failed]
-        return early or [u for u in late if u.key not in self.failed]
+                if early == (not self.first or method in self.first):
+                    yield from (u for u in self.method_units(part, method) if u.key not in self.failed)
+
+    def ready(self) -> list[Unit]:
+        """Every unit that can run now; with ``first`` methods, only theirs and the reference rows while any of
+        those can run (a study run in chunks finishes its primary methods before it starts the others)."""
+        return list(self.units(early=True)) or list(self.units(early=False))
+
+    def next_unit(self, handed: Collection[Key]) -> Unit | None:
+        """The highest-priority unit that can run now and is not in ``handed`` (in flight); the others' units
+        (not ``first``) only once no ``first`` unit is left to run or running. None: nothing to start now."""
+        running_early = False
+        for unit in self.units(early=True):
+            if unit.key not in handed:
+                return unit
+            running_early = True
+        if running_early:
+            return None
+        return next((u for u in self.units(early=False) if u.key not in handed), None)
+
+    def stream(self) -> Iterator[Unit]:
+        """The units one at a time, each chosen when the executor has a free slot (:meth:`next_unit`, re-read from
+        the store): a finished trial makes its method's next trial, or its seeds' runs, ready at once, so plans
+        complete in priority order instead of every plan waiting for a wave of all plans. Ends when nothing can
+        start (the executor lets the units in flight finish, and :meth:`run` asks again)."""
+        handed: set[Key] = set()
+        while (unit := self.next_unit(handed)) is not None:
+            handed.add(unit.key)
+            yield unit
 
     def baseline_units(self, part: Part) -> list[Unit]:
         """The plan's reference rows not yet run, one per seed (cheap: run first)."""
@@ -735,14 +760,14 @@ class Execution:
             self.report(self)
 
     def run(self) -> list[tuple[Key, str]]:
-        """Run every unit not already in the store, in waves (grid trials, each adaptive trial, runs: every method
-        of every plan in each wave), rebuilding the results document after each unit; returns the failed units
-        ``(key, reason)`` (a resumed run tries them again). Choosing a rate is the driver's, between waves."""
+        """Run every unit not already in the store, streamed in priority order (:meth:`stream`), rebuilding the
+        results document after each unit; returns the failed units ``(key, reason)`` (a resumed run tries them
+        again). Choosing a rate is the driver's, as the units are handed out."""
         if self.store.records:
             self.save()  # a resumed plan: its document is rebuilt at once
         total = self.total()
-        while units := self.ready():
-            self.executor.run(units, self.on_result, self.on_failure, progress=self.progress, desc=self.desc,
+        while self.next_unit(()) is not None:
+            self.executor.run(self.stream(), self.on_result, self.on_failure, progress=self.progress, desc=self.desc,
                               initial=self.finished(), total=total)  # fmt: skip
         self.save()
         return sorted(self.failed.items(), key=lambda item: str(item[0]))
