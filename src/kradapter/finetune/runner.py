@@ -598,14 +598,10 @@ class Execution:
                 if early == (not self.first or method in self.first):
                     yield from (u for u in self.method_units(part, method) if u.key not in self.failed)
 
-    def ready(self) -> list[Unit]:
-        """Every unit that can run now; with ``first`` methods, only theirs and the reference rows while any of
-        those can run (a study run in chunks finishes its primary methods before it starts the others)."""
-        return list(self.units(early=True)) or list(self.units(early=False))
-
     def next_unit(self, handed: Collection[Key]) -> Unit | None:
         """The highest-priority unit that can run now and is not in ``handed`` (in flight); the others' units
-        (not ``first``) only once no ``first`` unit is left to run or running. None: nothing to start now."""
+        (not ``first``) only once no ``first`` unit is left to run or running, so a study run in chunks finishes
+        its primary methods before it starts the others. None: nothing to start now."""
         running_early = False
         for unit in self.units(early=True):
             if unit.key not in handed:

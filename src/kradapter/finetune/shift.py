@@ -139,8 +139,7 @@ class Study:
         reason)``. The cells run in :meth:`priority` order, so a study run in chunks completes endpoints as it goes."""
         from .runner import Execution
 
-        plans = dict(self.plans())
-        ordered = [((c.benchmark, c.id), plans[(c.benchmark, c.id)]) for c in self.priority()]
+        ordered = [((c.benchmark, c.id), self.plan(c)) for c in self.priority()]
         execution = Execution(ordered, store, report, rank, world_size, progress, executor=executor,
                               desc="shift", first=self.settings.methods)  # fmt: skip
         self.execution = execution
