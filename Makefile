@@ -40,8 +40,9 @@ lint: setup
 test: lint
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS) || $(NO_TESTS)
 
+# The slowest tests are listed at the end: the tier has a 30-minute budget on 2 cores, and this shows where it goes.
 test-all: lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS) || $(NO_TESTS)
+	$(BIN)/python -m pytest --durations=20 $(PYTEST_ARGS) || $(NO_TESTS)
 
 bench: setup
 	$(BIN)/python benchmarks/run.py

@@ -431,19 +431,31 @@ class Store:
         the first record nothing is written: a folder with no finished unit holds no results."""
         path = self.path(name)
         if self.lock is not None and self.records:
-            self.claim(name)
-            write_json(path, data, indent)
-            self.written(name)
+            with self.writing(name):
+                write_json(path, data, indent)
         return path
 
     def write_text(self, name: str, text: str) -> Path:
         """Like :meth:`write_json`, for text."""
         path = self.path(name)
         if self.lock is not None and self.records:
-            self.claim(name)
-            write_atomic(path, text)
-            self.written(name)
+            with self.writing(name):
+                write_atomic(path, text)
         return path
+
+    @contextlib.contextmanager
+    def writing(self, name: str | Path) -> Iterator[Path]:
+        """The path of ``name``, listed as this run's output *before* the caller writes it: a kill mid-write leaves
+        a listed path (a resume writes it again), never a file that no run wrote (which a resume must refuse to
+        replace). Unlisted again if nothing was written there."""
+        relative = self.claim(name)
+        listed = self._list(relative)
+        try:
+            yield self.directory / relative
+        finally:
+            if listed and not (self.directory / relative).exists():
+                self.meta["outputs"].remove(relative)
+                self.save_meta()
 
     def claim(self, name: str | Path) -> str:
         """``name`` relative to the folder, after checking this run may write it: inside the folder, and not a path
@@ -467,26 +479,31 @@ class Store:
         created as this run's output (a folder that was already there is never recorded, so never deleted)."""
         relative = self.claim(name)
         path = self.directory / relative
-        created = None
-        for parent in [*reversed(Path(relative).parents[:-1]), Path(relative)]:
+        chain = [*reversed(Path(relative).parents[:-1]), Path(relative)]
+        for parent in chain:
             target = self.directory / parent
-            if not target.exists():
-                target.mkdir()
-                created = created or parent
-            elif not target.is_dir():
+            if target.exists() and not target.is_dir():
                 raise StoreError(f"{target} is a file, not a folder; move it away or choose another output folder")
+        created = next((p for p in chain if not (self.directory / p).exists()), None)
         if created is not None:
-            self.written(created)
+            self.written(created)  # listed before it exists, as in writing()
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
     def written(self, name: str | Path) -> None:
-        """Remember ``name`` (a file or folder inside the run folder, made by this run) as written by this run:
-        ``--overwrite`` deletes it. A path that was there before the run (and no run wrote) is refused."""
-        relative = self.claim(name)
+        """Remember ``name`` (a file or folder inside the run folder that this run is about to make: list it first,
+        as :meth:`writing` does) as written by this run: ``--overwrite`` deletes it. A path that was there before
+        the run (and no run wrote) is refused."""
+        self._list(self.claim(name))
+
+    def _list(self, relative: str) -> bool:
+        """Add ``relative`` to run.json's outputs unless a listed path covers it; whether it was added."""
         outputs = self.meta["outputs"]
-        if self.lock is not None and not any(_inside(relative, str(o)) for o in outputs):
-            outputs.append(relative)
-            self.save_meta()
+        if self.lock is None or any(_inside(relative, str(o)) for o in outputs):
+            return False
+        outputs.append(relative)
+        self.save_meta()
+        return True
 
     def set_environment(self, environment: Mapping[str, Any]) -> None:
         """Add what the study knows of its environment (torch threads, GPU) to the invocation's provenance, which

@@ -452,3 +452,109 @@ def test_a_run_that_finished_nothing_holds_no_results(tmp_path: Path) -> None:
     assert (tmp_path / "table.txt").read_text() == "x"
     with pytest.raises(StoreError, match="--resume"):
         Store.open(tmp_path, spec())
+
+
+class Killed(BaseException):
+    """The process stopping at this instant (no handler runs: it is not an Exception)."""
+
+
+def _killed_after(monkeypatch: pytest.MonkeyPatch, target: object, name: str, path: Path) -> None:
+    """Make ``target.name`` do its work, then stop the process if it was called on ``path``."""
+    real = getattr(target, name)
+
+    def then_killed(where, *args, **kwargs):  # type: ignore[no-untyped-def]
+        real(where, *args, **kwargs)
+        if Path(where) == path:
+            raise Killed
+
+    monkeypatch.setattr(target, name, then_killed)
+
+
+@pytest.mark.parametrize("write", ["write_json", "write_text", "make_dir", "writing"])
+def test_a_kill_right_after_a_write_leaves_a_folder_that_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write: str
+) -> None:
+    """Each output is listed in run.json before it exists: a kill the instant after it was written leaves no file
+    that "no run wrote" (which a resume must refuse to replace), and the resumed run writes it again."""
+    import kradapter.store as store_module
+
+    name = {"write_json": "results.json", "write_text": "table.md", "make_dir": "adapters/lora"}.get(write, "plot.png")
+    with Store.open(tmp_path, spec()) as store:
+        store.add(("cell", "a", "lora", 1), {"v": 1})
+        with monkeypatch.context() as patch, pytest.raises(Killed):
+            if write == "write_json":
+                _killed_after(patch, store_module, "write_json", tmp_path / name)
+                store.write_json(name, {"n": 1})
+            elif write == "write_text":
+                _killed_after(patch, store_module, "write_atomic", tmp_path / name)
+                store.write_text(name, "| a |")
+            elif write == "make_dir":
+                _killed_after(patch, Path, "mkdir", tmp_path / "adapters")
+                store.make_dir(name)
+            else:
+                with store.writing(name) as path:
+                    path.write_bytes(b"png")
+                    raise Killed
+    assert (tmp_path / name.split("/")[0]).exists()  # make_dir: killed once its outer folder was made
+    assert name.split("/")[0] in json.loads((tmp_path / RUN_FILE).read_text())["outputs"]
+    with Store.open(tmp_path, spec(), "resume") as store:
+        if write == "make_dir":
+            assert store.make_dir(name).is_dir()
+        else:
+            store.write_text(name, "again")
+            assert (tmp_path / name).read_text() == "again"
+    with Store.open(tmp_path, spec(), "overwrite"):  # and --overwrite deletes it as the run's
+        assert not (tmp_path / name.split("/")[0]).exists()
+
+
+def test_an_output_that_was_not_written_is_unlisted(tmp_path: Path) -> None:
+    with Store.open(tmp_path, spec()) as store:
+        store.add(("cell", "a", "lora", 1), {"v": 1})
+        with store.writing("none.png"):
+            pass  # the plot had nothing to draw
+        with pytest.raises(ValueError, match="boom"), store.writing("failed.png"):
+            raise ValueError("boom")
+        with store.writing("drawn.png") as path:
+            path.write_bytes(b"png")
+    assert json.loads((tmp_path / RUN_FILE).read_text())["outputs"] == ["drawn.png"]
+    (tmp_path / "none.png").write_bytes(b"mine")  # a file of the user's, of the same name: never the run's
+    with Store.open(tmp_path, spec(), "overwrite"):
+        pass
+    assert (tmp_path / "none.png").read_bytes() == b"mine" and not (tmp_path / "drawn.png").exists()
+
+
+def test_every_output_is_listed_before_it_appears(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the matrix study's command with its plots: whenever a path appears in the run folder under its final
+    name (a rename or a new folder), run.json on disk already covers it."""
+    from kradapter.cli import main
+
+    out = tmp_path / "out"
+    seen: list[str] = []
+
+    def check(destination: object) -> None:
+        path = Path(str(destination)).absolute()
+        if out.absolute() not in path.parents:
+            return
+        relative = path.relative_to(out.absolute()).as_posix()
+        if relative in (RUN_FILE, RECORDS_FILE, LOCK_FILE) or (out / RUN_FILE).exists() is False:
+            return
+        listed = json.loads((out / RUN_FILE).read_text())["outputs"]
+        assert any(relative == o or relative.startswith(o + "/") for o in listed), (relative, listed)
+        seen.append(relative)
+
+    real_replace, real_mkdir = os.replace, Path.mkdir
+
+    def replace(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
+        check(dst)
+        return real_replace(src, dst, *args, **kwargs)
+
+    def mkdir(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not self.exists():
+            check(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    args = ["compare", "--size", "11x13", "--iterations", "5", "--quiet", "--matrices", "random_noise"]
+    assert main([*args, "--methods", "lora", "--out", str(out)]) == 0
+    assert {"experimental_results.json", "peft_comparison.png", "spectra.png", "effective_rank.png"} <= set(seen), seen

@@ -7,6 +7,7 @@ Everything is checked before any heavy library loads: flags, the study file, inp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -184,11 +185,12 @@ def _run(config: StudyConfig, store: Store, progress: bool, fail: Any, executor:
         return fail(str(exc))
     written = [config.output.results_file]
     if config.output.plots:
-        from .plots import write_plots
+        from .plots import plot_files, write_plots
 
-        written += write_plots(results, config)
-        for name in written[1:]:
-            store.written(name)
+        with contextlib.ExitStack() as listed:  # each plot listed in run.json before it is drawn
+            for name in plot_files(config):
+                listed.enter_context(store.writing(name))
+            written += write_plots(results, config)
     if config.output.table:
         from .plots import summary_table
 

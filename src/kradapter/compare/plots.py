@@ -178,10 +178,15 @@ def effective_rank_plot(results: dict[str, Any], config: StudyConfig, path: Path
     _save(fig, path, config)
 
 
+def plot_files(config: StudyConfig) -> list[str]:
+    """The names of the three figures :func:`write_plots` draws."""
+    return [config.output.plot_file, config.output.spectra_file, config.output.effective_rank_file]
+
+
 def write_plots(results: dict[str, Any], config: StudyConfig) -> list[str]:
     """Draw the three figures into ``output.directory``; returns their file names."""
     out = Path(config.output.directory)
-    names = [config.output.plot_file, config.output.spectra_file, config.output.effective_rank_file]
+    names = plot_files(config)
     for draw, name in zip((comparison_plot, spectra_plot, effective_rank_plot), names, strict=True):
         draw(results, config, out / name)
     return names

@@ -233,7 +233,7 @@ def write_reports(results: dict[str, Any], store: Store) -> str:
         f"{len(next(iter(summary.values()))['seeds'])} seeds; {env['cpu']}, {env['torch_threads']} threads"
         + (f", {env['gpu']}" if env["gpu"] else "")
     )
-    plot(summary, store.path(PLOT_FILE), title)
-    store.written(PLOT_FILE)
+    with store.writing(PLOT_FILE) as path:
+        plot(summary, path, title)
     store.write_text(TABLE_FILE, markdown_table(summary))
     return console_table(summary)

@@ -1128,16 +1128,15 @@ def write_reports(results: Mapping[str, Any], store: Store) -> str:
     returns the tables."""
     table_text = markdown(results)
     store.write_text(TABLE_FILE, table_text + "\n")
-    if plot_mechanism(results, store.path(MECHANISM_PLOT)) is not None:
-        store.written(MECHANISM_PLOT)
-    if plot_rank_sweep(results, store.path(RANK_SWEEP_PLOT)) is not None:
-        store.written(RANK_SWEEP_PLOT)
+    with store.writing(MECHANISM_PLOT) as path:  # each plot listed before it is drawn (none: unlisted again)
+        plot_mechanism(results, path)
+    with store.writing(RANK_SWEEP_PLOT) as path:
+        plot_rank_sweep(results, path)
     settings = results.get("settings") or {}
     anchor = cell_id(settings["anchor_shots"], 1) if settings.get("anchor_shots") else None
     for b in [*results["benchmarks"], *(g for g, v in results["groups"].items() if v["scored"])]:
-        path = store.path(f"shift_{b}_kshot.png")
-        if plot_kshot(results, b, path) is not None:
-            store.written(path.name)
+        with store.writing(f"shift_{b}_kshot.png") as path:
+            plot_kshot(results, b, path)
         if anchor is None or b not in results["benchmarks"]:
             continue
         first: dict[str, Any] = {}
@@ -1146,8 +1145,8 @@ def write_reports(results: Mapping[str, Any], store: Store) -> str:
             if label not in first and isinstance(record, Mapping) and record.get("updates"):
                 first[label] = record["updates"]
         if first:
-            store.written(f"shift_{b}_rank.png")
-            store.written(f"shift_{b}_spectra.png")
-            plot_effective_rank(first, store.path(f"shift_{b}_rank.png"), f"{b}: effective rank of dW per layer")
-            plot_spectra(first, store.path(f"shift_{b}_spectra.png"))
+            with store.writing(f"shift_{b}_rank.png") as path:
+                plot_effective_rank(first, path, f"{b}: effective rank of dW per layer")
+            with store.writing(f"shift_{b}_spectra.png") as path:
+                plot_spectra(first, path)
     return table_text
