@@ -304,3 +304,39 @@ def store_held(folder: Path, mode: str = "new") -> Iterator[subprocess.Popen[str
         holder.stdin.write("\n")
         holder.stdin.close()
         assert holder.wait(timeout=60) == 0
+
+
+def listed_before_written(monkeypatch: pytest.MonkeyPatch, out: Path) -> list[str]:
+    """Check, whenever a path appears in the run folder ``out`` under its final name (a rename over it, or a new
+    folder), that run.json on disk already lists it or a folder holding it (the store's write-ahead listing);
+    returns the paths seen, filled in as the run goes."""
+    from kradapter.store import LOCK_FILE, RECORDS_FILE, RUN_FILE
+
+    seen: list[str] = []
+    root = out.absolute()
+
+    def check(destination: object) -> None:
+        path = Path(str(destination)).absolute()
+        if root not in path.parents or not (out / RUN_FILE).exists():
+            return
+        relative = path.relative_to(root).as_posix()
+        if relative in (RUN_FILE, RECORDS_FILE, LOCK_FILE) or path.name.endswith(".tmp"):  # store files, staging
+            return
+        listed = json.loads((out / RUN_FILE).read_text())["outputs"]
+        assert any(relative == o or relative.startswith(o + "/") for o in listed), (relative, listed)
+        seen.append(relative)
+
+    real_replace, real_mkdir = os.replace, Path.mkdir
+
+    def replace(src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
+        check(dst)
+        real_replace(src, dst, *args, **kwargs)
+
+    def mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+        if not self.exists():
+            check(self)
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    return seen

@@ -188,7 +188,7 @@ def test_run_scores_by_hand() -> None:
 
 
 @pytest.mark.slow
-def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
+def test_study_end_to_end(minilm_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kradapter.analysis import analyse_updates
     from kradapter.finetune.shift import Study
     from kradapter.finetune.shift_report import document, write_reports
@@ -203,6 +203,7 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
     data: dict[str, BenchmarkData] = {"sentiment": benchmark_data(synthetic(), settings.eval_per_class)}
     model = Path(minilm_path)
     spec = settings.run_spec({"data.sentiment": data_hash(data["sentiment"])})
+    written = support.listed_before_written(monkeypatch, tmp_path / "out")
     with Store.open(tmp_path / "out", spec, "new") as store:
         study = Study(settings, model, "minilm", data)
         reports: list[int] = []
@@ -211,6 +212,9 @@ def test_study_end_to_end(minilm_path: str, tmp_path: Path) -> None:
         store.write_json(RESULTS_FILE, results, indent=1)  # as the command does
         write_reports(results, store)
         finished = dict(store.records)
+    # every file and folder was listed in run.json before it appeared: a kill at any instant leaves a resumable run
+    assert {RESULTS_FILE, "shift_sentiment_kshot.png", "shift_sentiment_rank.png"} <= set(written), written
+    assert any(w.startswith("adapters/sentiment") for w in written), written
     bench = results["benchmarks"]["sentiment"]
     assert list(bench["cells"]) == ["k4_x1", "k2_x1", "k4_x4"]
     # one unit at a time, the cells ran one after another, fewest shots first (the report keeps the anchor first)

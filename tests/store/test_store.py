@@ -524,37 +524,11 @@ def test_an_output_that_was_not_written_is_unlisted(tmp_path: Path) -> None:
 
 
 def test_every_output_is_listed_before_it_appears(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Through the matrix study's command with its plots: whenever a path appears in the run folder under its final
-    name (a rename or a new folder), run.json on disk already covers it."""
+    """Through the matrix study's command with its plots (the shift study: tests/finetune/test_shift_study.py)."""
     from kradapter.cli import main
 
     out = tmp_path / "out"
-    seen: list[str] = []
-
-    def check(destination: object) -> None:
-        path = Path(str(destination)).absolute()
-        if out.absolute() not in path.parents:
-            return
-        relative = path.relative_to(out.absolute()).as_posix()
-        if relative in (RUN_FILE, RECORDS_FILE, LOCK_FILE) or (out / RUN_FILE).exists() is False:
-            return
-        listed = json.loads((out / RUN_FILE).read_text())["outputs"]
-        assert any(relative == o or relative.startswith(o + "/") for o in listed), (relative, listed)
-        seen.append(relative)
-
-    real_replace, real_mkdir = os.replace, Path.mkdir
-
-    def replace(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
-        check(dst)
-        return real_replace(src, dst, *args, **kwargs)
-
-    def mkdir(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if not self.exists():
-            check(self)
-        return real_mkdir(self, *args, **kwargs)
-
-    monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(Path, "mkdir", mkdir)
+    seen = support.listed_before_written(monkeypatch, out)
     args = ["compare", "--size", "11x13", "--iterations", "5", "--quiet", "--matrices", "random_noise"]
     assert main([*args, "--methods", "lora", "--out", str(out)]) == 0
-    assert {"experimental_results.json", "peft_comparison.png", "spectra.png", "effective_rank.png"} <= set(seen), seen
+    assert {"experimental_results.json", "peft_comparison.png", "spectra.png", "effective_rank.png"} <= set(seen)
