@@ -20,12 +20,16 @@ Details fixed here:
   capped at that rank).
 - The comparison is against the thin SVD (``min(m, n)`` vectors), as in the authors' code; for a tall matrix's
   left side a direction outside the pre-trained column space has cosine 0 with every reference.
+- The pre-trained side's singular vectors are kept for the last :data:`REFERENCE_CACHE` matrices, keyed by their
+  content (a study measures the same frozen layers in every run): the same numbers, one SVD instead of two.
 - With repeated pre-trained singular values the singular vectors within a repeated group are not unique; the
   count is meaningful for the distinct spectra that trained weights have.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -35,6 +39,8 @@ import torch
 K = 10
 EPSILON = 0.5
 SIDES = ("left", "right")
+REFERENCE_CACHE = 64  # pre-trained matrices whose singular vectors are kept (MiniLM's adapted layers: 36)
+_references: OrderedDict[tuple[bytes, tuple[int, ...], str], torch.Tensor] = OrderedDict()
 
 
 def _matrix(name: str, value: Any) -> torch.Tensor:
@@ -53,6 +59,20 @@ def _singular_vectors(matrix: torch.Tensor, side: str) -> tuple[torch.Tensor, to
     keep = s > tol
     vectors = u if side == "left" else vh.T
     return torch.from_numpy(s[keep].copy()), torch.from_numpy(np.ascontiguousarray(vectors[:, keep]))
+
+
+def _reference_vectors(matrix: torch.Tensor, side: str) -> torch.Tensor:
+    """:func:`_singular_vectors`' vectors of a pre-trained ``matrix``, from the cache when its content was seen."""
+    array = np.ascontiguousarray(matrix.numpy())
+    key = (hashlib.sha256(array.data.cast("B")).digest(), array.shape, side)
+    found = _references.get(key)
+    if found is None:
+        found = _singular_vectors(matrix, side)[1]
+        _references[key] = found
+        if len(_references) > REFERENCE_CACHE:
+            _references.popitem(last=False)
+    _references.move_to_end(key)
+    return found
 
 
 def max_cosine_similarity(vectors: Any, references: Any) -> torch.Tensor:
@@ -116,7 +136,7 @@ def intruder_dimensions(
         raise ValueError(
             f"pretrained and finetuned must have the same shape, got {tuple(base.shape)} and {tuple(tuned.shape)}"
         )
-    _, references = _singular_vectors(base, side)
+    references = _reference_vectors(base, side)
     values, vectors = _singular_vectors(tuned, side)
     top = min(int(k), vectors.shape[1])
     similarity = max_cosine_similarity(vectors[:, :top], references) if top else torch.zeros(0, dtype=torch.float64)

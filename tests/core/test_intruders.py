@@ -107,6 +107,39 @@ def test_matches_an_independent_reference_on_odd_shapes(shape: tuple[int, int], 
         assert intruders.intruder_dimensions(w0, w, side="left" if m == 1 else "right").count == 0
 
 
+def test_the_pretrained_side_is_computed_once_per_content(
+    monkeypatch: pytest.MonkeyPatch, generator: torch.Generator
+) -> None:
+    """The cache of pre-trained singular vectors gives the uncached numbers, and never those of another matrix:
+    one of the same content in another tensor hits it; a changed entry, shape or side does not."""
+    real_svd, calls = np.linalg.svd, []
+    monkeypatch.setattr(np.linalg, "svd", lambda a, **kw: calls.append(a.shape) or real_svd(a, **kw))
+    monkeypatch.setattr(intruders, "_references", type(intruders._references)())
+    w0 = torch.randn(13, 29, generator=generator, dtype=torch.float64)
+    tuned = [w0 + 0.6 * torch.randn(13, 29, generator=generator, dtype=torch.float64) for _ in range(3)]
+    first = [intruders.intruder_dimensions(w0, w, k=13) for w in tuned]
+    assert len(calls) == 1 + 3  # w0 once, then each fine-tuned weight
+    monkeypatch.setattr(intruders, "_references", type(intruders._references)())
+    assert [intruders.intruder_dimensions(w0.clone(), w, k=13) for w in tuned] == first  # uncached: the same
+    for w in tuned:  # each against the independent reference too
+        count, sims = _reference(w0.numpy(), w.numpy(), 13, intruders.EPSILON, "left")
+        result = intruders.intruder_dimensions(w0.clone(), w, k=13)
+        assert result.count == count and result.max_similarity == pytest.approx(sims, abs=1e-9)
+    calls.clear()
+    intruders.intruder_dimensions(w0.clone().t().contiguous().t(), tuned[0])  # same content, other strides: a hit
+    assert len(calls) == 1
+    changed = w0.clone()
+    changed[5, 7] += 1e-9
+    intruders.intruder_dimensions(changed, tuned[0])
+    intruders.intruder_dimensions(w0, tuned[0], side="right")
+    intruders.intruder_dimensions(w0.reshape(29, 13), tuned[0].reshape(29, 13))
+    assert len(calls) == 1 + 2 * 3 and calls[1] == calls[3] == (13, 29) and calls[5] == (29, 13)  # three misses
+    many = [torch.randn(3, 4, generator=generator, dtype=torch.float64) for _ in range(intruders.REFERENCE_CACHE + 1)]
+    for w in many:
+        intruders.intruder_dimensions(w, w)
+    assert len(intruders._references) == intruders.REFERENCE_CACHE  # bounded: the oldest goes
+
+
 def test_zero_and_rank_deficient_matrices() -> None:
     w0 = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.0]))
     tuned = torch.zeros(4, 4)
