@@ -259,6 +259,10 @@ def test_tables_carry_every_method_baselines_flags_and_rates(built) -> None:
         if section.startswith(("sent,", "g1,", "g2,", "news")) and "4x" not in section.split("\n")[0]:
             assert "(baseline)" in section, section.split("\n")[0]
     assert "⚠ 1 underfit" in text and "(edge)" in text and "supported" in text and "contradicted" in text
+    news = next(s for s in sections if s.startswith("news (mean of g1, g2), 4 shots"))
+    fit_column = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[6] for line in news.splitlines()[4:]}
+    assert fit_column == {"KRAdapter": "fit", "LoRA": "fit", "LoHa": "fit", "majority (baseline)": "-",
+                          "linear_probe (baseline)": "-"}  # fmt: skip
     # the document carries the labels (to recompute the two-way interval) but no predictions
     raw = (folder / sr.RESULTS_FILE).read_text()
     assert "predictions" not in raw and "loss_curve" not in raw

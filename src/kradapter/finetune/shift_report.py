@@ -862,11 +862,13 @@ def _primary_rows(endpoints: Sequence[Mapping[str, Any]], full: bool) -> list[st
     return lines
 
 
-def _fit_mark(row: Mapping[str, Any]) -> str:
+def _fit_mark(row: Mapping[str, Any], baseline: bool) -> str:
     counts = row.get("fit")
-    if counts is None:
+    if counts is None:  # a group's row: each seed is the mean of its tasks' runs
         flagged = row.get("flagged_seeds", [])
-        return f"⚠ {len(flagged)} seed(s) with a flagged task" if flagged else ""
+        if flagged:
+            return f"⚠ {len(flagged)} seed(s) with a flagged task"
+        return "-" if baseline else "fit"
     marks = [f"⚠ {counts[f]} {f}" for f in FLAGS if counts.get(f)]
     return ", ".join(marks) if marks else ("fit" if counts.get("fit") else "-")
 
@@ -917,7 +919,7 @@ def markdown(results: Mapping[str, Any]) -> str:
             if "from_cell" in row:
                 label += f" (runs of {row['from_cell']})"
             cells = [label, str(row["n"]), _pct(row["id"]), *[_pct(row[d]) for d in domains], _pct(row["ood"]),
-                     _pct(row["gap"]), _fit_mark(row), _rate(row)]  # fmt: skip
+                     _pct(row["gap"]), _fit_mark(row, name in BASELINES), _rate(row)]  # fmt: skip
             for k in ("effective_rank", "update_norm", "intruders"):
                 cells.append(f"{row[k]['mean']:.1f}" if k in row else "-")
             lines.append("| " + " | ".join(cells) + " |")
