@@ -552,7 +552,8 @@ def _alternating(target, first, second, ranks, start: int = 0, steps: int = 3000
 def test_low_rank_kronecker_escapes_the_top_starts_basin(generator) -> None:  # type: ignore[no-untyped-def]
     """The low-rank problem has local minima (on a 1024x2752 Gaussian target the top start's basin is 2.7e-5 above
     the best): over fresh targets the solver is never clearly worse than the best of exact alternating half steps
-    from the top 4 singular vectors, and as good on all but at most one."""
+    from the top 4 singular vectors, and as good on all but at most two of 12. (Measured over 712 such targets: 7
+    missed that best, by at most 4.3e-4, so a miss is about 1 in 100; three in 12 is then about 1 in 5,000.)"""
     outcomes = []
     for first, second, ranks in [((4, 4), (24, 40), (None, 7)), ((3, 5), (20, 12), (None, 4))] * 6:
         target = torch.randn(first[0] * second[0], first[1] * second[1], dtype=torch.float64, generator=generator)
@@ -562,7 +563,7 @@ def test_low_rank_kronecker_escapes_the_top_starts_basin(generator) -> None:  # 
         outcomes.append(error / reference - 1)
         assert converged
     assert max(outcomes) <= 1e-3
-    assert sum(o <= 1e-9 for o in outcomes) >= len(outcomes) - 1
+    assert sum(o > 1e-9 for o in outcomes) <= 2, outcomes
 
 
 @pytest.mark.slow  # long float64 reference optimisations: 5-25 s each on 2 cores
