@@ -99,7 +99,8 @@ def test_training_lowers_the_loss_with_checkpointing(method, generator):
 def test_generate_save_load_merge(method, generator, tmp_path):
     model = get_peft_model(llama(), METHODS[method](target_modules="all-linear")).eval()
     ids = tokens(generator, batch=2, length=6)
-    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    # min_new_tokens: a random model may greedily pick the end-of-sequence token in every row and stop early
+    settings = {"max_new_tokens": 6, "min_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         generated = model.generate(input_ids=ids, **settings)
         with model.disable_adapter():
