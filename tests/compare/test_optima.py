@@ -508,6 +508,19 @@ def test_low_rank_kronecker_is_stationary_at_study_like_shapes(first, second, ra
     assert _half_steps_gain(target, a, b, ranks) <= 1e-10 * error2
 
 
+@pytest.mark.xfail(strict=True, reason="known, cause open: L-BFGS stops short of stationary here")
+def test_low_rank_kronecker_stops_short_of_stationary_on_one_known_target() -> None:
+    """A target (generator seed 100, 1 of 400 draws of this shape) where L-BFGS stops, converged, at a point three
+    exact half steps still lower by 1.8e-10 of the error at tolerance 1e-13 or 1e-15 alike (elsewhere about 1e-14).
+    Its inner factor's top two singular values nearly tie (0.0213, 0.0207; the 3rd is 0.0096), so the truncation
+    itself is smooth; the cause is open. Strict: once fixed this passes, and so fails here."""
+    target = torch.randn(60, 63, dtype=torch.float64, generator=torch.Generator().manual_seed(100))
+    a, b, _, converged, _ = nearest_kronecker(target, (12, 7), (5, 9), (2, None), tol=1e-15)
+    assert converged
+    error2 = float(((torch.kron(a, b) - target) ** 2).sum())
+    assert _half_steps_gain(target, a, b, (2, None)) <= 1e-10 * error2
+
+
 def test_large_lokr_targets_search_from_the_top_start_only(generator, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Above ``LOKR_LARGE`` entries one start (the top singular vector) is searched straight to a stationary point
     (no race: nothing to pick) no worse than exact alternating from that start; at or below it every start races."""
