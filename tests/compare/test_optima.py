@@ -505,20 +505,19 @@ def test_low_rank_kronecker_is_stationary_at_study_like_shapes(first, second, ra
             assert int(torch.linalg.matrix_rank(mat)) <= rank
     error2 = float(((torch.kron(a, b) - target) ** 2).sum())
     assert bound <= error2
-    assert _half_steps_gain(target, a, b, ranks) <= 1e-10 * error2
+    assert _half_steps_gain(target, a, b, ranks) <= 1e-12 * error2  # measured: at most 4e-16 in 460 draws
 
 
-@pytest.mark.xfail(strict=True, reason="known, cause open: L-BFGS stops short of stationary here")
-def test_low_rank_kronecker_stops_short_of_stationary_on_one_known_target() -> None:
-    """A target (generator seed 100, 1 of 400 draws of this shape) where L-BFGS stops, converged, at a point three
-    exact half steps still lower by 1.8e-10 of the error at tolerance 1e-13 or 1e-15 alike (elsewhere about 1e-14).
-    Its inner factor's top two singular values nearly tie (0.0213, 0.0207; the 3rd is 0.0096), so the truncation
-    itself is smooth; the cause is open. Strict: once fixed this passes, and so fails here."""
+def test_low_rank_kronecker_polish_goes_on_from_the_race_on_a_flat_minimum() -> None:
+    """A target (generator seed 100, 1 of 400 draws of this shape) with a flat minimum: the race stops with a largest
+    gradient entry of 3e-9, where an L-BFGS started afresh takes unit-curvature steps too short to change the loss
+    in float64 (at tolerance 1e-13 it stopped at once, at 1e-15 after 6 steps), 1.8e-10 of the error short of
+    stationary. The polish goes on with the race's curvature memory instead, to where half steps gain nothing."""
     target = torch.randn(60, 63, dtype=torch.float64, generator=torch.Generator().manual_seed(100))
     a, b, _, converged, _ = nearest_kronecker(target, (12, 7), (5, 9), (2, None), tol=1e-15)
     assert converged
     error2 = float(((torch.kron(a, b) - target) ** 2).sum())
-    assert _half_steps_gain(target, a, b, (2, None)) <= 1e-10 * error2
+    assert _half_steps_gain(target, a, b, (2, None)) <= 1e-12 * error2
 
 
 def test_large_lokr_targets_search_from_the_top_start_only(generator, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -65,8 +65,10 @@ LOKR_STARTS = 8
 # 1024x2752) all 8 race.
 LOKR_LARGE = 2**23
 RACE_TOL = 1e-9
-# The polish stops at a gradient entry of POLISH_GRAD (of the relative squared error) or a step moving it less than
-# ``tol * POLISH_CHANGE``: restarted near a minimum, L-BFGS's first short steps would meet ``tol`` itself at once.
+# The polish goes on with the winning race's L-BFGS memory (a search started afresh near a flat minimum takes
+# unit-curvature steps too short to move the loss in float64, and stops there: 1.8e-10 of the error short of
+# stationary on one 60x63 target in 400) until a gradient entry of POLISH_GRAD (of the relative squared error) or
+# a step moving it less than ``tol * POLISH_CHANGE``.
 POLISH_GRAD = 1e-12
 POLISH_CHANGE = 1e-3
 
@@ -583,59 +585,68 @@ def _eigh_part(gram: torch.Tensor, wanted: range) -> tuple[torch.Tensor, torch.T
     return values[wanted.start : wanted.stop], vectors[:, wanted.start : wanted.stop]
 
 
-def _low_rank_kronecker(
-    rows: torch.Tensor,
-    total: float,
-    start: torch.Tensor,
-    inner: tuple[int, int],
-    ranks: tuple[int | None, int | None],
-    tol: float,
-    max_iterations: int,
-    grad_tol: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, int, bool, float]:
+class _KroneckerSearch:
     """Maximise ``f(A) = ||trunc(R^T vec(A))||^2 / ||A||^2`` (the inner factor's best rank-limited partner of ``A``
     removes exactly that much of ``||R||^2``) over the outer factor ``A`` (``rank <= ranks[0]``, as ``X Y^T``) by
-    float64 L-BFGS with a strong-Wolfe line search from ``start`` until the loss (relative to ``||R||^2``) moves
-    less than ``tol`` in a step or its gradient's largest entry falls to ``grad_tol``; returns ``A``, its partner,
-    the iterations, whether it stopped so before ``max_iterations``, and the squared error."""
-    outer_rank, inner_rank = ranks
-    if outer_rank is None or outer_rank >= min(start.shape):
-        params = [start.clone()]
-    else:
-        u, s, vh = torch.linalg.svd(start, full_matrices=False)
-        root = s[:outer_rank].sqrt()
-        params = [u[:, :outer_rank] * root, vh[:outer_rank].T * root]
+    float64 L-BFGS with a strong-Wolfe line search from ``start``. ``run`` goes on until the loss (relative to
+    ``||R||^2``) moves less than ``tol`` in a step or its gradient's largest entry falls to ``grad_tol``; a later
+    ``run`` at a tighter tolerance continues with the curvature learnt so far (see POLISH_CHANGE)."""
 
-    def outer() -> torch.Tensor:
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        total: float,
+        start: torch.Tensor,
+        inner: tuple[int, int],
+        ranks: tuple[int | None, int | None],
+    ) -> None:
+        self.rows, self.total, self.shape, self.inner, self.inner_rank = rows, total, start.shape, inner, ranks[1]
+        outer_rank = ranks[0]
+        if outer_rank is None or outer_rank >= min(start.shape):
+            self.params = [start.clone()]
+        else:
+            u, s, vh = torch.linalg.svd(start, full_matrices=False)
+            root = s[:outer_rank].sqrt()
+            self.params = [u[:, :outer_rank] * root, vh[:outer_rank].T * root]
+        self.search: torch.optim.LBFGS | None = None
+        self.steps = 0
+
+    def outer(self) -> torch.Tensor:
+        params = self.params
         return params[0] if len(params) == 1 else params[0] @ params[1].T
 
-    def closure() -> torch.Tensor:
-        a = outer().reshape(-1)
+    def _closure(self) -> torch.Tensor:
+        params, total = self.params, self.total
+        a = self.outer().reshape(-1)
         norm2 = float(a.dot(a))
-        kept, part = _top_part((a @ rows).reshape(inner), inner_rank)
+        kept, part = _top_part((a @ self.rows).reshape(self.inner), self.inner_rank)
         # gradient of -f / ||R||^2 with respect to A, then to its factors
-        grad = ((2 * kept / norm2**2) * a - (2 / norm2) * (rows @ part.reshape(-1))).reshape(start.shape) / total
+        grad = ((2 * kept / norm2**2) * a - (2 / norm2) * (self.rows @ part.reshape(-1))).reshape(self.shape) / total
         if len(params) == 1:
             params[0].grad = grad
         else:
             params[0].grad, params[1].grad = grad @ params[1], grad.T @ params[0]
         return torch.tensor(1.0 - kept / norm2 / total, dtype=torch.float64)
 
-    search = torch.optim.LBFGS(
-        params,
-        max_iter=max_iterations,
-        max_eval=2 * max_iterations,
-        tolerance_grad=grad_tol,
-        tolerance_change=tol,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-    search.step(closure)
-    steps = int(search.state[params[0]]["n_iter"])
-    a = outer()
-    norm2 = float(a.reshape(-1).dot(a.reshape(-1)))
-    kept, partner = _top_part((a.reshape(-1) @ rows).reshape(inner) / norm2, inner_rank)
-    return a, partner, steps, steps < max_iterations, total - kept * norm2
+    def run(self, tol: float, max_iterations: int, grad_tol: float = 0.0) -> bool:
+        """Search on; whether it stopped before ``max_iterations`` more iterations."""
+        if self.search is None:
+            self.search = torch.optim.LBFGS(self.params, history_size=20, line_search_fn="strong_wolfe")
+        self.search.param_groups[0].update(
+            tolerance_grad=grad_tol, tolerance_change=tol, max_iter=max_iterations, max_eval=2 * max_iterations
+        )
+        before = int(self.search.state[self.params[0]].get("n_iter", 0))
+        self.search.step(self._closure)
+        steps = int(self.search.state[self.params[0]]["n_iter"]) - before
+        self.steps += steps
+        return steps < max_iterations
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``A``, its best partner and the squared error."""
+        a = self.outer()
+        norm2 = float(a.reshape(-1).dot(a.reshape(-1)))
+        kept, partner = _top_part((a.reshape(-1) @ self.rows).reshape(self.inner) / norm2, self.inner_rank)
+        return a, partner, self.total - kept * norm2
 
 
 def lokr_starts(entries: int) -> int:
@@ -703,18 +714,22 @@ def nearest_kronecker(
     # The problem has local minima: race every start to a loose tolerance, then polish the best.
     starts = starts / torch.linalg.vector_norm(starts, dim=(1, 2), keepdim=True).clamp_min(1e-300)
 
-    def race(start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, bool, float]:
-        return _low_rank_kronecker(rows, total, start, inner, limits, RACE_TOL, max_iterations)
+    def race_free(start: torch.Tensor) -> _KroneckerSearch:  # one start: no race, it polishes from the start
+        return _KroneckerSearch(rows, total, start, inner, limits)
+
+    def race(start: torch.Tensor) -> tuple[_KroneckerSearch, float]:
+        search = race_free(start)
+        search.run(RACE_TOL, max_iterations)
+        return search, search.result()[2]
 
     # The partial eigensolver (scipy's LAPACK) at one thread: its own threads on the cores torch's spin on cost
     # more than they give at these sizes (4096x11008 at two torch threads: 5.37 s with them, 3.68 s without).
     with threadpool_limits(1, user_api="blas"):
         raced = _parallel(race, list(starts), _workers(rows.device)) if len(starts) > 1 else []
-        best = min(raced, key=lambda run: run[4])[0] if raced else starts[0]  # one start: no race, it polishes
-        outer, partner, steps, converged, _ = _low_rank_kronecker(
-            rows, total, best, inner, limits, tol * POLISH_CHANGE, max_iterations, POLISH_GRAD
-        )
-    steps += sum(run[2] for run in raced)
+        best = min(raced, key=lambda run: run[1])[0] if raced else race_free(starts[0])
+        converged = best.run(tol * POLISH_CHANGE, max_iterations, POLISH_GRAD)
+        outer, partner, _ = best.result()
+    steps = sum(run.steps for run, _ in raced) if raced else best.steps
     a_mat, b_mat = (partner, outer) if ranks[1] is None else (outer, partner)
     return a_mat, b_mat, steps, converged, bound
 
