@@ -714,11 +714,11 @@ def nearest_kronecker(
     # The problem has local minima: race every start to a loose tolerance, then polish the best.
     starts = starts / torch.linalg.vector_norm(starts, dim=(1, 2), keepdim=True).clamp_min(1e-300)
 
-    def race_free(start: torch.Tensor) -> _KroneckerSearch:  # one start: no race, it polishes from the start
+    def search_from(start: torch.Tensor) -> _KroneckerSearch:
         return _KroneckerSearch(rows, total, start, inner, limits)
 
     def race(start: torch.Tensor) -> tuple[_KroneckerSearch, float]:
-        search = race_free(start)
+        search = search_from(start)
         search.run(RACE_TOL, max_iterations)
         return search, search.result()[2]
 
@@ -726,7 +726,7 @@ def nearest_kronecker(
     # more than they give at these sizes (4096x11008 at two torch threads: 5.37 s with them, 3.68 s without).
     with threadpool_limits(1, user_api="blas"):
         raced = _parallel(race, list(starts), _workers(rows.device)) if len(starts) > 1 else []
-        best = min(raced, key=lambda run: run[1])[0] if raced else race_free(starts[0])
+        best = min(raced, key=lambda run: run[1])[0] if raced else search_from(starts[0])  # one start: no race
         converged = best.run(tol * POLISH_CHANGE, max_iterations, POLISH_GRAD)
         outer, partner, _ = best.result()
     steps = sum(run.steps for run, _ in raced) if raced else best.steps
