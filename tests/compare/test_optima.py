@@ -505,7 +505,7 @@ def test_low_rank_kronecker_is_stationary_at_study_like_shapes(first, second, ra
             assert int(torch.linalg.matrix_rank(mat)) <= rank
     error2 = float(((torch.kron(a, b) - target) ** 2).sum())
     assert bound <= error2
-    assert _half_steps_gain(target, a, b, ranks) <= 1e-12 * error2  # measured: at most 4e-16 in 460 draws
+    assert _half_steps_gain(target, a, b, ranks) <= 1e-12 * error2  # measured: at most 4.2e-16 in 460 draws
 
 
 def test_low_rank_kronecker_polish_goes_on_from_the_race_on_a_flat_minimum() -> None:
